@@ -1,0 +1,197 @@
+"""The δ-mem adapter configuration (SPEC §4): what we implement, and what we refuse by name.
+
+`delta_mem_config.json` written by the official code holds ~50 fields, most of them for archived
+experiments. Every field is classified here: implemented, init-only (training from scratch), or
+archived (must hold its default). An unknown field or an archived field with a non-default value
+is refused with a `ConfigError` naming it — never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "delta_mem_config.json"
+DELTA_HEADS = ("q", "k", "v", "o")
+UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
+GRANULARITIES = ("token", "message_mean", "sentence_mean")
+OUTPUT_INITS = ("zero", "random", "base_slice", "base_slice_fixed")
+
+# Archived options: they must hold exactly these values (SPEC §4).
+ARCHIVED_DEFAULTS: dict[str, Any] = {
+    "num_memory_partitions": 1,
+    "num_global_memory_partitions": 0,
+    "memory_partition_routing": "soft",
+    "memory_partition_basis": "shared",
+    "tie_memory_partition_read_write": False,
+    "memory_partition_read_mode": "softmax",
+    "slot_read_top_k": 0,
+    "global_memory_mode": "shared_rw",
+    "global_memory_read_top_k": 0,
+    "global_memory_merge_mode": "gated_residual",
+    "memory_reader_layers": [],
+    "memory_readout_mode": "delta",
+    "memory_write_source": "learned_hidden",
+    "memory_write_proposals_per_message": 2,
+    "synthetic_memory_slots": 1,
+    "latent_memory_layers": [],
+    "delta_scale_parameterization": "alpha_over_rank",
+}
+
+# Settings of archived features that have no effect while those features are off.
+INERT_FIELDS = (
+    "memory_partition_sigmoid_gate_bias_init",
+    "global_memory_gate_bias_init",
+    "global_memory_read_logit_bias",
+    "memory_reader_hidden_size",
+    "memory_reader_residual_scale",
+    "memory_reader_read_only",
+    "latent_memory_hidden_size",
+    "latent_memory_residual_scale",
+    "latent_memory_slots",
+    "latent_memory_init_std",
+    "latent_gate_init",
+)
+
+
+class ConfigError(ValueError):
+    """A δ-mem config that this project cannot run exactly as the reference would."""
+
+
+@dataclass(frozen=True)
+class DeltaMemConfig:
+    # Implemented (SPEC §1–2).
+    rank: int = 8
+    alpha: float = 16.0
+    normalize_qk: bool = True
+    couple_lambda: bool = True
+    state_update_mode: str = "standard"
+    rankwise_gates: bool = True
+    num_state_heads: int = 1
+    memory_write_granularity: str = "token"
+    target_modules: tuple[str, ...] = ("self_attn",)
+    target_layers: tuple[int, ...] = ()
+    delta_heads: tuple[str, ...] = DELTA_HEADS
+    delta_o_rmsnorm: bool = False
+    delta_o_rmsnorm_eps: float = 1e-6
+    trainable_delta_scale: bool = False
+    delta_scale_max: float = 2.0
+    delta_scale_granularity: str = "layer"
+    # Init-only: they matter when training from scratch.
+    beta_bias_init: float = -1.5
+    output_init: str = "zero"
+    base_slice_ref_width: int = 8
+    online_gain: float = 0.05
+    delta_scale_init: float = 1.0
+    # Archived fields and inert settings as they were read, kept so a saved config round-trips.
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        heads = self.delta_heads
+        if isinstance(heads, str):
+            heads = [h for h in heads.split(",")]
+        heads = tuple(dict.fromkeys(str(h).strip().lower() for h in heads if str(h).strip()))
+        if heads == ("none",):
+            heads = ()
+        if bad := [h for h in heads if h not in DELTA_HEADS]:
+            raise ConfigError(f"delta_heads: unknown head(s) {bad}; expected a subset of q,k,v,o")
+        set_("delta_heads", heads)
+        set_("target_modules", tuple(self.target_modules))
+        set_("target_layers", tuple(int(i) for i in self.target_layers))
+        _check(int(self.rank) >= 1, "rank must be >= 1")
+        _check(int(self.num_state_heads) >= 1, "num_state_heads must be >= 1")
+        _check(math.isfinite(self.alpha), "alpha must be finite")
+        _check(self.state_update_mode in UPDATE_MODES,
+               f"state_update_mode {self.state_update_mode!r} is not one of {UPDATE_MODES}")
+        _check(self.memory_write_granularity in GRANULARITIES,
+               f"memory_write_granularity {self.memory_write_granularity!r} is not one of "
+               f"{GRANULARITIES}")
+        _check(self.target_modules == ("self_attn",),
+               f"target_modules {list(self.target_modules)} is not supported (only ['self_attn'])")
+        _check(self.delta_scale_granularity in ("layer", "head"),
+               f"delta_scale_granularity {self.delta_scale_granularity!r} is not 'layer' or 'head'")
+        _check(self.delta_o_rmsnorm_eps > 0, "delta_o_rmsnorm_eps must be > 0")
+        _check(self.delta_scale_max > 0, "delta_scale_max must be > 0")
+        _check(self.output_init in OUTPUT_INITS,
+               f"output_init {self.output_init!r} is not one of {OUTPUT_INITS}")
+        set_("rank", int(self.rank))
+        set_("num_state_heads", int(self.num_state_heads))
+
+    # Derived sizes (SPEC §1 notation).
+    @property
+    def state_dim(self) -> int:
+        """R = r·H: width of the memory projections and of the concatenated reads."""
+        return self.rank * self.num_state_heads
+
+    @property
+    def gate_dim(self) -> int:
+        """G = R for rankwise gates, H otherwise."""
+        return self.state_dim if self.rankwise_gates else self.num_state_heads
+
+    @property
+    def scaling(self) -> float:
+        """α / r — uses `rank`, not R."""
+        return self.alpha / self.rank
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        if not self.target_layers:
+            return list(range(num_layers))
+        if bad := [i for i in self.target_layers if not 0 <= i < num_layers]:
+            raise ConfigError(f"target_layers {bad} out of range for a {num_layers}-layer model")
+        return sorted(set(self.target_layers))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DeltaMemConfig":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in ARCHIVED_DEFAULTS:
+                default = ARCHIVED_DEFAULTS[key]
+                normalized = list(value) if isinstance(value, (list, tuple)) else value
+                if normalized != default:
+                    raise ConfigError(
+                        f"{key}={value!r} is an archived δ-mem option that is not implemented "
+                        f"(only {default!r} is supported)")
+                extra[key] = value
+            elif key in INERT_FIELDS:
+                extra[key] = value
+            else:
+                raise ConfigError(f"unknown δ-mem config field {key!r}")
+        try:
+            return cls(**kwargs, extra=extra)
+        except TypeError as exc:  # a value of the wrong type
+            raise ConfigError(f"bad δ-mem config: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        extra = out.pop("extra")
+        out.update({k: list(v) if isinstance(v, tuple) else v for k, v in out.items()})
+        return {**ARCHIVED_DEFAULTS, **extra, **out}
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DeltaMemConfig":
+        path = Path(directory) / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path} not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def save(self, directory: str | Path) -> None:
+        (Path(directory) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
