@@ -84,7 +84,8 @@ class DeltaMemAttention(nn.Module):
             super().__setattr__(key, value)
 
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
-        reads = self.read_and_write(x)  # [B, T, R] float32
+        cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+        reads = self.read_and_write(x, _padding_validity(cache, x.shape[1]))  # [B, T, R] fp32
         for head, slot in self._slots.items():
             slot.delta = self.memory.delta(head, reads)
         out = self.attention(x, *args, **kwargs)
@@ -92,18 +93,23 @@ class DeltaMemAttention(nn.Module):
             out = out + self.memory.delta("o", reads).astype(out.dtype)
         return out
 
-    def read_and_write(self, h: mx.array) -> mx.array:
-        """Reads of this call and the state update (SPEC §1 token scan, §2 granularities)."""
+    def read_and_write(self, h: mx.array, padding: Optional[mx.array] = None) -> mx.array:
+        """Reads of this call and the state update (SPEC §1 token scan, §2 granularities).
+
+        h: [B, T, D] attention input; padding: [B, T] validity from the KV cache (left padding).
+        """
         B, T, _ = h.shape
         cfg, inputs = self.memory.config, self._inputs
         self.previous_state = self.delta_state
         state = self._current_state(B)
         valid = inputs.valid
+        if padding is not None:
+            valid = padding if valid is None else valid * padding
         token = self.memory.project(h)
         if not inputs.writes_enabled:
             return _flat(read_state(state, token.q, valid))
         if cfg.memory_write_granularity != "token":
-            ids = self._group_ids(B, T)
+            ids = self._group_ids(B, T, valid)
             if ids is not None:
                 groups, group_ids, active = ids
                 reads = read_state(state, token.q, valid)  # every token reads the start state
@@ -124,7 +130,7 @@ class DeltaMemAttention(nn.Module):
             return mx.broadcast_to(self.delta_state, (batch, *self.delta_state.shape[1:]))
         return self.delta_state
 
-    def _group_ids(self, B: int, T: int):
+    def _group_ids(self, B: int, T: int, valid: Optional[mx.array]):
         """(groups present in increasing order, ids [B, T], active [B, T]) or None for token writes."""
         cfg, inputs = self.memory.config, self._inputs
         message_ids = inputs.message_ids
@@ -142,10 +148,22 @@ class DeltaMemAttention(nn.Module):
         if sentence_mode:
             active &= inputs.sentence_ids >= 0
             group = inputs.sentence_ids
-        if inputs.valid is not None:
-            active &= np.asarray(inputs.valid) > 0
+        if valid is not None:
+            active &= np.asarray(valid) > 0
         groups = sorted({int(g) for g in np.asarray(group)[active]})
         return groups, mx.array(group), mx.array(active)
+
+
+def _padding_validity(cache: Any, length: int) -> Optional[mx.array]:
+    """[B, T] validity of a left-padded batch (mlx-lm's BatchKVCache), else None.
+
+    Before this call's update the cache offset of row b is (tokens so far − left padding), so
+    token t is padding while offset + t < 0.
+    """
+    offset = getattr(cache, "offset", None)
+    if not isinstance(offset, mx.array) or offset.ndim != 1:
+        return None
+    return ((offset[:, None] + mx.arange(length)[None]) >= 0).astype(mx.float32)
 
 
 def _flat(reads: mx.array) -> mx.array:

@@ -49,8 +49,8 @@ def build_model(args: dict, seed: int = 0) -> nn.Module:
     from mlx_lm.utils import _get_classes
 
     model_class, args_class = _get_classes(args)
+    mx.random.seed(seed)  # before construction: layers initialise their biases randomly
     model = model_class(args_class.from_dict(args))
-    mx.random.seed(seed)
     model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.08
                           if p.ndim > 1 else p, model.parameters()))
     mx.eval(model.parameters())
