@@ -1,0 +1,362 @@
+"""Read PyTorch zip checkpoints (`torch.save` of a plain dict name -> tensor) without torch.
+
+A torch ≥ 1.6 checkpoint is a zip archive:
+
+    <prefix>/data.pkl      pickle (protocol 2) of the dict; each tensor is
+                           `torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
+                           requires_grad, backward_hooks)`, its storage a persistent id
+                           ('storage', torch.<T>Storage, key, location, numel)
+    <prefix>/data/<key>    raw bytes of storage <key> (numel elements, no header)
+    <prefix>/byteorder     "little" or "big" (absent in old files: little)
+    <prefix>/version, .format_version, .storage_alignment, .data/serialization_id  (ignored)
+
+Unpickling is the dangerous part: a pickle can call any importable callable. The unpickler
+below resolves only the handful of names a dict of dense tensors needs, to local stand-ins
+(torch is never imported), and refuses every other global before anything is called.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import pickletools
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "UnsupportedCheckpointError",
+    "TensorData",
+    "read_torch_checkpoint",
+    "load_torch_checkpoint",
+    "load_torch_checkpoint_numpy",
+]
+
+
+class CheckpointError(Exception):
+    """Base class: the file is not a checkpoint this reader accepts."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle names a global outside the allow-list (it would run arbitrary code)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The archive or pickle is malformed, truncated or inconsistent."""
+
+
+class UnsupportedCheckpointError(CheckpointError):
+    """A well-formed file in a format we deliberately do not read (legacy format, dtype)."""
+
+
+# torch storage class name -> (torch dtype name, little-endian numpy dtype of the raw bytes).
+# bfloat16 has no numpy dtype: its raw bits are kept as uint16.
+STORAGE_DTYPES: dict[str, tuple[str, str]] = {
+    "FloatStorage": ("float32", "<f4"),
+    "DoubleStorage": ("float64", "<f8"),
+    "HalfStorage": ("float16", "<f2"),
+    "BFloat16Storage": ("bfloat16", "<u2"),
+    "LongStorage": ("int64", "<i8"),
+    "IntStorage": ("int32", "<i4"),
+    "ShortStorage": ("int16", "<i2"),
+    "CharStorage": ("int8", "<i1"),
+    "ByteStorage": ("uint8", "<u1"),
+    "BoolStorage": ("bool", "<u1"),  # read as bytes, checked to be 0/1, then viewed as bool
+}
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """One tensor read from a checkpoint, dtype preserved exactly.
+
+    `dtype` is the torch dtype name without `torch.` (a value of STORAGE_DTYPES, e.g.
+    "bfloat16"). `array` is a C-contiguous, native-byte-order numpy array with the tensor's
+    shape (`()` for 0-d tensors) holding the values; for "bfloat16" it holds the raw bit
+    patterns as uint16, because numpy has no bfloat16.
+    """
+
+    dtype: str
+    array: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    def to_numpy(self) -> np.ndarray:
+        """Values as numpy; bfloat16 is widened to float32 (exact: bf16 is the top half of f32)."""
+        if self.dtype == "bfloat16":
+            return (self.array.astype(np.uint32) << 16).view(np.float32)
+        return self.array
+
+    def to_mlx(self) -> Any:
+        """Values as an mlx.core.array of the same dtype (bfloat16 bit-exact)."""
+        import mlx.core as mx
+
+        if self.dtype == "bfloat16":
+            return mx.array(self.array).view(mx.bfloat16)
+        dtype = mx.bool_ if self.dtype == "bool" else getattr(mx, self.dtype)
+        return mx.array(self.array, dtype=dtype)  # explicit: mx.array would narrow float64
+
+
+def read_torch_checkpoint(path: str | Path) -> dict[str, TensorData]:
+    """Read a torch zip checkpoint holding a dict name -> tensor, in the file's key order.
+
+    Raises a CheckpointError subclass for any bad content, OSError if the file can't be read.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        raise CorruptCheckpointError(f"{path}: empty file")
+    if not head.startswith(b"PK\x03\x04"):
+        if head[:1] == b"\x80" or head[257:262] == b"ustar":
+            raise UnsupportedCheckpointError(
+                f"{path}: legacy (non-zip) torch.save format; re-save it with torch>=1.6 "
+                "defaults (_use_new_zipfile_serialization=True)")
+        raise CorruptCheckpointError(f"{path}: not a PyTorch zip checkpoint (no zip signature)")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return _read_archive(path, zf)
+    except CheckpointError:
+        raise
+    except _ZIP_ERRORS as exc:
+        raise CorruptCheckpointError(f"{path}: unreadable zip archive: {_one_line(exc)}") from None
+
+
+def load_torch_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint as {name: mlx.core.array}, dtypes preserved (bf16 stays bf16 bit-exact)."""
+    return {k: t.to_mlx() for k, t in read_torch_checkpoint(path).items()}
+
+
+def load_torch_checkpoint_numpy(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a checkpoint as {name: numpy array}; bfloat16 tensors come back as exact float32."""
+    return {k: t.to_numpy() for k, t in read_torch_checkpoint(path).items()}
+
+
+# --- internals -----------------------------------------------------------------------------
+
+
+# What zipfile raises on damaged archives (RuntimeError: encrypted; NotImplementedError:
+# unknown compression; OSError/EOFError: truncation; KeyError: dangling central directory).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, KeyError,
+               NotImplementedError, RuntimeError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Sealed:
+    """Base of the stand-ins the unpickler hands out: slotted, and a pickle BUILD on one fails
+    (so a hostile pickle can't rewrite a storage's array or a rebuild function's defaults)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise CorruptCheckpointError(f"pickle tries to set state on {type(self).__name__}")
+
+
+class _StorageType(_Sealed):
+    """Stand-in for a torch.<T>Storage class named in the pickle."""
+
+    __slots__ = ("name", "dtype", "np_dtype")
+
+    def __init__(self, name: str, dtype: str, np_dtype: str):
+        self.name, self.dtype, self.np_dtype = name, dtype, np_dtype
+
+
+class _Storage(_Sealed):
+    """A loaded storage: 1-D array of its elements (bool still as uint8)."""
+
+    __slots__ = ("key", "type", "array")
+
+    def __init__(self, key: str, stype: _StorageType, array: np.ndarray):
+        self.key, self.type, self.array = key, stype, array
+
+
+class _Tensor(_Sealed):
+    """A rebuilt tensor inside the unpickler; becomes a TensorData once the load is done."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: TensorData):
+        self.data = data
+
+
+class _Function(_Sealed):
+    """An allowed callable global (REDUCE calls it with the pickle's arguments)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> _Tensor:
+    """torch.Tensor.as_strided semantics on the storage, copied to a contiguous array."""
+    if not isinstance(storage, _Storage):
+        raise CorruptCheckpointError(f"tensor storage is {type(storage).__name__}, not a storage")
+    if not _is_int(storage_offset) or storage_offset < 0:
+        raise CorruptCheckpointError(f"bad storage offset {storage_offset!r:.40}")
+    if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):
+        raise CorruptCheckpointError("tensor size/stride are not tuples")
+    if len(size) != len(stride) or not all(_is_int(v) and v >= 0 for v in (*size, *stride)):
+        raise CorruptCheckpointError(f"bad tensor size {size!r:.60} / stride {stride!r:.60}")
+    data = storage.array
+    numel = len(data)
+    if 0 in size:
+        end = storage_offset  # an empty tensor reads nothing
+    else:
+        end = storage_offset + 1 + sum((n - 1) * s for n, s in zip(size, stride))
+    if end > numel:
+        raise CorruptCheckpointError(
+            f"storage {storage.key} has {numel} elements, tensor size {tuple(size)} stride "
+            f"{tuple(stride)} offset {storage_offset} needs {end}")
+    if 0 in size:
+        out = np.empty(tuple(size), dtype=data.dtype)
+    else:
+        view = np.lib.stride_tricks.as_strided(
+            data[storage_offset:], shape=tuple(size),
+            strides=tuple(s * data.itemsize for s in stride), writeable=False)
+        out = np.array(view, order="C")  # a contiguous copy, never aliasing the storage
+    if storage.type.dtype == "bool":
+        out = out.view(np.bool_)
+    return _Tensor(TensorData(storage.type.dtype, out))
+
+
+def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any,
+                       requires_grad: Any = False, backward_hooks: Any = None,
+                       metadata: Any = None) -> _Tensor:
+    """requires_grad, hooks (an empty OrderedDict when saved) and metadata don't affect values."""
+    return _rebuild_tensor(storage, storage_offset, size, stride)
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _Function(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_tensor"): _Function(_rebuild_tensor),
+    # backward_hooks, and the top level of a state_dict() (BUILD then sets its _metadata)
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch", name): _StorageType(name, *types) for name, types in STORAGE_DTYPES.items()},
+}
+
+
+# Opcodes of plain data, memo, globals (checked by find_class), REDUCE, BUILD and BINPERSID:
+# what torch.save of a dict / state_dict of tensors emits, in any protocol. Refused before
+# unpickling: INST/OBJ/NEWOBJ(_EX) (instantiate classes), EXT1/2/4 (copyreg registry), text
+# PERSID and protocol-5 out-of-band buffers.
+_ALLOWED_OPCODES = frozenset({
+    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP",
+    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1",
+    "LONG4", "FLOAT", "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE",
+    "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8",
+    "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_LIST", "LIST", "APPEND",
+    "APPENDS", "EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "EMPTY_SET", "ADDITEMS", "FROZENSET",
+    "GET", "BINGET", "LONG_BINGET", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE",
+    "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "BINPERSID",
+})
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Refuse opcodes outside _ALLOWED_OPCODES without executing anything."""
+    for op, _arg, _pos in pickletools.genops(data):
+        if op.name not in _ALLOWED_OPCODES:
+            raise UnsafeCheckpointError(f"refused pickle opcode {op.name}")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only _ALLOWED_GLOBALS; storages come from the archive via persistent ids."""
+
+    def __init__(self, data: bytes, zf: zipfile.ZipFile, prefix: str, big_endian: bool):
+        super().__init__(io.BytesIO(data))
+        self._zf, self._prefix, self._big = zf, prefix, big_endian
+        self._storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = _ALLOWED_GLOBALS.get((module, name))
+        if found is not None:
+            return found
+        if module == "torch" and name.endswith("Storage"):
+            raise UnsupportedCheckpointError(f"unsupported storage type {module}.{name}")
+        raise UnsafeCheckpointError(f"refused global {module}.{name} (only tensors are allowed)")
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CorruptCheckpointError(f"bad persistent id {pid!r:.80}")
+        _, stype, key, _location, numel = pid  # location ignored: everything loads to CPU
+        if not isinstance(stype, _StorageType) or not isinstance(key, str) or not _is_int(numel) \
+                or numel < 0:
+            raise CorruptCheckpointError(f"bad persistent id {pid!r:.80}")
+        if key in self._storages:
+            cached = self._storages[key]
+            if cached.type is not stype or len(cached.array) != numel:
+                raise CorruptCheckpointError(f"storage {key} is referenced with different types")
+            return cached
+        name = f"{self._prefix}data/{key}"
+        try:
+            info = self._zf.getinfo(name)
+        except KeyError:
+            raise CorruptCheckpointError(f"missing data record {name}") from None
+        file_dtype = np.dtype(stype.np_dtype).newbyteorder(">" if self._big else "<")
+        if info.file_size != numel * file_dtype.itemsize:  # checked before inflating anything
+            raise CorruptCheckpointError(f"data record {name} has {info.file_size} bytes, "
+                                         f"expected {numel} x {file_dtype.itemsize}")
+        try:
+            raw = self._zf.read(info)
+        except _ZIP_ERRORS as exc:
+            raise CorruptCheckpointError(f"unreadable record {name}: {_one_line(exc)}") from None
+        arr = np.frombuffer(raw, dtype=file_dtype)
+        arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # native byte order
+        if stype.dtype == "bool" and arr.size and arr.max() > 1:
+            raise CorruptCheckpointError(f"bool storage {name} holds bytes other than 0/1")
+        storage = _Storage(key, stype, arr)
+        self._storages[key] = storage
+        return storage
+
+
+def _read_archive(path: Path, zf: zipfile.ZipFile) -> dict[str, TensorData]:
+    pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pkls) != 1:
+        raise CorruptCheckpointError(
+            f"{path}: expected one <prefix>/data.pkl record, found {len(pkls)}")
+    prefix = pkls[0][: -len("data.pkl")]
+    big = False
+    if f"{prefix}byteorder" in zf.namelist():
+        order = zf.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+        if order not in ("little", "big"):
+            raise CorruptCheckpointError(f"{path}: unknown byteorder {order!r:.40}")
+        big = order == "big"
+    data = zf.read(pkls[0])
+    try:
+        _check_opcodes(data)
+        obj = _RestrictedUnpickler(data, zf, prefix, big).load()
+    except CheckpointError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+    except RecursionError:
+        raise CorruptCheckpointError(f"{path}: pickle nests too deeply") from None
+    except Exception as exc:  # any other failure of hostile/garbled pickle data
+        raise CorruptCheckpointError(f"{path}: bad pickle: {_one_line(exc)}") from None
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(
+            f"{path}: top-level object is {type(obj).__name__}, expected a dict of tensors")
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise CorruptCheckpointError(f"{path}: key {key!r:.60} is not a string")
+        if not isinstance(value, _Tensor):
+            raise CorruptCheckpointError(
+                f"{path}: value of {key!r:.60} is {type(value).__name__}, not a tensor")
+    return {key: value.data for key, value in obj.items()}
