@@ -8,8 +8,10 @@ torch is never imported.
 from __future__ import annotations
 
 import base64
+import io
 import pickle
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -178,7 +180,6 @@ def test_strides_offsets_and_shared_storage(tmp_path: Path) -> None:
     for t in got.values():
         assert t.array.flags.c_contiguous and t.array.flags.writeable
     # one storage record serves all views of `base`
-    import zipfile
     with zipfile.ZipFile(path) as zf:
         assert sorted(n for n in zf.namelist() if "/data/" in n) == ["v/data/0", "v/data/1"]
 
@@ -201,7 +202,7 @@ def test_archive_prefix_and_missing_byteorder(tmp_path: Path) -> None:
 def test_ordered_dict_top_level_with_metadata(tmp_path: Path) -> None:
     """A model.state_dict() is an OrderedDict whose _metadata is set by BUILD."""
     path = tf.save_torch_checkpoint(tmp_path / "sd.pt", {"w": np.ones(2, np.float32)})
-    with __import__("zipfile").ZipFile(path) as zf:
+    with zipfile.ZipFile(path) as zf:
         pkl = zf.read("sd/data.pkl")
     # OrderedDict() REDUCE in place of EMPTY_DICT, the same SETITEM, then BUILD {"_metadata": {}}
     assert pkl.startswith(b"\x80\x02}q\x00") and pkl.endswith(b"s.")
@@ -285,14 +286,10 @@ def _good(tmp_path: Path) -> Path:
                                                         "b": np.ones((2, 2), np.int64)})
 
 
-def _pid_pickle(pid: object) -> bytes:
-    class P(pickle.Pickler):
-        def persistent_id(self, obj: object) -> object:
-            return pid if obj == "STORAGE" else None
-    import io
-    buf = io.BytesIO()
-    P(buf, protocol=2).dump({"x": "STORAGE"})
-    return buf.getvalue()
+def _flip_data_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(np.arange(8, dtype=np.float32).tobytes()) + 5] ^= 0xFF  # inside data/0
+    path.write_bytes(bytes(raw))
 
 
 CORRUPT_CASES = {
@@ -308,12 +305,6 @@ CORRUPT_CASES = {
     "bad_byteorder": (lambda p: tf.rewrite_records(p, {"byteorder": b"middle"}), "byteorder"),
     "crc_mismatch": (_flip_data_byte, "Bad CRC"),
 }
-
-
-def _flip_data_byte(path: Path) -> None:
-    raw = bytearray(path.read_bytes())
-    raw[raw.index(np.arange(8, dtype=np.float32).tobytes()) + 5] ^= 0xFF  # inside data/0
-    path.write_bytes(bytes(raw))
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPT_CASES))
@@ -358,7 +349,6 @@ def test_bad_persistent_ids(tmp_path: Path, pid: tuple) -> None:
     class P(tf._Pickler):
         def persistent_id(self, obj: object) -> object:
             return pid if obj == "STORAGE" else None
-    import io
     buf = io.BytesIO()
     P(buf).dump({"x": "STORAGE"})
     path = tf.write_raw_checkpoint(tmp_path / "pid.pt", buf.getvalue(),

@@ -13,6 +13,7 @@ torch: the pickle names torch globals through stand-ins whose GLOBAL opcode is w
 from __future__ import annotations
 
 import collections
+import io
 import pickle
 import struct
 import zipfile
@@ -95,7 +96,8 @@ class _Storage:
 
 
 class _TensorRef:
-    """Pickles like a torch.Tensor: _rebuild_tensor_v2(storage, offset, size, stride, False, {})."""
+    """Pickles as torch.Tensor does: _rebuild_tensor_v2(storage, offset, size, stride, False,
+    OrderedDict()) — requires_grad False, no backward hooks."""
 
     def __init__(self, storage: _Storage, offset: int, shape: tuple, stride: tuple):
         self.args = (storage, offset, tuple(shape), tuple(stride))
@@ -119,8 +121,7 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler, so save_global can 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _Storage):
             t = obj.tensor
-            return ("storage", _STORAGE_GLOBALS.get(t.dtype) or Global("torch", t.dtype),
-                    obj.key, "cpu", t.array.size)
+            return ("storage", _STORAGE_GLOBALS[t.dtype], obj.key, "cpu", t.array.size)
         return None
 
 
@@ -145,14 +146,12 @@ def dumps_state_dict(tensors: Mapping[str, Any], byteorder: str = "little"
             shape = tuple(np.shape(value.array if isinstance(value, Tensor) else value))
             stride = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
             refs[name] = _TensorRef(st, 0, shape, stride)
-    import io
-
     buf = io.BytesIO()
     _Pickler(buf).dump(refs)
     order = "<" if byteorder == "little" else ">"
     data = []
     for st in storages.values():
-        np_dtype = np.dtype(STORAGES.get(st.tensor.dtype, ("", "<f4"))[1]).newbyteorder(order)
+        np_dtype = np.dtype(STORAGES[st.tensor.dtype][1]).newbyteorder(order)
         data.append((f"data/{st.key}", np.ascontiguousarray(st.tensor.array, np_dtype).tobytes()))
     return buf.getvalue(), data
 
@@ -221,8 +220,6 @@ def call_payload(module: str, name: str, *args: Any, protocol: int = 2) -> bytes
 
     protocol 2 names the callable with GLOBAL; protocol 4 with STACK_GLOBAL.
     """
-    import io
-
     buf = io.BytesIO()
     p = _Pickler(buf)
     p.proto = protocol
