@@ -1,0 +1,326 @@
+"""Regenerate the shipped demo model (dmem_mlx/demo/model) from scratch, with a fixed seed.
+
+What the demo is: a small *domain* model, not a general assistant. A ~3.7M-parameter Qwen3-
+architecture backbone is trained from scratch on a synthetic chat domain (dmem_mlx/demo/
+persona.py: people tell the assistant their name, city, job, pet, travel plans, favourite food
+and hobby over several conversations, with small talk between, and ask about them later). Then
+a δ-mem adapter (8×8 state per layer, token writes) is trained on the frozen backbone with the
+paper's history recipe (`python -m dmem_mlx.train --mode history`): earlier conversations are
+written into the δ state, the question turn is read in a fresh context with writes off.
+
+Cost on the 2-core x86 CPU this was built on (fp32, OpenBLAS preloaded, cores shared):
+    see the "Figures" section at the end of this docstring (filled in from the last full run).
+
+Stages (each can be run alone; `all` runs them in order):
+    data       synthetic conversations → WORK/pretrain.jsonl, WORK/dmem/{train,valid}.jsonl
+    tokenizer  sentencepiece BPE trained on them → a tokenizer.json mlx-lm/transformers load
+    backbone   the Qwen3 backbone trained from scratch with MLX → WORK/backbone
+    adapter    the δ adapter (python -m dmem_mlx.train) → WORK/model
+    ship       copy WORK/model into dmem_mlx/demo/model (fp16 backbone, fp32 adapter)
+
+Run with OpenBLAS for speed:
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
+        python tools/build_demo.py all --work-dir /tmp/demo-build
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dmem_mlx.demo import persona  # noqa: E402
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SHIP_DIR = ROOT / "dmem_mlx" / "demo" / "model"
+BACKBONE = {
+    "model_type": "qwen3", "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 768,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True,
+}
+DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": "q,k,v,o", "num_state_heads": 1,
+                "state_update_mode": "standard", "beta_bias_init": -4.0,
+                "output_init": "random", "online_gain": 0.05}
+
+
+def render(messages: list[dict]) -> str:
+    """ChatML, exactly as the shipped chat template renders it."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+# -- data -------------------------------------------------------------------------------------
+def stage_data(work: Path, seed: int, pretrain_episodes: int, train_episodes: int) -> None:
+    """Backbone documents and δ-training episodes, from disjoint random streams."""
+    rng = random.Random(seed)
+    with open(work / "pretrain.jsonl", "w") as f:
+        for _ in range(pretrain_episodes):
+            ep = persona.episode(rng)
+            conversations = ep["history"] + [ep["messages"]]
+            if rng.random() < 0.5:  # everything in one context: learn to copy facts
+                f.write(json.dumps({"text": render([m for c in conversations for m in c])}) + "\n")
+            else:  # each conversation alone: a later question can only be guessed
+                for c in conversations:
+                    f.write(json.dumps({"text": render(c)}) + "\n")
+    (work / "dmem").mkdir(exist_ok=True)
+    rng = random.Random(seed + 1)
+    for split, n in (("train", train_episodes), ("valid", max(200, train_episodes // 50))):
+        with open(work / "dmem" / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                ep = persona.episode(rng)
+                f.write(json.dumps({"history": ep["history"], "messages": ep["messages"]}) + "\n")
+    print(f"data: {pretrain_episodes} pretraining episodes, {train_episodes} δ episodes → {work}")
+
+
+# -- tokenizer --------------------------------------------------------------------------------
+def stage_tokenizer(work: Path, vocab_size: int) -> None:
+    """A sentencepiece BPE model and the equivalent tokenizers/transformers tokenizer.json."""
+    import sentencepiece as spm
+
+    out = work / "tokenizer"
+    out.mkdir(exist_ok=True)
+    texts = [json.loads(line)["text"] for line in open(work / "pretrain.jsonl")][:40000]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(out / "tokenizer"), model_type="bpe",
+        vocab_size=vocab_size, character_coverage=1.0, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=False, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        user_defined_symbols=[*SPECIALS, "\n"], max_sentence_length=1 << 16, num_threads=1,
+        minloglevel=2)
+    (out / "tokenizer.vocab").unlink(missing_ok=True)
+    save_hf_tokenizer(out / "tokenizer.model", out)
+    print(f"tokenizer: {vocab_size} pieces → {out}")
+
+
+def save_hf_tokenizer(model_file: Path, out: Path) -> None:
+    """tokenizer.json (BPE with byte fallback, Metaspace) equivalent to the sentencepiece model."""
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dmem_mlx.tiny import CHATML_TEMPLATE
+
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []  # every split of a piece into two pieces, ranked like sentencepiece merges
+    for piece, pid in vocab.items():
+        if sp.is_unknown(pid) or sp.is_byte(pid) or piece in (*SPECIALS, "\n"):
+            continue
+        for i in range(1, len(piece)):
+            left, right = piece[:i], piece[i:]
+            if left in vocab and right in vocab:
+                merges.append((pid, vocab[left], vocab[right], left, right))
+    merges = [(left, right) for *_, left, right in sorted(merges)]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never",
+                                                 split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ["<unk>", *SPECIALS]])
+    tok.add_tokens([AddedToken("\n", special=False, normalized=False)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>")
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(str(out))
+    # Loadable by older transformers too: a plain fast tokenizer, template in the config.
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHATML_TEMPLATE,
+               add_bos_token=False, add_eos_token=False)
+    cfg.pop("backend", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    for text in ["<|im_start|>user\nHi! I am Ada.<|im_end|>\n", "Ünïcode 東京 😀  two  spaces"]:
+        assert tok.encode(text).ids == sp.encode(text), "tokenizer.json differs from sentencepiece"
+
+
+# -- backbone ---------------------------------------------------------------------------------
+def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: float,
+                   max_len: int) -> None:
+    """Pretrain the Qwen3 backbone from scratch (fp32) on the rendered conversations."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_tokenizer
+    from tqdm import tqdm
+
+    from dmem_mlx.tiny import build_model
+
+    tokenizer = load_tokenizer(work / "tokenizer")
+    texts = [json.loads(line)["text"] for line in open(work / "pretrain.jsonl")]
+    docs = [ids[:max_len] for ids in tokenizer._tokenizer(texts)["input_ids"]]
+    args = dict(BACKBONE, vocab_size=len(tokenizer.get_vocab()))
+    args["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model = build_model(args, seed)
+    mx.random.seed(seed)
+    model.update(_fresh_init(model, seed))
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"backbone: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, "
+          f"{sum(map(len, docs)) / 1e6:.2f}M tokens")
+
+    rng = np.random.default_rng(seed)
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(1e-6, lr, 50), optim.cosine_decay(lr, steps - 50, lr * 0.1)], [50])
+    opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+
+    def loss_fn(model, x, y, mask):
+        logits = model(x)
+        ce = nn.losses.cross_entropy(logits, y) * mask
+        return ce.sum() / mask.sum()
+
+    step_fn = nn.value_and_grad(model, loss_fn)
+    order = np.argsort([len(d) for d in docs])
+    batches = _length_batches(order, docs, batch_tokens)
+    bar = tqdm(range(steps), desc="backbone", dynamic_ncols=True, mininterval=5)
+    tokens, start, losses = 0, time.perf_counter(), []
+    for step in bar:
+        idx = batches[rng.integers(len(batches))]
+        x, y, mask = _pad([docs[i] for i in idx])
+        loss, grads = step_fn(model, x, y, mask)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state, loss)
+        losses.append(loss.item())
+        tokens += int(mask.sum().item())
+        if step % 10 == 0 or step == steps - 1:
+            tps = tokens / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", tok_s=f"{tps:.0f}")
+    elapsed = time.perf_counter() - start
+    out = work / "backbone"
+    out.mkdir(exist_ok=True)
+    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(args, indent=2) + "\n")
+    for f in (work / "tokenizer").iterdir():
+        shutil.copy(f, out / f.name)
+    stats = {"steps": steps, "seconds": round(elapsed), "tokens": tokens,
+             "tokens_per_sec": round(tokens / elapsed), "final_loss": float(np.mean(losses[-50:])),
+             "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}
+    (work / "backbone_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"backbone: {json.dumps(stats)}")
+
+
+def _fresh_init(model, seed: int) -> dict:
+    """Small-transformer init: N(0, 0.02) matrices and embeddings, ones for norms."""
+    import mlx.core as mx
+    from mlx.utils import tree_map_with_path
+
+    mx.random.seed(seed)
+
+    def init(path, p):
+        if p.ndim == 1:
+            return mx.ones_like(p)
+        std = 0.02 / math.sqrt(2 * BACKBONE["num_hidden_layers"]) if path.endswith(
+            ("o_proj.weight", "down_proj.weight")) else 0.02
+        return mx.random.normal(p.shape) * std
+    return tree_map_with_path(init, model.parameters())
+
+
+def _length_batches(order, docs, batch_tokens: int) -> list[list[int]]:
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest = max(longest, len(docs[i]))
+        if current and longest * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, longest = [], len(docs[i])
+        current.append(int(i))
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _pad(seqs: list[list[int]]):
+    import mlx.core as mx
+    import numpy as np
+
+    width = max(len(s) for s in seqs) - 1
+    x = np.zeros((len(seqs), width), np.int32)
+    y = np.zeros((len(seqs), width), np.int32)
+    mask = np.zeros((len(seqs), width), np.float32)
+    for row, s in enumerate(seqs):
+        n = len(s) - 1
+        x[row, :n], y[row, :n], mask[row, :n] = s[:-1], s[1:], 1.0
+    return mx.array(x), mx.array(y), mx.array(mask)
+
+
+# -- adapter + ship -----------------------------------------------------------------------------
+def stage_adapter(work: Path, seed: int, iters: int, batch_size: int, lr: float) -> None:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "dmem_mlx.train", "--model", str(work / "backbone"),
+           "--data", str(work / "dmem"), "--adapter-path", str(work / "model"),
+           "--mode", "history", "--iters", str(iters), "--batch-size", str(batch_size),
+           "--learning-rate", str(lr), "--seed", str(seed), "--steps-per-eval", "200",
+           "--save-every", "200", "--delta-config", json.dumps(DELTA_CONFIG)]
+    print(" ".join(cmd))
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def stage_ship(work: Path) -> None:
+    src = work / "model"
+    if SHIP_DIR.exists():
+        shutil.rmtree(SHIP_DIR)
+    SHIP_DIR.mkdir(parents=True)
+    keep = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "tokenizer.model", "chat_template.jinja", "special_tokens_map.json",
+            "delta_mem_config.json", "delta_mem.safetensors")
+    for name in keep:
+        if (src / name).exists():
+            shutil.copy(src / name, SHIP_DIR / name)
+    size = sum(f.stat().st_size for f in SHIP_DIR.iterdir())
+    print(f"ship: {size / 1e6:.1f} MB → {SHIP_DIR}")
+    if size > 20e6:
+        raise SystemExit(f"error: the demo is {size / 1e6:.1f} MB, over the 20 MB budget")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["data", "tokenizer", "backbone", "adapter", "ship", "all"])
+    p.add_argument("--work-dir", default="/tmp/dmem-demo-build", help="scratch directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain-episodes", type=int, default=14000)
+    p.add_argument("--train-episodes", type=int, default=30000)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--backbone-steps", type=int, default=700)
+    p.add_argument("--backbone-batch-tokens", type=int, default=4096)
+    p.add_argument("--backbone-lr", type=float, default=2e-3)
+    p.add_argument("--max-len", type=int, default=640)
+    p.add_argument("--adapter-iters", type=int, default=1500)
+    p.add_argument("--adapter-batch-size", type=int, default=16)
+    p.add_argument("--adapter-lr", type=float, default=3e-3)
+    args = p.parse_args(argv)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    stages = ["data", "tokenizer", "backbone", "adapter", "ship"] if args.stage == "all" \
+        else [args.stage]
+    for stage in stages:
+        start = time.perf_counter()
+        if stage == "data":
+            stage_data(work, args.seed, args.pretrain_episodes, args.train_episodes)
+        elif stage == "tokenizer":
+            stage_tokenizer(work, args.vocab_size)
+        elif stage == "backbone":
+            stage_backbone(work, args.seed, args.backbone_steps, args.backbone_batch_tokens,
+                           args.backbone_lr, args.max_len)
+        elif stage == "adapter":
+            stage_adapter(work, args.seed, args.adapter_iters, args.adapter_batch_size,
+                          args.adapter_lr)
+        else:
+            stage_ship(work)
+        print(f"[{stage}] {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
