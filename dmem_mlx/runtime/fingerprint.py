@@ -1,0 +1,76 @@
+"""The fingerprint that ties a memory file to the model that wrote it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+
+def adapter_sha256(model: nn.Module) -> str:
+    """sha256 of the loaded δ weights (float32, sorted by SPEC §4 name): the same adapter gives
+    the same hash wherever its files live."""
+    from ..model import delta_parameters
+
+    h = hashlib.sha256()
+    for name, value in sorted(delta_parameters(model).items()):
+        h.update(f"{name}:{list(value.shape)}\n".encode())
+        h.update(np.asarray(value.astype(mx.float32)).tobytes())
+    return h.hexdigest()
+
+
+def base_model_name(source: Optional[str | Path]) -> Optional[str]:
+    """`base_model` from the model card (written by dmem-convert) of a model directory, if any."""
+    if not source:
+        return None
+    readme = Path(source) / "README.md"
+    try:
+        head = readme.read_text(errors="replace")[:4000]
+    except OSError:
+        return None
+    if not head.startswith("---"):
+        return None
+    match = re.search(r"^base_model:\s*(.+)$", head.split("\n---", 1)[0], re.MULTILINE)
+    if not match:
+        return None
+    value = match.group(1).strip()
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        value = value.strip("'\"")
+    return value if isinstance(value, str) and value else None
+
+
+def model_fingerprint(model: nn.Module, tokenizer: Any = None,
+                      model_path: Optional[str | Path] = None) -> dict[str, Any]:
+    """{base_model, backbone, adapter_sha256, delta_config} of a model with δ-mem attached.
+
+    base_model comes from the model card of `model_path` (default: the directory the tokenizer
+    was loaded from) and is None when unknown.
+    """
+    dm = model.delta_mem
+    cfg = dm.config
+    if model_path is None and tokenizer is not None:
+        model_path = getattr(getattr(tokenizer, "_tokenizer", tokenizer), "name_or_path", None)
+    args = model.args
+    backbone = (f"{getattr(args, 'model_type', type(model).__module__)} · "
+                f"{len(model.layers)} layers · hidden {args.hidden_size} · "
+                f"vocab {getattr(args, 'vocab_size', '?')}")
+    config_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    return {
+        "base_model": base_model_name(model_path),
+        "backbone": backbone,
+        "adapter_sha256": adapter_sha256(model),
+        "delta_config": {
+            "rank": cfg.rank, "num_state_heads": cfg.num_state_heads,
+            "layers": sorted(dm.layers), "memory_write_granularity": cfg.memory_write_granularity,
+            "delta_heads": list(cfg.delta_heads),
+            "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        },
+    }

@@ -1,0 +1,525 @@
+"""The memory file: one assistant memory on disk, safe against crashes, corruption and sharing.
+
+Format: a single safetensors file. Tensors `layers.{i}` hold the δ state of each layer, [H, r, r]
+float32. The safetensors metadata holds `format` ("dmem-mlx.memory"), `format_version`, `memory`
+(JSON: fingerprint of the model, transcript, counts, timestamps) and `checksum` (sha256 of the
+JSON and of every tensor's name, shape and bytes), so any damaged byte is detected.
+
+Saving writes a temporary file in the same directory, fsyncs it, keeps the previous version as
+`<file>.bak` (a hard link, or a copy where links are not supported), renames the new file over
+the old one and fsyncs the directory: whenever the process dies, the file is the old version or
+the new one. Loading checks everything before anything is used; a bad file is refused with one
+line and never modified. A lock (`<file>.lock`, an OS lock released if the process dies) keeps a
+second process from opening the same memory for writing.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+FORMAT_NAME = "dmem-mlx.memory"
+FORMAT_VERSION = 1
+SUFFIX = ".safetensors"
+MAX_HEADER = 1 << 30
+ROLES = ("system", "user", "assistant", "tool")
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")
+PathLike = Union[str, Path]
+
+
+class MemoryFileError(Exception):
+    """A memory file that cannot be used (message: one line naming the file and the reason)."""
+
+
+class MemoryLockedError(MemoryFileError):
+    """The memory is open for writing in another process (or another session of this one)."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class MemoryData:
+    """Everything a memory file holds.
+
+    states: layer index → δ state [H, r, r] float32. transcript: the current conversation
+    ({"role", "content"} dicts); context_start: index of its first message still in the KV
+    context (earlier turns live only in δ). Counts cover everything written since the last reset.
+    """
+
+    states: dict[int, np.ndarray]
+    fingerprint: dict[str, Any]
+    transcript: list[dict[str, str]] = field(default_factory=list)
+    context_start: int = 0
+    tokens_written: int = 0
+    turns: int = 0
+    conversations: int = 1
+    created: str = field(default_factory=_now)
+    saved: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+# ---------------------------------------------------------------------------------------------
+def fingerprint_mismatch(stored: dict, expected: dict) -> Optional[str]:
+    """Why a memory with fingerprint `stored` does not belong to the model `expected`, or None.
+
+    The adapter weights hash, the δ config and the backbone shape must match; the base model
+    name is compared when both sides know it.
+    """
+    for key, label in (("adapter_sha256", "adapter weights"), ("delta_config", "δ config"),
+                       ("backbone", "backbone")):
+        if key in expected and stored.get(key) != expected[key]:
+            return (f"it belongs to another model ({label} differ: memory has "
+                    f"{_short(stored.get(key))}, model has {_short(expected[key])})")
+    a, b = stored.get("base_model"), expected.get("base_model")
+    if a and b and a != b:
+        return f"it belongs to base model {a}, not {b}"
+    return None
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text[:16] + "…" if isinstance(value, str) and len(text) > 16 else text[:80]
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and validation
+# ---------------------------------------------------------------------------------------------
+def _checksum(memory_json: str, tensors: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256(memory_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\n{name}:{list(t.shape)}:".encode())
+        h.update(np.ascontiguousarray(t, dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def encode(data: MemoryData) -> bytes:
+    """The bytes of a memory file (refuses a state that is not finite: it would not load)."""
+    tensors = {f"layers.{i}": np.ascontiguousarray(s, dtype=np.float32)
+               for i, s in sorted(data.states.items())}
+    for name, t in tensors.items():
+        if not np.isfinite(t).all():
+            raise MemoryFileError(f"the δ state of {name} holds NaN/Inf: not saved")
+    memory = {
+        "version": FORMAT_VERSION, "fingerprint": data.fingerprint, "created": data.created,
+        "saved": data.saved, "context_start": data.context_start,
+        "counts": {"tokens_written": data.tokens_written, "turns": data.turns,
+                   "conversations": data.conversations},
+        "transcript": [{"role": m["role"], "content": m["content"]} for m in data.transcript],
+    }
+    memory_json = json.dumps(memory, ensure_ascii=False, separators=(",", ":"))
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                "memory": memory_json, "checksum": _checksum(memory_json, tensors)}
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": "F32", "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors: the data starts 8-byte aligned
+    body = b"".join(t.astype("<f4", copy=False).tobytes() for t in tensors.values())
+    return len(head).to_bytes(8, "little") + head + body
+
+
+def decode(raw: bytes, where: str = "memory file",
+           expected: Optional[dict] = None) -> MemoryData:
+    """Parse and validate the bytes of a memory file; MemoryFileError (one line) if anything is off."""
+
+    def fail(reason: str) -> MemoryFileError:
+        return MemoryFileError(f"{where}: {reason}".replace("\n", " "))
+
+    if not raw:
+        raise fail("the file is empty: not a memory file")
+    if len(raw) < 10:
+        raise fail("the file is too short to be a memory file")
+    n = int.from_bytes(raw[:8], "little")
+    looks_json = raw[8:9] == b"{"
+    if not looks_json or n > MAX_HEADER:
+        raise fail("not a memory file (not a safetensors file)")
+    if 8 + n > len(raw):
+        raise fail(f"truncated: the header needs {n} bytes, the file has {len(raw) - 8}")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise fail("corrupt: the safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise fail("corrupt: the safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise fail("not a dmem-mlx memory file (a safetensors file without memory metadata)")
+    try:
+        version = int(meta.get("format_version"))
+    except (TypeError, ValueError):
+        raise fail("corrupt: bad format_version") from None
+    if version > FORMAT_VERSION:
+        raise fail(f"written by a newer dmem-mlx (memory format {version}; this version reads "
+                   f"up to {FORMAT_VERSION}): upgrade dmem-mlx to open it")
+    if version < 1:
+        raise fail(f"corrupt: bad format_version {version}")
+    tensors = _tensors(header, raw[8 + n:], fail)
+    memory_json, checksum = meta.get("memory"), meta.get("checksum")
+    if not isinstance(memory_json, str) or not isinstance(checksum, str):
+        raise fail("corrupt: memory metadata or checksum missing")
+    if _checksum(memory_json, tensors) != checksum:
+        raise fail("corrupt: checksum mismatch (the file was damaged)")
+    try:
+        memory = json.loads(memory_json)
+    except json.JSONDecodeError:
+        raise fail("corrupt: the memory metadata is not valid JSON") from None
+    data = _memory_data(memory, tensors, fail)
+    if expected is not None and (why := fingerprint_mismatch(data.fingerprint, expected)):
+        raise fail(f"refused: {why}")
+    return data
+
+
+def _tensors(header: dict, body: bytes, fail) -> dict[str, np.ndarray]:
+    tensors, spans = {}, []
+    for name, info in header.items():
+        if not isinstance(info, dict) or info.get("dtype") != "F32":
+            dtype = info.get("dtype") if isinstance(info, dict) else None
+            raise fail(f"tensor {name!r} has dtype {dtype}, expected F32")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)):
+            raise fail(f"corrupt: bad shape or offsets for tensor {name!r}")
+        a, b = offsets
+        if b - a != 4 * math.prod(shape) or a < 0:
+            raise fail(f"corrupt: tensor {name!r} offsets do not match its shape")
+        spans.append((a, b, name, shape))
+    end = 0
+    for a, b, name, _ in sorted(spans):
+        if a != end:
+            raise fail("corrupt: tensor data overlaps or has holes")
+        end = b
+    if end > len(body):
+        raise fail(f"truncated: the tensors need {end} bytes of data, the file has {len(body)}")
+    if end < len(body):
+        raise fail(f"corrupt: {len(body) - end} unexpected bytes after the tensor data")
+    for a, b, name, shape in spans:
+        tensors[name] = np.frombuffer(body, dtype="<f4", count=(b - a) // 4,
+                                      offset=a).reshape(shape).astype(np.float32)
+    return tensors
+
+
+def _memory_data(memory: Any, tensors: dict[str, np.ndarray], fail) -> MemoryData:
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise fail(f"invalid memory metadata: {what}")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    need(isinstance(memory, dict), "not a JSON object")
+    need(count(memory.get("version")) and memory["version"] >= 1, "bad version")
+    fp = memory.get("fingerprint")
+    need(isinstance(fp, dict), "fingerprint missing")
+    delta = fp.get("delta_config")
+    need(isinstance(delta, dict), "fingerprint has no delta_config")
+    layers, rank, heads = delta.get("layers"), delta.get("rank"), delta.get("num_state_heads")
+    need(isinstance(layers, list) and all(count(i) for i in layers) and count(rank) and rank > 0
+         and count(heads) and heads > 0, "delta_config needs layers, rank, num_state_heads")
+    counts = memory.get("counts")
+    need(isinstance(counts, dict) and all(count(counts.get(k)) for k in
+                                          ("tokens_written", "turns", "conversations")),
+         "counts must be non-negative integers")
+    transcript = memory.get("transcript")
+    need(isinstance(transcript, list), "transcript must be a list")
+    for m in transcript:
+        need(isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ROLES
+             and isinstance(m["content"], str), "transcript entries must be {role, content}")
+    start = memory.get("context_start")
+    need(count(start) and start <= len(transcript), "bad context_start")
+    for key in ("created", "saved"):
+        value = memory.get(key)
+        need(value is None or isinstance(value, str), f"{key} must be a timestamp")
+        if isinstance(value, str):
+            try:
+                datetime.fromisoformat(value)
+            except ValueError:
+                need(False, f"{key} is not an ISO timestamp")
+    want = {f"layers.{i}" for i in layers}
+    if set(tensors) != want:
+        missing, extra = sorted(want - set(tensors)), sorted(set(tensors) - want)
+        raise fail(f"tensors do not match the model's layers (missing {missing[:3]}, "
+                   f"unexpected {extra[:3]})")
+    states = {}
+    for i in layers:
+        t = tensors[f"layers.{i}"]
+        if t.shape != (heads, rank, rank):
+            raise fail(f"layers.{i} has shape {list(t.shape)}, expected {[heads, rank, rank]}")
+        if not np.isfinite(t).all():
+            raise fail(f"layers.{i} holds NaN/Inf values")
+        states[i] = t
+    return MemoryData(states=states, fingerprint=fp, transcript=list(transcript),
+                      context_start=start, tokens_written=counts["tokens_written"],
+                      turns=counts["turns"], conversations=counts["conversations"],
+                      created=memory.get("created") or _now(), saved=memory.get("saved"))
+
+
+def read_memory(path: PathLike, expected: Optional[dict] = None) -> MemoryData:
+    """Read and validate a memory file (e.g. an export) without locking it."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise MemoryFileError(f"{path}: is a directory, not a memory file") from None
+    except FileNotFoundError:
+        raise MemoryFileError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise MemoryFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return decode(raw, str(path), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, payload: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path, kind: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def atomic_write(path: PathLike, payload: bytes, backup: bool = False) -> None:
+    """Replace `path` with `payload` so that it is always either the old or the new content.
+
+    backup: keep the replaced version as `<path>.bak`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, bak_tmp = _temp_name(path), _temp_name(path, "bak")
+    try:
+        _write_synced(tmp, payload)
+        if backup and path.is_file():
+            try:
+                os.link(path, bak_tmp)
+            except OSError:  # no hard links here: copy
+                _write_synced(bak_tmp, path.read_bytes())
+            os.replace(bak_tmp, path.with_name(path.name + ".bak"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        bak_tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# The open memory
+# ---------------------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+def default_memory_path(model_id: PathLike) -> Path:
+    """Where the memory of a model lives by default: one file per model in the user data dir.
+
+    model_id: a hub repo id ("org/name") or a model directory (a hub cache snapshot maps back
+    to its repo id).
+    """
+    from platformdirs import user_data_dir
+
+    text = str(model_id)
+    path = Path(text).expanduser()
+    parts = path.parts
+    if "snapshots" in parts and (i := parts.index("snapshots")) > 0 and \
+            parts[i - 1].startswith("models--"):
+        name = parts[i - 1][len("models--"):]
+    elif path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        name = path.resolve().name if path.exists() else path.name
+    else:
+        name = text.replace("/", "--")
+    return Path(user_data_dir("dmem-mlx", appauthor=False)) / "memories" / (_slug(name) + SUFFIX)
+
+
+class MemoryFile:
+    """An open memory file. `MemoryFile.open(path)`; `.data` is its validated content (None for a
+    new file); `.save(data)` after every turn; `.close()` releases the lock."""
+
+    def __init__(self, path: Path, read_only: bool, lock: Any, data: Optional[MemoryData],
+                 fingerprint: Optional[dict]):
+        self.path = path
+        self.read_only = read_only
+        self._lock = lock
+        self.data = data
+        self.fingerprint = fingerprint if fingerprint is not None else (
+            data.fingerprint if data is not None else None)
+        self.last_saved: Optional[datetime] = None
+        if data is not None and data.saved:
+            self.last_saved = datetime.fromisoformat(data.saved)
+
+    @classmethod
+    def open(cls, path: PathLike, fingerprint: Optional[dict] = None,
+             read_only: bool = False) -> "MemoryFile":
+        """Open (creating on first save) the memory at `path`.
+
+        fingerprint: the model's (see `model_fingerprint`); a file of another model is refused.
+        None defers the check to `ChatSession`. read_only: take no lock and never write.
+        Raises MemoryLockedError if another process holds it, MemoryFileError if it is unusable.
+        """
+        from filelock import FileLock, Timeout
+
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise MemoryFileError(f"{path}: is a directory, not a memory file")
+        lock = None
+        if not read_only:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise MemoryFileError(f"{path}: cannot create its directory "
+                                      f"({exc.strerror or exc})") from None
+            lock = FileLock(str(path) + ".lock", timeout=0)
+            try:
+                lock.acquire()
+            except Timeout:
+                raise MemoryLockedError(
+                    f"{path}: this memory is open in another process (close it there, or open "
+                    "it read-only)") from None
+            except OSError as exc:
+                raise MemoryFileError(f"{path}: cannot lock ({exc.strerror or exc})") from None
+        try:
+            data = read_memory(path, fingerprint) if path.exists() else None
+            if lock is not None:  # we are the only writer: temporary files left by a crash go
+                for leftover in path.parent.glob(f".{glob.escape(path.name)}.*-*-*"):
+                    leftover.unlink(missing_ok=True)
+        except MemoryFileError as exc:
+            if lock is not None:
+                lock.release()
+            bak = path.with_name(path.name + ".bak")
+            if bak.is_file() and path.exists():
+                try:
+                    read_memory(bak, fingerprint)
+                    exc.args = (f"{exc.args[0]} (the previous version is intact in {bak})",)
+                except MemoryFileError:
+                    pass
+            raise exc from None
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return cls(path, read_only, lock, data, fingerprint)
+
+    # -- the memory ------------------------------------------------------------------------
+    def check_fingerprint(self, fingerprint: dict) -> None:
+        """Refuse (MemoryFileError) if the loaded memory belongs to another model; then adopt it."""
+        if self.data is not None and (why := fingerprint_mismatch(self.data.fingerprint,
+                                                                  fingerprint)):
+            raise MemoryFileError(f"{self.path}: refused: {why}")
+        self.fingerprint = fingerprint
+
+    def save(self, data: MemoryData) -> datetime:
+        """Write `data` atomically (the previous version kept as `.bak`); returns the save time."""
+        self._writable()
+        saved = datetime.now(timezone.utc)
+        data.saved = saved.isoformat(timespec="milliseconds")
+        try:
+            atomic_write(self.path, encode(data), backup=True)
+        except OSError as exc:
+            raise MemoryFileError(f"{self.path}: cannot save ({exc.strerror or exc}); "
+                                  "the previous version is untouched") from None
+        self.data, self.last_saved = data, saved
+        return saved
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise MemoryFileError(f"{self.path}: opened read-only")
+        if self._lock is None:
+            raise MemoryFileError(f"{self.path}: closed")
+
+    # -- named snapshots -------------------------------------------------------------------
+    @property
+    def snapshot_dir(self) -> Path:
+        stem = self.path.name[:-len(SUFFIX)] if self.path.name.endswith(SUFFIX) else self.path.name
+        return self.path.with_name(stem + ".snapshots")
+
+    def snapshot_path(self, name: str) -> Path:
+        name = name.strip()
+        if not SNAPSHOT_NAME.fullmatch(name):
+            raise MemoryFileError(f"bad snapshot name {name!r}: use up to 64 letters, digits, "
+                                  "spaces, '.', '_' or '-', starting with a letter or digit")
+        return self.snapshot_dir / (name + SUFFIX)
+
+    def snapshots(self) -> list[str]:
+        if not self.snapshot_dir.is_dir():
+            return []
+        return sorted(p.name[:-len(SUFFIX)] for p in self.snapshot_dir.glob("*" + SUFFIX)
+                      if not p.name.startswith("."))
+
+    def save_snapshot(self, name: str, data: MemoryData) -> Path:
+        self._writable()
+        path = self.snapshot_path(name)
+        data.saved = _now()
+        atomic_write(path, encode(data))
+        return path
+
+    def load_snapshot(self, name: str) -> MemoryData:
+        path = self.snapshot_path(name)
+        if not path.is_file():
+            raise MemoryFileError(f"no snapshot named {name.strip()!r}")
+        return read_memory(path, self.fingerprint)
+
+    def delete_snapshot(self, name: str) -> None:
+        self._writable()
+        path = self.snapshot_path(name)
+        if not path.is_file():
+            raise MemoryFileError(f"no snapshot named {name.strip()!r}")
+        path.unlink()
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    @property
+    def closed(self) -> bool:
+        return self._lock is None and not self.read_only
+
+    def __enter__(self) -> "MemoryFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "read-only" if self.read_only else ("closed" if self.closed else "locked")
+        return f"MemoryFile({str(self.path)!r}, {mode})"

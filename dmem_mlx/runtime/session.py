@@ -1,0 +1,593 @@
+"""A chat session over a δ-mem model: the conversation, its KV context, the δ memory and the
+memory file, kept consistent with each other (SPEC §3).
+
+Each turn renders the whole conversation with the chat template and ingests only the tokens not
+yet processed; if the rendered tokens diverge inside what was processed (a reply re-tokenized
+differently, an edited message), the context goes back to the last point before the divergence
+— KV cache trimmed, δ state restored — and is rebuilt from there. Replies are decoded token by
+token; a sampled end-of-sequence token is never fed to the model (so never written), and the
+template's closing tokens of the assistant turn are ingested after the reply.
+
+Context budget: when a turn would not fit `max_kv_tokens`, the oldest turns leave the KV
+context. They were written into δ already, so the shortened context is ingested with writes
+off; they live on only in δ memory — the regime the adapter was trained for (SPEC §3).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.sample_utils import make_sampler
+
+from .context import Context, Stopped
+from .fingerprint import model_fingerprint
+from .memory_file import (MemoryData, MemoryFile, MemoryFileError, PathLike, atomic_write, encode,
+                          read_memory)
+from .template import closing_tokens, count_sentences, render, sentence_spans
+
+DEFAULT_KV_CAP = 8192
+
+
+class ContextTooLongError(ValueError):
+    """A message that does not fit the KV budget even with every earlier turn evicted."""
+
+
+class SessionBusyError(RuntimeError):
+    """Another operation was asked for while a reply is being generated."""
+
+
+@dataclass
+class ReplyChunk:
+    """A streamed piece of a reply: its text and the token that produced it (-1 for text held
+    back by the detokenizer and released at the end)."""
+
+    text: str
+    token: int
+
+
+@dataclass
+class ReplyStats:
+    """How a reply went. finish_reason: "stop" (end-of-sequence sampled), "length" (max_tokens),
+    "stopped" (stop event or the consumer closed the stream), "interrupted" (KeyboardInterrupt)."""
+
+    text: str
+    tokens: int
+    tokens_per_sec: float
+    prompt_tokens: int
+    stopped: bool
+    finish_reason: str
+    prompt_tps: float = 0.0
+    rebuilt: bool = False
+    evicted_turns: int = 0
+
+
+@dataclass
+class SessionInfo:
+    tokens_written: int
+    turns: int
+    turns_in_memory_only: int
+    kv_tokens: int
+    kv_budget: int
+    layer_states: dict[int, np.ndarray]
+    memory_path: Optional[Path]
+    last_saved: Optional[datetime]
+    fingerprint: dict
+    read_only: bool
+    conversations: int = 1
+    memory_bytes: int = 0
+    granularity: str = "token"
+
+
+def default_kv_budget(model: nn.Module) -> int:
+    """The model's max_position_embeddings, capped at DEFAULT_KV_CAP tokens."""
+    n = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    return min(int(n), DEFAULT_KV_CAP) if n else DEFAULT_KV_CAP
+
+
+class ChatSession:
+    """A conversation with a δ-mem model whose memory persists in an optional `MemoryFile`.
+
+    system: system prompt of new conversations. max_kv_tokens: KV context budget (default
+    `default_kv_budget(model)`). prefill_step: tokens per prefill call.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, memory: Optional[MemoryFile] = None,
+                 system: Optional[str] = None, max_kv_tokens: Optional[int] = None,
+                 prefill_step: int = 512, fingerprint: Optional[dict] = None):
+        if getattr(model, "delta_mem", None) is None:
+            raise ValueError("the model has no δ-mem attached (load it with dmem_mlx.load)")
+        if max_kv_tokens is not None and (not isinstance(max_kv_tokens, int)
+                                          or max_kv_tokens < 16):
+            raise ValueError(f"max_kv_tokens must be an integer >= 16, got {max_kv_tokens!r}")
+        self.model, self.tokenizer, self.memory, self.system = model, tokenizer, memory, system
+        self.fingerprint = fingerprint or model_fingerprint(model, tokenizer)
+        if memory is not None:
+            memory.check_fingerprint(self.fingerprint)
+        self.max_kv_tokens = max_kv_tokens or default_kv_budget(model)
+        self._delta = model.delta_mem
+        self._groups = self._delta.config.memory_write_granularity != "token"
+        self._ctx = Context(model, prefill_step)
+        self._closing = closing_tokens(tokenizer)
+        self._eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+        specials = set(getattr(tokenizer, "all_special_ids", None) or [])
+        if self._closing and self._closing[0] in specials:
+            self._eos.add(self._closing[0])
+        self._read_only = memory is not None and memory.read_only
+        self._busy = False
+        self._closed = False
+        self._ram_snapshots: dict[str, MemoryData] = {}
+        self._last_end = 0  # committed part of the last rendered context, in tokens
+        self.last_reply: Optional[ReplyStats] = None
+        if memory is not None and memory.data is not None:
+            self._apply(memory.data)
+        else:
+            self._delta.reset()
+            self._start_memory()
+
+    # -- the conversation --------------------------------------------------------------------
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The current conversation ({"role", "content"} copies; system prompt first if any)."""
+        return [dict(m) for m in self._messages]
+
+    @property
+    def read_only(self) -> bool:
+        """Incognito: turns read the memory but write nothing and are not saved."""
+        return self._read_only
+
+    @read_only.setter
+    def read_only(self, value: bool) -> None:
+        if not value and self.memory is not None and self.memory.read_only:
+            raise MemoryFileError(f"{self.memory.path}: opened read-only; reopen it to write")
+        self._read_only = bool(value)
+
+    def reply(self, user_text: str, max_tokens: int = 256, temp: float = 0.0, top_p: float = 1.0,
+              seed: Optional[int] = None, stop: Optional[threading.Event] = None,
+              logits_processors: Optional[Sequence[Callable]] = None) -> Iterator[ReplyChunk]:
+        """Answer `user_text`, streaming ReplyChunks; then `last_reply` holds the ReplyStats and
+        the memory file has been saved.
+
+        stop: an Event checked between tokens (and between prefill chunks: a turn stopped before
+        its first token is taken back entirely). Stopping, closing the stream or Ctrl-C keeps the
+        partial reply, consistently in transcript, KV context and δ memory.
+        """
+        if not isinstance(user_text, str):
+            raise TypeError("user_text must be a str")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        self._check_idle()
+        return self._reply(user_text, max_tokens, make_sampler(temp, top_p), seed, stop,
+                           list(logits_processors or []))
+
+    def feed(self, messages: Sequence[dict[str, str]]) -> None:
+        """Append messages (e.g. an earlier conversation) and ingest them without replying:
+        written into δ unless read-only, then saved."""
+        self._check_idle()
+        messages = [_checked_message(m) for m in messages]
+        turns: list[list[dict]] = []
+        for m in messages:  # one turn at a time, so that eviction only drops what was written
+            if not turns or m["role"] == "user":
+                turns.append([])
+            turns[-1].append(m)
+        self._busy = True
+        try:
+            for turn in turns:
+                n, states, written = len(self._messages), self._ctx.states(), self._tokens_written
+                self._messages += turn
+                self._incognito += [self._read_only] * len(turn)
+                try:
+                    self._sync(False, strict=True)
+                except BaseException:
+                    self._undo(n, states, written)
+                    raise
+                self._committed = len(self._messages)
+                if not self._read_only:
+                    self._turns += sum(m["role"] == "user" for m in turn)
+        finally:
+            self._busy = False
+            self._save()
+
+    def edit_message(self, index: int, content: str) -> None:
+        """Change an earlier message. At the next turn the context goes back to the last point
+        before it (δ writes made since then undone while they are still in this process's
+        context) and is rebuilt from there."""
+        self._check_idle()
+        if not 0 <= index < len(self._messages):
+            raise IndexError(f"no message {index}")
+        self._messages[index] = {"role": self._messages[index]["role"], "content": str(content)}
+
+    def new_conversation(self) -> None:
+        """Clear the transcript and the KV context; the δ memory is kept."""
+        self._check_idle()
+        self._messages = [{"role": "system", "content": self.system}] if self.system else []
+        self._incognito = [False] * len(self._messages)
+        self._context_start = len(self._messages)
+        self._committed = 0  # the system prompt is written with the first turn (SPEC §2)
+        self._conversations += 1
+        self._ctx.reset()
+        self._save()
+
+    def forget(self) -> None:
+        """Reset the δ memory, the counts and the transcript, and save (the file's previous
+        version stays as its .bak)."""
+        self._check_idle()
+        self._delta.reset()
+        self._start_memory()
+        self._save(force=True)
+
+    # -- snapshots, export, import --------------------------------------------------------
+    def snapshot(self, name: str) -> None:
+        """Save the memory (δ state, transcript, counts) under `name` (replacing one of that name)."""
+        self._check_idle()
+        if self.memory is None:
+            self._ram_snapshots[_checked_name(name)] = self._data()
+        else:
+            self.memory.save_snapshot(name, self._data())
+
+    def restore(self, name: str) -> None:
+        """Go back to a named snapshot (the current memory is replaced, then saved)."""
+        self._check_idle()
+        if self.memory is None:
+            if _checked_name(name) not in self._ram_snapshots:
+                raise MemoryFileError(f"no snapshot named {name.strip()!r}")
+            data = self._ram_snapshots[_checked_name(name)]
+        else:
+            data = self.memory.load_snapshot(name)
+        self._apply(data)
+        self._save(force=True)
+
+    def snapshots(self) -> list[str]:
+        if self.memory is None:
+            return sorted(self._ram_snapshots)
+        return self.memory.snapshots()
+
+    def delete_snapshot(self, name: str) -> None:
+        self._check_idle()
+        if self.memory is None:
+            if self._ram_snapshots.pop(_checked_name(name), None) is None:
+                raise MemoryFileError(f"no snapshot named {name.strip()!r}")
+        else:
+            self.memory.delete_snapshot(name)
+
+    def export(self, path: PathLike) -> Path:
+        """Write the memory to a standalone memory file at `path`."""
+        self._check_idle()
+        path = Path(path).expanduser()
+        if self.memory is not None and path.resolve() == self.memory.path.resolve():
+            raise MemoryFileError(f"{path}: is this session's own memory file; export elsewhere")
+        data = self._data()
+        data.saved = datetime.now().astimezone().isoformat(timespec="milliseconds")
+        try:
+            atomic_write(path, encode(data))
+        except OSError as exc:
+            raise MemoryFileError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        return path
+
+    def import_(self, path: PathLike) -> None:
+        """Replace the memory with an exported memory file (validated, same model), then save."""
+        self._check_idle()
+        self._apply(read_memory(Path(path).expanduser(), self.fingerprint))
+        self._save(force=True)
+
+    # -- state -------------------------------------------------------------------------------
+    def info(self) -> SessionInfo:
+        states = {}
+        for i, s in self._ctx.states().items():
+            cfg = self._delta.config
+            states[i] = (np.zeros((cfg.num_state_heads, cfg.rank, cfg.rank), np.float32)
+                         if s is None else np.array(s[0], dtype=np.float32))
+        in_context = sum(1 for i in self._context_indices()
+                         if self._messages[i]["role"] == "user" and i < self._committed
+                         and not self._incognito[i])
+        return SessionInfo(
+            tokens_written=self._tokens_written, turns=self._turns,
+            turns_in_memory_only=max(0, self._turns - in_context), kv_tokens=len(self._ctx),
+            kv_budget=self.max_kv_tokens, layer_states=states,
+            memory_path=self.memory.path if self.memory is not None else None,
+            last_saved=self.memory.last_saved if self.memory is not None else None,
+            fingerprint=dict(self.fingerprint), read_only=self._read_only,
+            conversations=self._conversations,
+            memory_bytes=sum(s.nbytes for s in states.values()),
+            granularity=self._delta.config.memory_write_granularity)
+
+    def close(self) -> None:
+        """Release the memory file's lock (idempotent; the memory was saved after every turn)."""
+        if self.memory is not None:
+            self.memory.close()
+        self._closed = True
+
+    def __enter__(self) -> "ChatSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- internals: memory data --------------------------------------------------------------
+    def _start_memory(self) -> None:
+        self._tokens_written = self._turns = 0
+        self._conversations = 1
+        self._created = datetime.now().astimezone().isoformat(timespec="milliseconds")
+        self._messages = [{"role": "system", "content": self.system}] if self.system else []
+        self._incognito = [False] * len(self._messages)
+        self._context_start = len(self._messages)
+        self._committed = 0  # the system prompt is written with the first turn (SPEC §2)
+        self._ctx.reset()
+
+    def _apply(self, data: MemoryData) -> None:
+        """Take over a validated memory: δ state, transcript, counts. The KV context restarts."""
+        cfg = self._delta.config
+        shape = (cfg.num_state_heads, cfg.rank, cfg.rank)
+        if set(data.states) != set(self._delta.layers) or any(
+                s.shape != shape for s in data.states.values()):
+            raise MemoryFileError("the memory's δ state does not fit this model's layers")
+        self._delta.restore({f"layers.{i}": mx.array(s[None]) for i, s in data.states.items()})
+        self._tokens_written, self._turns = data.tokens_written, data.turns
+        self._conversations, self._created = data.conversations, data.created
+        messages = [dict(m) for m in data.transcript]
+        saved_system = messages[0]["content"] if messages and messages[0]["role"] == "system" \
+            else None
+        if self.system is None:
+            self.system = saved_system
+        if self.system != saved_system:  # another system prompt: a new conversation starts
+            messages = [{"role": "system", "content": self.system}] if self.system else []
+            self._context_start = len(messages)
+            self._conversations += 1
+        else:
+            self._context_start = min(data.context_start, len(messages))
+        self._messages, self._incognito = messages, [False] * len(messages)
+        self._committed = len(messages)
+        self._ctx.reset()
+
+    def _data(self) -> MemoryData:
+        """The memory as saved: incognito messages are left out of the transcript."""
+        keep = [i for i in range(len(self._messages)) if not self._incognito[i]]
+        states = {i: np.array(s[0], dtype=np.float32) if s is not None else
+                  np.zeros((self._delta.config.num_state_heads, self._delta.config.rank,
+                            self._delta.config.rank), np.float32)
+                  for i, s in self._ctx.states().items()}
+        return MemoryData(
+            states=states, fingerprint=self.fingerprint,
+            transcript=[dict(self._messages[i]) for i in keep if i < self._committed],
+            context_start=sum(1 for i in keep if i < min(self._context_start, self._committed)),
+            tokens_written=self._tokens_written, turns=self._turns,
+            conversations=self._conversations, created=self._created)
+
+    def _save(self, force: bool = False) -> None:
+        """Save after a change (not in incognito unless forced, never for a read-only file)."""
+        if self.memory is None or self.memory.read_only or (self._read_only and not force):
+            return
+        self.memory.save(self._data())
+
+    def _check_idle(self) -> None:
+        if self._closed:
+            raise RuntimeError("this session is closed")
+        if self._busy:
+            raise SessionBusyError("a reply is being generated: stop it or wait for it")
+
+    def _undo(self, n_messages: int, states: dict, written: int) -> None:
+        """Take back a turn that did not get to reply: transcript, δ state, KV context."""
+        del self._messages[n_messages:], self._incognito[n_messages:]
+        self._committed = min(self._committed, n_messages)
+        self._ctx.set_states(states)
+        self._ctx.truncate(self._last_end)
+        self._tokens_written = written
+
+    # -- internals: context ------------------------------------------------------------------
+    def _context_indices(self) -> list[int]:
+        system = 1 if self._messages and self._messages[0]["role"] == "system" else 0
+        return list(range(system)) + list(range(max(self._context_start, system),
+                                                len(self._messages)))
+
+    def _numbering(self) -> tuple[list[int], list[int]]:
+        """Message id and first sentence id of every message of the conversation (SPEC §2)."""
+        numbers, sentence_starts, n, s = [], [], 0, 0
+        for m in self._messages:
+            written = m["role"] != "system"
+            numbers.append(n if written else -1)
+            sentence_starts.append(s)
+            if written:
+                n += 1
+                s += count_sentences(m["content"])
+        return numbers, sentence_starts
+
+    def _render(self, generation_prompt: bool):
+        """The context rendered, and the token index where its committed messages end."""
+        idx = self._context_indices()
+        numbers, starts = self._numbering()
+        r = render(self.tokenizer, [self._messages[i] for i in idx], generation_prompt,
+                   [numbers[i] for i in idx], [starts[i] for i in idx])
+        k = sum(1 for i in idx if i < self._committed)
+        return r, (r.block_ends[k - 1] if k else 0)
+
+    def _evict(self, r, reserve: int) -> int:
+        """Move the oldest turns out of the KV context until `reserve` more tokens fit (the turn
+        being answered stays). Returns how many turns left; the KV context is then empty."""
+        idx = self._context_indices()
+        lengths = dict(zip(idx, np.diff([0, *r.block_ends]).tolist()))
+        users = [i for i in idx if self._messages[i]["role"] == "user"
+                 and self._context_start < i <= self._committed]  # only written turns leave
+        excess = len(r.ids) + reserve - self.max_kv_tokens
+        new_start = self._context_start
+        for i in users:
+            new_start = i
+            if sum(lengths[j] for j in idx if self._context_start <= j < i) >= excess:
+                break
+        turns = sum(1 for j in range(self._context_start, new_start)
+                    if self._messages[j]["role"] == "user")
+        if new_start != self._context_start:
+            self._context_start = new_start
+            self._ctx.reset()
+        return turns
+
+    def _sync(self, generation_prompt: bool, reserve: int = 0, logits: bool = False,
+              stop: Optional[Callable[[], bool]] = None, strict: bool = False):
+        """Bring the KV context and δ memory in line with the transcript, evicting old turns
+        if `reserve` more tokens would not fit (strict: refuse what does not fit even then).
+
+        Returns (logits of the last token or None, tokens ingested, rolled back?, turns evicted).
+        """
+        r, end = self._render(generation_prompt)
+        evicted = 0
+        if (strict or reserve) and len(r.ids) + reserve > self.max_kv_tokens:
+            evicted = self._evict(r, reserve)
+            if evicted:
+                r, end = self._render(generation_prompt)
+            need = len(r.ids) + (len(self._closing) + 1 if reserve else 0)
+            if need > self.max_kv_tokens:
+                raise ContextTooLongError(
+                    f"the message needs {need} tokens of context, more than the KV budget of "
+                    f"{self.max_kv_tokens} allows even with every earlier turn in memory only")
+        self._last_end = end
+        ctx, ids = self._ctx, r.ids
+        written = ctx.n_written
+        idx = self._context_indices()
+        owners = [idx[b] if b < len(idx) else -1 for b in r.blocks]
+        rolled, undone = False, set()
+        shared = ctx.common_prefix(ids)
+        if shared < len(ctx) or (logits and shared == len(ids)):
+            undone = ctx.rollback(min(shared, len(ids) - 1))
+            rolled = True
+        start = len(ctx)
+        # Committed messages are in δ already: re-read only, unless their writes were undone.
+        flags = [owners[t] in undone if t < end else not self._read_only
+                 for t in range(start, len(ids))]
+        out, t = None, start
+        while t < len(ids):
+            u = t
+            while u < len(ids) and flags[u - start] == flags[t - start]:
+                u += 1
+            groups = {}
+            if self._groups:
+                groups = {"message_ids": r.message_ids[t:u], "sentence_ids": r.sentence_ids[t:u]}
+            try:
+                out = ctx.ingest(ids[t:u], flags[t - start], logits=logits and u == len(ids),
+                                 stop=stop, owners=owners[t:u], **groups)
+            finally:
+                self._tokens_written += ctx.n_written - written
+                written = ctx.n_written
+            t = u
+        return out, len(ids) - start, rolled, evicted
+
+    # -- internals: a turn -------------------------------------------------------------------
+    def _reply(self, user_text: str, max_tokens: int, sampler: Callable, seed: Optional[int],
+               stop: Optional[threading.Event], processors: list) -> Iterator[ReplyChunk]:
+        self._check_idle()
+        self._busy = True
+        n, states, written = len(self._messages), self._ctx.states(), self._tokens_written
+        writing = not self._read_only
+        self._messages.append({"role": "user", "content": user_text})
+        self._incognito.append(not writing)
+        tic = time.perf_counter()
+        try:
+            logits, prompt_tokens, rolled, evicted = self._sync(
+                True, max_tokens + len(self._closing), logits=True,
+                stop=stop.is_set if stop is not None else None, strict=True)
+        except Stopped:
+            self._undo(n, states, written)
+            self._busy = False
+            self.last_reply = ReplyStats("", 0, 0.0, 0, True, "stopped")
+            return
+        except BaseException:
+            self._undo(n, states, written)
+            self._busy = False
+            raise
+        prompt_time = time.perf_counter() - tic
+        max_tokens = min(max_tokens, self.max_kv_tokens - len(self._ctx) - len(self._closing))
+        numbers, sentence_starts = self._numbering()
+        message_id = numbers[-1] + 1  # the user message just added has numbers[-1] >= 0
+        previous_id = self._delta.generation_message_id
+        self._delta.generation_message_id = message_id
+        if seed is not None:
+            mx.random.seed(seed)
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        tokens: list[int] = []
+        finish, error, closed = "length", None, False
+        self._ctx.mark()
+        tic = time.perf_counter()
+        try:
+            while len(tokens) < max_tokens:
+                if stop is not None and stop.is_set():
+                    finish = "stopped"
+                    break
+                for processor in processors:
+                    logits = processor(mx.array(self._ctx.ids), logits[None])[0]
+                token = int(sampler((logits - mx.logsumexp(logits, keepdims=True))[None]).item())
+                if token in self._eos:
+                    finish = "stop"
+                    break
+                sentence_id = None
+                if self._groups:
+                    sentence_id = self._sentence_id(tokens, token, sentence_starts[-1]
+                                                    + count_sentences(user_text))
+                logits = self._ctx.step(token, writing, message_id if self._groups else None,
+                                        sentence_id, owner=len(self._messages))
+                tokens.append(token)
+                self._tokens_written += self._ctx.wrote[-1]
+                detok.add_token(token)
+                yield ReplyChunk(detok.last_segment, token)
+        except GeneratorExit:  # the consumer closed the stream (or dropped it)
+            finish, closed = "stopped", True
+        except BaseException as exc:  # Ctrl-C or an error: what was fed so far stays consistent
+            finish, error = "interrupted", exc
+        decode_time = time.perf_counter() - tic
+        try:
+            detok.finalize()
+            text = detok.text
+            self._messages.append({"role": "assistant", "content": text})
+            self._incognito.append(not writing)
+            rolled = self._sync(False)[2] or rolled
+            self._committed = len(self._messages)
+            if writing:
+                self._turns += 1
+            self.last_reply = ReplyStats(
+                text=text, tokens=len(tokens),
+                tokens_per_sec=len(tokens) / decode_time if decode_time > 0 else 0.0,
+                prompt_tokens=prompt_tokens, stopped=finish in ("stopped", "interrupted"),
+                finish_reason=finish,
+                prompt_tps=prompt_tokens / prompt_time if prompt_time > 0 else 0.0,
+                rebuilt=rolled, evicted_turns=evicted)
+            self._save()
+        finally:
+            self._delta.generation_message_id = previous_id
+            self._busy = False
+        if error is not None:
+            raise error
+        tail = detok.last_segment
+        if tail and not closed:
+            yield ReplyChunk(tail, -1)
+
+    def _sentence_id(self, tokens: list[int], token: int, first: int) -> int:
+        """Sentence id of a generated token: the reply's sentence holding its first character."""
+        before = self.tokenizer.decode(tokens)
+        text = self.tokenizer.decode([*tokens, token])
+        at = len(before) if text.startswith(before) else len(text) - 1
+        spans = sentence_spans(text)
+        k = sum(1 for a, _ in spans if a <= at)
+        return first + max(k - 1, 0)
+
+
+def _checked_message(m: Any) -> dict[str, str]:
+    if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)):
+        raise ValueError("messages must be {'role': str, 'content': str} dicts")
+    if m["role"] not in ("system", "user", "assistant", "tool"):
+        raise ValueError(f"unknown role {m['role']!r}")
+    return {"role": m["role"], "content": m["content"]}
+
+
+def _checked_name(name: str) -> str:
+    from .memory_file import SNAPSHOT_NAME
+
+    name = str(name).strip()
+    if not SNAPSHOT_NAME.fullmatch(name):
+        raise MemoryFileError(f"bad snapshot name {name!r}")
+    return name
