@@ -1,0 +1,216 @@
+"""Recall of facts told in earlier conversations: δ memory alone, across a process restart.
+
+Held-out people (drawn with a seed the demo never trained on) tell the assistant 1–7 groups
+of facts (name, city, job, pet + pet name, trip, food, hobby) over 1–4 conversations. Each
+person's memory is written through the chat runtime (`ChatSession.feed`, a new conversation
+each time) and saved to a memory file. Then a *new process* loads the model, opens each memory
+file and asks about every fact, each question in a fresh conversation, with nothing of the
+history in the context. Exact match: the reply names the right value of the slot and no other.
+
+Conditions:
+  (a)  history only in δ memory, loaded from the file; questions as incognito turns
+       (read-only, as the adapter was trained: the memory file is not modified)
+  (a+) the same, with writes on and the questions asked one after the other (a normal chat:
+       each question and answer is written into the memory before the next one)
+  (b)  memory reset: no history anywhere — the chance level of the model's guesses
+  (c)  history in the context (all earlier conversations + the question in one KV context),
+       δ memory empty: the backbone's in-context upper bound
+
+Prints a table and one JSON line.  Example:
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
+        python benchmarks/recall_eval.py --people-per-size 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dmem_mlx.demo import persona  # noqa: E402
+
+EVAL_SEED = 20260501  # training used seeds 0 (backbone) and 1 (δ data)
+
+
+def make_plan(people_per_size: int, seed: int, sizes: list[int]) -> list[dict]:
+    """People, the conversations that tell their facts, and one question per told fact."""
+    rng = random.Random(seed)
+    plan = []
+    for size in sizes:
+        for _ in range(people_per_size):
+            person = persona.random_person(rng)
+            conversations = persona.telling_conversations(
+                rng, person, size, rng.randint(1, 4), updates=False)
+            questions = [{"slot": slot, "question": rng.choice(persona.QUESTIONS[slot]),
+                          "expected": person.facts[slot]} for slot in person.told]
+            plan.append({"groups": size, "facts": len(person.told), "conversations": conversations,
+                         "questions": questions})
+    return plan
+
+
+def load_model(model_path: str):
+    from dmem_mlx import load
+
+    return load(model_path)
+
+
+def ask(session, question: str, max_tokens: int) -> str:
+    session.new_conversation()
+    return "".join(chunk.text for chunk in session.reply(question, max_tokens=max_tokens))
+
+
+def write_memories(model_path: str, plan: list[dict], work: Path) -> float:
+    """Phase 1: every person's conversations written through the runtime into a memory file."""
+    from dmem_mlx.runtime import ChatSession, MemoryFile
+
+    model, tokenizer = load_model(model_path)
+    start = time.perf_counter()
+    for i, person in enumerate(plan):
+        with MemoryFile.open(work / f"person{i}.mem") as memory:
+            session = ChatSession(model, tokenizer, memory=memory)
+            for conversation in person["conversations"]:
+                session.new_conversation()
+                session.feed(conversation)
+            session.close()
+    return time.perf_counter() - start
+
+
+def ask_all(model_path: str, plan: list[dict], work: Path, max_tokens: int) -> dict:
+    """Phase 2 (a fresh process): the questions under every condition."""
+    from dmem_mlx.runtime import ChatSession, MemoryFile
+
+    model, tokenizer = load_model(model_path)
+    results = {"a": [], "a+": [], "b": [], "c": []}
+    examples = []
+    for i, person in enumerate(plan):
+        path = work / f"person{i}.mem"
+        with MemoryFile.open(path, read_only=True) as memory:  # (a) the file is never changed
+            session = ChatSession(model, tokenizer, memory=memory)
+            replies = [ask(session, q["question"], max_tokens) for q in person["questions"]]
+            session.close()
+        results["a"] += _score(person, replies, "a", examples)
+        with MemoryFile.open(path) as memory:  # (a+) a normal chat: questions are written
+            session = ChatSession(model, tokenizer, memory=memory)
+            replies = [ask(session, q["question"], max_tokens) for q in person["questions"]]
+            session.close()
+        results["a+"] += _score(person, replies, "a+", examples)
+        session = ChatSession(model, tokenizer)  # (b) no memory at all
+        replies = [ask(session, q["question"], max_tokens) for q in person["questions"]]
+        results["b"] += _score(person, replies, "b", examples)
+        replies = []
+        for q in person["questions"]:  # (c) the history in the context, δ memory empty
+            session = ChatSession(model, tokenizer)
+            session.read_only = True
+            session.feed([m for conv in person["conversations"] for m in conv])
+            replies.append("".join(c.text for c in session.reply(q["question"],
+                                                                 max_tokens=max_tokens)))
+        results["c"] += _score(person, replies, "c", examples)
+    return {"results": results, "examples": examples[:12]}
+
+
+def _score(person: dict, replies: list[str], condition: str, examples: list) -> list[dict]:
+    out = []
+    for q, reply in zip(person["questions"], replies):
+        ok = persona.exact_match(reply, q["slot"], q["expected"])
+        out.append({"groups": person["groups"], "slot": q["slot"], "ok": ok})
+        if len(examples) < 12 and condition == "a":
+            examples.append({"q": q["question"], "expected": q["expected"], "reply": reply})
+    return out
+
+
+def summarize(results: dict, plan: list[dict]) -> dict:
+    questions = [q for p in plan for q in p["questions"]]
+    chance = sum(persona.chance(q["slot"]) for q in questions) / len(questions)
+    rate = lambda rows: sum(r["ok"] for r in rows) / max(len(rows), 1)  # noqa: E731
+    sizes = sorted({p["groups"] for p in plan})
+    return {
+        "questions": len(questions), "people": len(plan), "chance": round(chance, 4),
+        **{f"recall_{k}": round(rate(v), 4) for k, v in results.items()},
+        "by_groups": {str(s): {k: round(rate([r for r in v if r["groups"] == s]), 4)
+                               for k, v in results.items()} for s in sizes},
+        "by_slot": {slot: round(rate([r for r in results["a"] if r["slot"] == slot]), 4)
+                    for slot in persona.SLOTS},
+    }
+
+
+def print_table(summary: dict, plan: list[dict]) -> None:
+    facts = {p["groups"]: p["facts"] for p in plan}
+    print(f"\nRecall (exact match) on {summary['people']} held-out people, "
+          f"{summary['questions']} questions; chance {summary['chance']:.1%}\n")
+    print(f"{'fact groups told':>16} {'~facts':>6} {'(a) δ only':>11} {'(a+) writes on':>15} "
+          f"{'(b) reset':>10} {'(c) in context':>15}")
+    for size, row in summary["by_groups"].items():
+        print(f"{size:>16} {facts[int(size)]:>6} {row['a']:>11.1%} {row['a+']:>15.1%} "
+              f"{row['b']:>10.1%} {row['c']:>15.1%}")
+    print(f"{'all':>16} {'':>6} {summary['recall_a']:>11.1%} {summary['recall_a+']:>15.1%} "
+          f"{summary['recall_b']:>10.1%} {summary['recall_c']:>15.1%}")
+    print("\nby slot (a): " + ", ".join(f"{k} {v:.0%}" for k, v in summary["by_slot"].items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="δ-mem recall evaluation (see the module docstring)",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", help="δ-mem model directory (default: the shipped demo)")
+    p.add_argument("--people-per-size", type=int, default=10,
+                   help="people per number of fact groups told (10)")
+    p.add_argument("--sizes", default="1,2,3,4,5,6,7", help="numbers of fact groups told")
+    p.add_argument("--seed", type=int, default=EVAL_SEED)
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens per answer (24)")
+    p.add_argument("--work-dir", help="where the memory files go (default: a temp directory)")
+    p.add_argument("--phase", choices=["all", "ask"], default="all", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        from dmem_mlx import blas
+
+        blas.reexec_with_openblas()
+    except ImportError:
+        pass
+    if args.model is None:
+        from dmem_mlx.demo import demo_model_path
+
+        args.model = str(demo_model_path())
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+        assert all(1 <= s <= len(persona.GROUPS) for s in sizes) and args.people_per_size > 0
+    except (ValueError, AssertionError):
+        print(f"error: --sizes must list numbers from 1 to {len(persona.GROUPS)}, and "
+              "--people-per-size be positive", file=sys.stderr)
+        return 2
+    plan = make_plan(args.people_per_size, args.seed, sizes)
+    if args.phase == "ask":
+        work = Path(args.work_dir)
+        out = ask_all(args.model, plan, work, args.max_tokens)
+        (work / "answers.json").write_text(json.dumps(out))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        seconds = write_memories(args.model, plan, work)
+        print(f"wrote {len(plan)} memory files in {seconds:.0f} s; restarting to ask ...",
+              flush=True)
+        child = [sys.executable, __file__, "--phase", "ask", "--work-dir", str(work),
+                 "--model", args.model, "--people-per-size", str(args.people_per_size),
+                 "--sizes", args.sizes, "--seed", str(args.seed),
+                 "--max-tokens", str(args.max_tokens)]
+        subprocess.run(child, check=True)
+        out = json.loads((work / "answers.json").read_text())
+    summary = summarize(out["results"], plan)
+    print("\nexamples (a):")
+    for e in out["examples"]:
+        print(f"  {e['q']!r:42} expected {e['expected']:<12} → {e['reply']!r}")
+    print_table(summary, plan)
+    print(json.dumps({"benchmark": "recall_eval", "model": args.model, **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
