@@ -83,30 +83,37 @@ def write_memories(model_path: str, plan: list[dict], work: Path) -> float:
     return time.perf_counter() - start
 
 
-def ask_all(model_path: str, plan: list[dict], work: Path, max_tokens: int) -> dict:
+def ask_all(model_path: str, plan: list[dict], work: Path, max_tokens: int,
+            conditions: list[str]) -> dict:
     """Phase 2 (a fresh process): the questions under every condition."""
     from dmem_mlx.runtime import ChatSession, MemoryFile
 
     model, tokenizer = load_model(model_path)
-    results = {"a": [], "a+": [], "b": [], "c": []}
-    examples = []
+    results: dict[str, list] = {c: [] for c in conditions}
+    examples: list[dict] = []
     for i, person in enumerate(plan):
         path = work / f"person{i}.mem"
-        with MemoryFile.open(path, read_only=True) as memory:  # (a) the file is never changed
-            session = ChatSession(model, tokenizer, memory=memory)
-            replies = [ask(session, q["question"], max_tokens) for q in person["questions"]]
-            session.close()
-        results["a"] += _score(person, replies, "a", examples)
-        with MemoryFile.open(path) as memory:  # (a+) a normal chat: questions are written
-            session = ChatSession(model, tokenizer, memory=memory)
-            replies = [ask(session, q["question"], max_tokens) for q in person["questions"]]
-            session.close()
-        results["a+"] += _score(person, replies, "a+", examples)
-        session = ChatSession(model, tokenizer)  # (b) no memory at all
-        replies = [ask(session, q["question"], max_tokens) for q in person["questions"]]
-        results["b"] += _score(person, replies, "b", examples)
+        questions = [q["question"] for q in person["questions"]]
+        if "a" in conditions:
+            with MemoryFile.open(path, read_only=True) as memory:  # the file is never changed
+                session = ChatSession(model, tokenizer, memory=memory)
+                replies = [ask(session, q, max_tokens) for q in questions]
+                session.close()
+            results["a"] += _score(person, replies, "a", examples)
+        if "a+" in conditions:
+            with MemoryFile.open(path) as memory:  # a normal chat: questions are written
+                session = ChatSession(model, tokenizer, memory=memory)
+                replies = [ask(session, q, max_tokens) for q in questions]
+                session.close()
+            results["a+"] += _score(person, replies, "a+", examples)
+        if "b" in conditions:
+            session = ChatSession(model, tokenizer)  # no memory at all
+            replies = [ask(session, q, max_tokens) for q in questions]
+            results["b"] += _score(person, replies, "b", examples)
+        if "c" not in conditions:
+            continue
         replies = []
-        for q in person["questions"]:  # (c) the history in the context, δ memory empty
+        for q in person["questions"]:  # the history in the context, δ memory empty
             session = ChatSession(model, tokenizer)
             session.read_only = True
             session.feed([m for conv in person["conversations"] for m in conv])
@@ -137,22 +144,28 @@ def summarize(results: dict, plan: list[dict]) -> dict:
         "by_groups": {str(s): {k: round(rate([r for r in v if r["groups"] == s]), 4)
                                for k, v in results.items()} for s in sizes},
         "by_slot": {slot: round(rate([r for r in results["a"] if r["slot"] == slot]), 4)
-                    for slot in persona.SLOTS},
+                    for slot in persona.SLOTS if any(r["slot"] == slot for r in results["a"])}
+        if "a" in results else {},
     }
+
+
+HEADERS = {"a": "(a) δ only", "a+": "(a+) writes on", "b": "(b) reset", "c": "(c) in context"}
 
 
 def print_table(summary: dict, plan: list[dict]) -> None:
     facts = {p["groups"]: p["facts"] for p in plan}
     print(f"\nRecall (exact match) on {summary['people']} held-out people, "
           f"{summary['questions']} questions; chance {summary['chance']:.1%}\n")
-    print(f"{'fact groups told':>16} {'~facts':>6} {'(a) δ only':>11} {'(a+) writes on':>15} "
-          f"{'(b) reset':>10} {'(c) in context':>15}")
+    conditions = [c for c in HEADERS if f"recall_{c}" in summary]
+    print(f"{'fact groups told':>16} {'facts':>5} " + " ".join(f"{HEADERS[c]:>15}"
+                                                               for c in conditions))
     for size, row in summary["by_groups"].items():
-        print(f"{size:>16} {facts[int(size)]:>6} {row['a']:>11.1%} {row['a+']:>15.1%} "
-              f"{row['b']:>10.1%} {row['c']:>15.1%}")
-    print(f"{'all':>16} {'':>6} {summary['recall_a']:>11.1%} {summary['recall_a+']:>15.1%} "
-          f"{summary['recall_b']:>10.1%} {summary['recall_c']:>15.1%}")
-    print("\nby slot (a): " + ", ".join(f"{k} {v:.0%}" for k, v in summary["by_slot"].items()))
+        print(f"{size:>16} {facts[int(size)]:>5} " + " ".join(f"{row[c]:>15.1%}"
+                                                             for c in conditions))
+    print(f"{'all':>16} {'':>5} " + " ".join(f"{summary[f'recall_{c}']:>15.1%}"
+                                             for c in conditions))
+    if summary["by_slot"]:
+        print("\nby slot (a): " + ", ".join(f"{k} {v:.0%}" for k, v in summary["by_slot"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1,2,3,4,5,6,7", help="numbers of fact groups told")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--max-tokens", type=int, default=24, help="tokens per answer (24)")
+    p.add_argument("--conditions", default="a,a+,b,c", help="which of a,a+,b,c to run")
     p.add_argument("--work-dir", help="where the memory files go (default: a temp directory)")
     p.add_argument("--phase", choices=["all", "ask"], default="all", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -185,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --sizes must list numbers from 1 to {len(persona.GROUPS)}, and "
               "--people-per-size be positive", file=sys.stderr)
         return 2
+    conditions = [c for c in HEADERS if c in args.conditions.split(",")]
+    if not conditions or set(args.conditions.split(",")) - set(HEADERS):
+        print("error: --conditions must list some of a,a+,b,c", file=sys.stderr)
+        return 2
     plan = make_plan(args.people_per_size, args.seed, sizes)
     if args.phase == "ask":
         work = Path(args.work_dir)
-        out = ask_all(args.model, plan, work, args.max_tokens)
+        out = ask_all(args.model, plan, work, args.max_tokens, conditions)
         (work / "answers.json").write_text(json.dumps(out))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         child = [sys.executable, __file__, "--phase", "ask", "--work-dir", str(work),
                  "--model", args.model, "--people-per-size", str(args.people_per_size),
                  "--sizes", args.sizes, "--seed", str(args.seed),
-                 "--max-tokens", str(args.max_tokens)]
+                 "--max-tokens", str(args.max_tokens), "--conditions", args.conditions]
         subprocess.run(child, check=True)
         out = json.loads((work / "answers.json").read_text())
     summary = summarize(out["results"], plan)

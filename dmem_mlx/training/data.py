@@ -221,9 +221,12 @@ def iterate_batches(examples: list[Example], batch_size: int, seed: int,
 
 def load_split(path: Path, encoder: ChatEncoder, mode: str, max_tokens: int,
                limit: Optional[int] = None) -> list[Example]:
+    from tqdm import tqdm
+
     rows = read_jsonl(path)[:limit]
     out = []
-    for n, row in enumerate(rows, 1):
+    bar = tqdm(rows, desc=f"tokenizing {path.name}", disable=len(rows) < 2000, leave=False)
+    for n, row in enumerate(bar, 1):
         try:
             out.append(make_example(encoder, row, mode, max_tokens))
         except DataError as exc:

@@ -1,0 +1,110 @@
+"""The demo's domain, its tokenizer conversion, and the shipped demo model (never retrained here)."""
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+
+from dmem_mlx.demo import DEMO_DIR, persona
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_demo_module():
+    spec = importlib.util.spec_from_file_location("build_demo", ROOT / "tools" / "build_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fact_values_are_disjoint_single_words():
+    words = [v.lower() for values in persona.VALUES.values() for v in values]
+    assert len(words) == len(set(words)) and all(w.isalpha() for w in words)
+    for user, assistant in persona.SMALL_TALK:  # small talk never names a fact value
+        assert not any(persona.mentioned(user + " " + assistant, s) for s in persona.SLOTS)
+
+
+def test_exact_match_needs_the_value_and_only_it():
+    assert persona.exact_match("Your name is Ada.", "name", "Ada")
+    assert not persona.exact_match("Your name is Adam.", "name", "Ada")
+    assert not persona.exact_match("Your name is Ada or Omar.", "name", "Ada")
+    assert not persona.exact_match("I don't know.", "name", "Ada")
+    assert persona.exact_match("You work as an engineer.", "job", "engineer")
+
+
+def test_episodes_ask_about_told_facts():
+    rng = random.Random(3)
+    for _ in range(200):
+        ep = persona.episode(rng)
+        told = " ".join(m["content"] for conv in ep["history"] for m in conv if m["role"] == "user")
+        if ep["slot"] in persona.SLOTS:
+            value = ep["facts"][ep["slot"]]
+            assert persona.exact_match(ep["messages"][-1]["content"], ep["slot"], value)
+            assert value in told  # the answer was told in an earlier conversation
+        assert ep["messages"][-1]["role"] == "assistant"
+
+
+def test_tokenizer_json_matches_sentencepiece(tmp_path):
+    import sentencepiece as spm
+    from mlx_lm.utils import load_tokenizer
+
+    build = build_demo_module()
+    rng = random.Random(0)
+    texts = [build.render(c) for _ in range(300) for e in [persona.episode(rng)]
+             for c in e["history"] + [e["messages"]]]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(tmp_path / "tokenizer"), model_type="bpe",
+        vocab_size=600, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, unk_id=0, bos_id=-1, eos_id=-1,
+        pad_id=-1, user_defined_symbols=[*build.SPECIALS, "\n"], character_coverage=1.0,
+        minloglevel=2, num_threads=1)
+    build.save_hf_tokenizer(tmp_path / "tokenizer.model", tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    tok = load_tokenizer(tmp_path)
+    samples = texts[:50] + ["Ünïcode 東京 😀  two  spaces\n\n", " lead", "tail ", "a\tb"]
+    for text in samples:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text)
+        assert tok.decode(ids) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi! I am Ada."}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert chat == "<|im_start|>user\nHi! I am Ada.<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.eos_token == "<|im_end|>"
+
+
+shipped = pytest.mark.skipif(not (DEMO_DIR / "delta_mem.safetensors").is_file(),
+                             reason="the demo model is not shipped in this tree")
+
+
+@shipped
+def test_demo_is_small_and_loads_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from dmem_mlx.demo import load_demo
+
+    size = sum(f.stat().st_size for f in DEMO_DIR.iterdir())
+    assert size <= 20e6
+    model, tokenizer = load_demo()
+    assert model.delta_mem.config.rank == 8
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+@shipped
+def test_demo_recalls_from_memory_only():
+    """Facts told in one conversation, asked in a fresh one: only δ memory holds them."""
+    from dmem_mlx.demo import load_demo
+    from dmem_mlx.runtime import ChatSession
+
+    model, tokenizer = load_demo()
+    session = ChatSession(model, tokenizer)
+    session.feed([{"role": "user", "content": "Hello, my name is Lena."},
+                  {"role": "assistant", "content": "Nice to meet you, Lena!"},
+                  {"role": "user", "content": "I live in Oslo."},
+                  {"role": "assistant", "content": "Oslo is a lovely place."}])
+    replies = {}
+    for slot, question in (("name", "What is my name?"), ("city", "Where do I live?")):
+        session.new_conversation()
+        session.read_only = True
+        replies[slot] = "".join(c.text for c in session.reply(question, max_tokens=16))
+    assert persona.exact_match(replies["name"], "name", "Lena"), replies
+    assert persona.exact_match(replies["city"], "city", "Oslo"), replies
