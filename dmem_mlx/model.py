@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import fused
 from .config import ConfigError, DeltaMemConfig
 from .delta_mem import DeltaMemory, MemoryInputs, group_means, read_state
 from .scan import scan
@@ -86,11 +87,15 @@ class DeltaMemAttention(nn.Module):
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
         reads = self.read_and_write(x, _padding_validity(cache, x.shape[1]))  # [B, T, R] fp32
+        if fused.enabled():  # all heads in one matmul
+            deltas = fused.deltas(self.memory, reads)
+        else:
+            deltas = {head: self.memory.delta(head, reads) for head in self.memory.config.delta_heads}
         for head, slot in self._slots.items():
-            slot.delta = self.memory.delta(head, reads)
+            slot.delta = deltas[head]
         out = self.attention(x, *args, **kwargs)
-        if "o" in self.memory.config.delta_heads:
-            out = out + self.memory.delta("o", reads).astype(out.dtype)
+        if "o" in deltas:
+            out = out + deltas["o"].astype(out.dtype)
         return out
 
     def read_and_write(self, h: mx.array, padding: Optional[mx.array] = None) -> mx.array:
@@ -105,6 +110,14 @@ class DeltaMemAttention(nn.Module):
         valid = inputs.valid
         if padding is not None:
             valid = padding if valid is None else valid * padding
+        if T == 1 and fused.enabled() and "project" not in self.memory.__dict__ and (
+                not inputs.writes_enabled or cfg.memory_write_granularity == "token"):
+            # Decode: one matmul + one compiled step (see fused.py).
+            reads, new_state = fused.decode_step(self.memory, h, state, valid,
+                                                 inputs.writes_enabled)
+            if inputs.writes_enabled:
+                self.delta_state = new_state
+            return reads
         token = self.memory.project(h)
         if not inputs.writes_enabled:
             return _flat(read_state(state, token.q, valid))

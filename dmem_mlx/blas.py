@@ -1,0 +1,128 @@
+"""Fast fp32 matmuls on Linux CPUs: run under the system's OpenBLAS when one is installed.
+
+The `mlx[cpu]` wheel for Linux bundles a reference BLAS (≈2.4 GFLOP/s for an fp32 GEMM on a
+2-core x86); Debian/Ubuntu's OpenBLAS (package `libopenblas0-pthread`) runs the same GEMM at
+≈184 GFLOP/s. MLX binds its BLAS symbols when it is loaded, so the switch has to happen before
+the process starts: `reexec_with_openblas()`, called first thing by the command-line entry
+points, re-executes the same command with `LD_PRELOAD` naming the library.
+
+Environment: DMEM_NO_OPENBLAS=1 turns this off; DMEM_OPENBLAS_REEXEC marks the re-executed
+process (so it never loops).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+OPT_OUT = "DMEM_NO_OPENBLAS"
+REEXEC_MARK = "DMEM_OPENBLAS_REEXEC"
+INSTALL_HINT = ("hint: matmuls on this CPU run on MLX's slow built-in BLAS; for ~50x faster "
+                "fp32 install OpenBLAS: sudo apt install libopenblas0-pthread")
+_VARIANTS = ("openblas-pthread", "openblas-openmp", "openblas-serial")
+_TRIPLETS = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
+             "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+_hint_shown = False
+
+
+def openblas_candidates(machine: Optional[str] = None) -> list[Path]:
+    """Where Debian/Ubuntu install OpenBLAS's libblas.so.3, best first, for this machine."""
+    triplet = _TRIPLETS.get((machine or platform.machine()).lower())
+    if triplet is None:
+        return []
+    return [Path("/usr/lib") / triplet / variant / "libblas.so.3" for variant in _VARIANTS]
+
+
+def find_openblas(machine: Optional[str] = None,
+                  exists: Callable[[Path], bool] = Path.is_file) -> Optional[Path]:
+    """The first installed OpenBLAS of `openblas_candidates`, or None."""
+    return next((p for p in openblas_candidates(machine) if exists(p)), None)
+
+
+def openblas_preloaded(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when LD_PRELOAD already names an OpenBLAS (ours, or one the user chose)."""
+    entries = environ.get("LD_PRELOAD", "").replace(":", " ").split()
+    return any("openblas" in Path(e).as_posix().lower() for e in entries)
+
+
+def reexec_plan(
+    argv: Sequence[str],
+    environ: Mapping[str, str] = os.environ,
+    system: Optional[str] = None,
+    machine: Optional[str] = None,
+    exists: Callable[[Path], bool] = Path.is_file,
+) -> Optional[dict[str, str]]:
+    """The environment to re-execute `argv` with, or None when nothing should happen.
+
+    Nothing happens off Linux, when opted out, inside a re-executed process or a test, when an
+    OpenBLAS is already preloaded, when none is installed, or without a command line to re-run.
+    """
+    if (system or platform.system()) != "Linux" or not argv:
+        return None
+    if environ.get(OPT_OUT, "") not in ("", "0") or environ.get(REEXEC_MARK):
+        return None
+    if environ.get("PYTEST_CURRENT_TEST"):  # a test calling main() must not restart pytest
+        return None
+    if openblas_preloaded(environ):
+        return None
+    library = find_openblas(machine, exists)
+    if library is None:
+        return None
+    env = dict(environ)
+    env["LD_PRELOAD"] = " ".join(filter(None, [str(library), environ.get("LD_PRELOAD", "")]))
+    env[REEXEC_MARK] = "1"
+    return env
+
+
+def reexec_with_openblas() -> None:
+    """Re-execute this process under OpenBLAS if that is possible and useful (see module doc).
+
+    Call it before any work: the process is replaced and starts again from the top.
+    """
+    argv = list(getattr(sys, "orig_argv", []))
+    env = reexec_plan(argv)
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError:
+        return  # keep running as we are, only slower
+
+
+def openblas_hint(
+    environ: Mapping[str, str] = os.environ,
+    system: Optional[str] = None,
+    machine: Optional[str] = None,
+    exists: Callable[[Path], bool] = Path.is_file,
+) -> Optional[str]:
+    """INSTALL_HINT when this is Linux with no OpenBLAS installed or preloaded, else None."""
+    if (system or platform.system()) != "Linux" or environ.get(OPT_OUT, "") not in ("", "0"):
+        return None
+    if openblas_preloaded(environ) or find_openblas(machine, exists) is not None:
+        return None
+    if _on_gpu():
+        return None
+    return INSTALL_HINT
+
+
+def print_openblas_hint(file=None) -> None:
+    """Print `openblas_hint()` once per process (to stderr), if there is one."""
+    global _hint_shown
+    hint = openblas_hint()
+    if hint and not _hint_shown:
+        _hint_shown = True
+        print(hint, file=file or sys.stderr)
+
+
+def _on_gpu() -> bool:
+    """True when MLX computes on a GPU (e.g. the CUDA backend), where the CPU BLAS matters little."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return False
+    return mx.default_device() == mx.gpu

@@ -1,0 +1,416 @@
+"""The fast paths against the per-token oracle: chunked scan, dispatcher, fused decode, BLAS setup."""
+
+import itertools
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+from dmem_mlx import blas, fused
+from dmem_mlx import scan as scan_module
+from dmem_mlx.chunked_scan import chunked_scan, unit_lower_inverse
+from dmem_mlx.config import DeltaMemConfig
+from dmem_mlx.delta_mem import (DeltaMemory, MemoryInputs, normalize_heads, row_coefficients,
+                                scan_reference, scan_step)
+from dmem_mlx.model import attach_delta_mem, delta_parameters, load_delta_parameters
+from dmem_mlx.scan import scan, with_portable_vjp
+from dmem_mlx.tiny import build_model, tiny_args
+
+MODES = [  # (state_update_mode, couple_lambda, rankwise_gates)
+    ("standard", True, True), ("standard", False, True), ("lambda_outside", True, True),
+    ("lambda_outside", False, False), ("no_lambda", True, True), ("standard", True, False),
+]
+
+
+def random_inputs(B, T, H, r=8, mode=("standard", True, True), seed=0, gate_shift=0.0):
+    """MemoryInputs as DeltaMemory.project makes them, from random raw projections."""
+    cfg = DeltaMemConfig(rank=r, num_state_heads=H, state_update_mode=mode[0],
+                         couple_lambda=mode[1], rankwise_gates=mode[2])
+    rng = np.random.default_rng(seed)
+    n = lambda *s: mx.array(rng.normal(size=s).astype(np.float32))  # noqa: E731
+    G = cfg.gate_dim
+    beta = mx.sigmoid(n(B, T, G) * 2 + gate_shift)
+    lam = 1 - beta if cfg.couple_lambda else mx.sigmoid(n(B, T, G) * 2 - gate_shift)
+    if cfg.state_update_mode == "no_lambda":
+        lam = mx.ones_like(beta)
+    beta = mx.broadcast_to(beta.reshape(B, T, H, -1), (B, T, H, r))
+    lam = mx.broadcast_to(lam.reshape(B, T, H, -1), (B, T, H, r))
+    q, k = normalize_heads(n(B, T, H, r)), normalize_heads(n(B, T, H, r))
+    return MemoryInputs(q, k, n(B, T, H, r), *row_coefficients(cfg, beta, lam))
+
+
+def holes(B, T, seed=0):
+    """A validity mask with isolated holes and a run of padding at the start of row 0."""
+    valid = np.random.default_rng(seed).random((B, T)) > 0.25
+    valid[0, : min(T, 7)] = False
+    return mx.array(valid)
+
+
+def assert_close(got, want, atol):
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=atol, rtol=0)
+
+
+# -- chunked scan ---------------------------------------------------------------------------
+
+SCAN_CASES = [(mode, H, T) for mode in MODES
+              for H, T in [(1, 1), (1, 2), (4, 3), (1, 16), (1, 17), (4, 33), (4, 100)]]
+SCAN_CASES += [(MODES[0], 1, 2000), (MODES[3], 4, 2000)]  # long ones: the oracle loop is slow
+
+
+@pytest.mark.parametrize("mode,H,T", SCAN_CASES)
+def test_chunked_scan_matches_reference(mode, H, T):
+    B = 2
+    inputs = random_inputs(B, T, H, mode=mode, seed=T)
+    state = mx.array(np.random.default_rng(1).normal(size=(B, H, 8, 8)).astype(np.float32))
+    for valid in (None, holes(B, T)):
+        want_reads, want_state = scan_reference(state, inputs, valid)
+        reads, new_state = chunked_scan(state, inputs, valid)
+        assert reads.shape == want_reads.shape and new_state.shape == want_state.shape
+        assert_close(reads, want_reads, 2e-6)
+        assert_close(new_state, want_state, 2e-6)
+        if valid is not None:
+            assert float(mx.abs(reads[0, :7]).max()) == 0.0  # padding reads exactly 0
+
+
+@pytest.mark.parametrize("chunk", [2, 4, 8, 32, 64])
+def test_every_chunk_size_gives_the_same_scan(chunk):
+    inputs = random_inputs(1, 150, 2, seed=3)
+    state = mx.ones((1, 2, 8, 8)) * 0.1
+    want_reads, want_state = scan_reference(state, inputs)
+    reads, new_state = chunked_scan(state, inputs, chunk=chunk)
+    assert_close(reads, want_reads, 2e-6)
+    assert_close(new_state, want_state, 2e-6)
+
+
+def test_extreme_gates_stay_exact():
+    """keep exactly 0 or 1, erase 1 and one repeated key: the hard cases for a chunked solve."""
+    T, r = 64, 8
+    rng = np.random.default_rng(5)
+    k = normalize_heads(mx.array(rng.normal(size=(1, 1, 1, r)).astype(np.float32)))
+    k = mx.broadcast_to(k, (1, T, 1, r))
+    q = normalize_heads(mx.array(rng.normal(size=(1, T, 1, r)).astype(np.float32)))
+    v = mx.array(rng.normal(size=(1, T, 1, r)).astype(np.float32))
+    keep = mx.array((rng.random((1, T, 1, r)) > 0.5).astype(np.float32))  # 0 or 1
+    ones = mx.ones((1, T, 1, r))
+    inputs = MemoryInputs(q, k, v, keep, ones, ones)
+    state = mx.ones((1, 1, r, r))
+    want_reads, want_state = scan_reference(state, inputs)
+    reads, new_state = chunked_scan(state, inputs)
+    assert_close(reads, want_reads, 1e-5)
+    assert_close(new_state, want_state, 1e-5)
+
+
+def test_unit_lower_inverse():
+    rng = np.random.default_rng(0)
+    L = np.tril(rng.normal(size=(3, 16, 16)), -1).astype(np.float32)
+    inv = unit_lower_inverse(mx.array(L))
+    np.testing.assert_allclose(np.array(inv) @ (np.eye(16) + L), np.broadcast_to(np.eye(16), L.shape),
+                               atol=1e-4)
+
+
+def _loss(fn, valid, weights):
+    def loss(state, *xs):
+        reads, final = fn(state, MemoryInputs(*xs), valid)
+        return (reads * weights[0]).sum() + (final * weights[1]).sum()
+    return loss
+
+
+def test_chunked_scan_gradient_equals_the_loop_gradient():
+    B, T, H = 2, 45, 2
+    inputs = random_inputs(B, T, H, mode=("standard", False, True), seed=7)
+    state = mx.array(np.random.default_rng(2).normal(size=(B, H, 8, 8)).astype(np.float32))
+    valid = holes(B, T)
+    rng = np.random.default_rng(3)
+    weights = (mx.array(rng.normal(size=(B, T, H, 8)).astype(np.float32)),
+               mx.array(rng.normal(size=(B, H, 8, 8)).astype(np.float32)))
+    argnums = list(range(7))
+    want = mx.grad(_loss(scan_reference, valid, weights), argnums=argnums)(state, *inputs)
+    got = mx.grad(_loss(chunked_scan, valid, weights), argnums=argnums)(state, *inputs)
+    for g, w in zip(got, want):
+        assert float(mx.abs(w).max()) > 0
+        assert_close(g, w, 1e-5)
+
+
+def test_kernel_wrapper_takes_the_chunked_gradient():
+    """with_portable_vjp(forward): forward's values, the chunked scan's derivatives."""
+    calls = []
+
+    def forward(state, inputs, valid):
+        calls.append(1)
+        return scan_reference(state, inputs, valid)
+
+    B, T, H = 1, 20, 1
+    inputs = random_inputs(B, T, H, seed=11)
+    state = mx.ones((B, H, 8, 8)) * 0.2
+    valid = holes(B, T).astype(mx.float32)
+    weights = (mx.ones((B, T, H, 8)), mx.ones((B, H, 8, 8)))
+    fn = with_portable_vjp(forward)
+    reads, final = fn(state, *inputs, valid)
+    want_reads, want_state = scan_reference(state, inputs, valid)
+    assert_close(reads, want_reads, 0)
+    assert_close(final, want_state, 0)
+
+    def wrapped_loss(state, *xs):
+        reads, final = fn(state, *xs, valid)
+        return (reads * weights[0]).sum() + (final * weights[1]).sum()
+
+    got = mx.grad(wrapped_loss, argnums=list(range(7)))(state, *inputs)
+    want = mx.grad(_loss(chunked_scan, valid, weights), argnums=list(range(7)))(state, *inputs)
+    for g, w in zip(got, want):
+        assert_close(g, w, 1e-6)
+    assert calls
+
+
+# -- dispatcher -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 2, 4, 5, 40])
+def test_dispatcher_matches_reference(T):
+    inputs = random_inputs(2, T, 1, seed=T)
+    state = mx.ones((2, 1, 8, 8)) * 0.3
+    for valid in (None, holes(2, T)):
+        want_reads, want_state = scan_reference(state, inputs, valid)
+        reads, new_state = scan(state, inputs, valid)
+        assert_close(reads, want_reads, 2e-6)
+        assert_close(new_state, want_state, 2e-6)
+
+
+def test_reference_path_forces_the_loop(monkeypatch):
+    used = []
+    monkeypatch.setattr(scan_module, "scan_reference",
+                        lambda *a: used.append(1) or scan_reference(*a))
+    inputs = random_inputs(1, 30, 1)
+    with fused.reference_path():
+        scan(mx.zeros((1, 1, 8, 8)), inputs)
+    assert used and fused.enabled() and not scan_module.FORCE_REFERENCE
+
+
+def test_metal_wiring_with_stand_in_kernels(monkeypatch):
+    """On a Mac the dispatcher calls the kernels; here Python stand-ins check the wiring."""
+    import dmem_mlx.kernels as kernels
+
+    calls = []
+
+    def fake_scan(state, inputs, valid=None):
+        calls.append("scan")
+        return scan_reference(state, inputs, valid)
+
+    def fake_decode(state, q, k, v, keep, erase, write, normalize_qk=True):
+        calls.append("decode")
+        if normalize_qk:
+            q, k = normalize_heads(q), normalize_heads(k)
+        return scan_step(state, q, k, v, keep, erase, write)
+
+    monkeypatch.setattr(kernels, "metal_scan", fake_scan)
+    monkeypatch.setattr(kernels, "metal_decode_step", fake_decode)
+    monkeypatch.setattr(scan_module, "_metal", lambda: True)
+    for mode in MODES[:3]:
+        want = run_model(make_model(mode_config(mode)), reference=True)
+        got = run_model(make_model(mode_config(mode)), reference=False)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-5)
+    assert "scan" in calls and "decode" in calls
+
+
+# -- fused projections and decode step ---------------------------------------------------------
+
+def mode_config(mode, **extra) -> DeltaMemConfig:
+    return DeltaMemConfig.from_dict({"state_update_mode": mode[0], "couple_lambda": mode[1],
+                                     "rankwise_gates": mode[2], "delta_heads": ["q", "k", "v", "o"],
+                                     **extra})
+
+
+CONFIGS = [mode_config(m) for m in MODES] + [
+    mode_config(MODES[0], num_state_heads=4),
+    mode_config(MODES[1], delta_heads=["q", "o"], delta_o_rmsnorm=True, trainable_delta_scale=True,
+                delta_scale_granularity="head"),
+    mode_config(MODES[0], delta_heads=["v"], trainable_delta_scale=True),
+    mode_config(MODES[0], delta_heads=[], normalize_qk=False),
+]
+
+
+def random_memory(cfg: DeltaMemConfig, D=64, seed=0) -> DeltaMemory:
+    memory = DeltaMemory(cfg, D, {"q": 64, "k": 32, "v": 32, "o": D})
+    rng = np.random.default_rng(seed)
+    memory.update({k: mx.array(rng.normal(size=v.shape).astype(np.float32) * 0.3)
+                   for k, v in memory.parameters().items()})
+    return memory
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=range(len(CONFIGS)))
+def test_fused_projection_and_deltas_match_the_readable_layer(cfg):
+    memory = random_memory(cfg)
+    h = mx.array(np.random.default_rng(1).normal(size=(2, 5, 64)).astype(np.float32))
+    for got, want in zip(fused.project(memory, h), memory.project(h)):
+        assert_close(got, want, 1e-6)
+    reads = mx.array(np.random.default_rng(2).normal(size=(2, 5, cfg.state_dim)).astype(np.float32))
+    got = fused.deltas(memory, reads)
+    assert sorted(got) == sorted(cfg.delta_heads)
+    for head in cfg.delta_heads:
+        assert_close(got[head], memory.delta(head, reads), 2e-5)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=range(len(CONFIGS)))
+def test_decode_step_matches_project_and_scan_step(cfg):
+    memory = random_memory(cfg)
+    rng = np.random.default_rng(4)
+    h = mx.array(rng.normal(size=(2, 1, 64)).astype(np.float32))
+    state = mx.array(rng.normal(size=(2, cfg.num_state_heads, 8, 8)).astype(np.float32))
+    x = memory.project(h)
+    want_read, want_state = scan_step(state, *(a[:, 0] for a in x))
+    reads, new_state = fused.decode_step(memory, h, state)
+    assert_close(reads, want_read.reshape(2, 1, -1), 2e-6)
+    assert_close(new_state, want_state, 2e-6)
+    valid = mx.array([[True], [False]])
+    reads, new_state = fused.decode_step(memory, h, state, valid)
+    assert_close(reads[0], want_read[0].reshape(1, -1), 2e-6)
+    assert float(mx.abs(reads[1]).max()) == 0.0
+    assert_close(new_state[1], state[1], 0)
+    reads, kept = fused.decode_step(memory, h, state, write=False)
+    assert_close(reads, (state @ x.q[:, 0, ..., None])[..., 0].reshape(2, 1, -1), 2e-6)
+    assert_close(kept, state, 0)
+
+
+def test_fused_weights_follow_weight_updates():
+    cfg = CONFIGS[0]
+    memory = random_memory(cfg, seed=0)
+    h = mx.ones((1, 1, 64))
+    first = fused.project(memory, h).v
+    memory.update({k: v * 2 for k, v in memory.parameters().items()})  # new arrays, as training does
+    assert_close(fused.project(memory, h).v, memory.project(h).v, 1e-6)
+    assert float(mx.abs(fused.project(memory, h).v - first).max()) > 0.1
+    reads = mx.ones((1, 1, 8))
+    assert_close(fused.deltas(memory, reads)["q"], memory.delta("q", reads), 1e-5)
+
+
+def test_fused_path_is_differentiable():
+    memory = random_memory(CONFIGS[1])
+    h = mx.array(np.random.default_rng(0).normal(size=(1, 3, 64)).astype(np.float32))
+
+    def loss(params, fast):
+        memory.update(params)
+        x = fused.project(memory, h) if fast else memory.project(h)
+        reads = (x.q + x.k * x.erase + x.v * x.keep * x.write).reshape(1, 3, -1)
+        d = fused.deltas(memory, reads) if fast else {k: memory.delta(k, reads) for k in "qkvo"}
+        return sum(v.sum() for v in d.values())
+
+    params = memory.parameters()
+    got = mx.grad(loss)(params, True)
+    want = mx.grad(loss)(params, False)
+    for key in want:
+        assert_close(got[key], want[key], 1e-4)
+
+
+# -- the whole model: fast path vs reference, every gate mode -------------------------------------
+
+def make_model(cfg: DeltaMemConfig, seed=0):
+    """The tiny qwen3 backbone with random δ weights that change its logits by O(1).
+
+    (Much larger memory projections saturate tanh and the gates; the random model then turns
+    fp32 rounding differences into ~1e-5 logit differences whatever the scan.)
+    """
+    model = build_model(tiny_args("qwen3"), seed)
+    attach_delta_mem(model, cfg)
+    rng = np.random.default_rng(seed + 1)
+    load_delta_parameters(model, {
+        k: mx.array(rng.normal(size=v.shape).astype(np.float32) * (0.1 if ".delta_" in k else 0.2))
+        for k, v in delta_parameters(model).items()})
+    return model
+
+
+def run_model(model, reference: bool):
+    """Logits of a 40-token prefill (with a padded batch row), then 3 decode steps."""
+    rng = np.random.default_rng(0)
+    prompt = mx.array(rng.integers(0, 512, size=(2, 40)))
+    valid = np.ones((2, 40), bool)
+    valid[1, :6] = False
+    cache = make_prompt_cache(model)
+    out = []
+    with (fused.reference_path() if reference else _nothing()):
+        with model.delta_mem.inputs(valid=valid):
+            out.append(model(prompt, cache=cache))
+        for t in range(3):
+            out.append(model(prompt[:, t:t + 1], cache=cache))
+        out.extend(model.delta_mem.snapshot().values())
+    mx.eval(out)
+    return [np.array(x) for x in out]
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[:7], ids=range(7))
+def test_model_logits_fast_path_equal_reference(cfg):
+    got = run_model(make_model(cfg), reference=False)
+    want = run_model(make_model(cfg), reference=True)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+    base = build_model(tiny_args("qwen3"), 0)
+    prompt = mx.array(np.random.default_rng(0).integers(0, 512, size=(2, 40)))
+    assert np.abs(want[0][0] - np.array(base(prompt))[0]).max() > 0.1  # δ-mem matters here
+
+
+def test_model_fast_path_is_used_at_decode(monkeypatch):
+    used = []
+    original = fused.decode_step
+    monkeypatch.setattr(fused, "decode_step", lambda *a, **k: used.append(1) or original(*a, **k))
+    run_model(make_model(CONFIGS[0]), reference=False)
+    assert len(used) == 3 * 4  # 3 decode steps × 4 layers
+
+
+# -- OpenBLAS detection ---------------------------------------------------------------------
+
+X86 = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def plan(environ=None, system="Linux", machine="x86_64", installed=(X86,), argv=("python", "x")):
+    return blas.reexec_plan(list(argv), environ or {}, system, machine,
+                            exists=lambda p: str(p) in installed)
+
+
+def test_reexec_plan_preloads_an_installed_openblas():
+    env = plan({"PATH": "/bin"})
+    assert env["LD_PRELOAD"] == X86 and env[blas.REEXEC_MARK] == "1" and env["PATH"] == "/bin"
+    env = plan({"LD_PRELOAD": "/opt/libfoo.so"})
+    assert env["LD_PRELOAD"] == f"{X86} /opt/libfoo.so"
+    arm = "/usr/lib/aarch64-linux-gnu/openblas-openmp/libblas.so.3"
+    assert plan(machine="aarch64", installed=(arm,))["LD_PRELOAD"] == arm
+
+
+@pytest.mark.parametrize("case", [
+    dict(environ={blas.OPT_OUT: "1"}),
+    dict(environ={blas.REEXEC_MARK: "1"}),  # never loops
+    dict(environ={"PYTEST_CURRENT_TEST": "test_x.py::test_main"}),  # never restarts pytest
+    dict(environ={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"}),  # already there
+    dict(system="Darwin"),
+    dict(installed=()),
+    dict(machine="riscv64"),
+    dict(argv=()),
+])
+def test_reexec_plan_does_nothing(case):
+    assert plan(**case) is None
+
+
+def test_opt_out_zero_means_no_opt_out():
+    assert plan({blas.OPT_OUT: "0"}) is not None
+
+
+def test_install_hint_only_when_nothing_is_installed():
+    hint = blas.openblas_hint({}, "Linux", "x86_64", exists=lambda p: False)
+    assert hint is not None and "sudo apt install libopenblas0-pthread" in hint
+    assert blas.openblas_hint({}, "Linux", "x86_64", exists=lambda p: str(p) == X86) is None
+    assert blas.openblas_hint({"LD_PRELOAD": X86}, "Linux", "x86_64", exists=lambda p: False) is None
+    assert blas.openblas_hint({}, "Darwin", "arm64", exists=lambda p: False) is None
+    assert blas.openblas_hint({blas.OPT_OUT: "1"}, "Linux", "x86_64", exists=lambda p: False) is None
+
+
+def test_candidates_cover_debian_layouts():
+    paths = [str(p) for p in blas.openblas_candidates("x86_64")]
+    assert paths[0] == X86 and all(Path(p).name == "libblas.so.3" for p in paths)
+    assert blas.openblas_candidates("sparc") == []
