@@ -286,10 +286,10 @@ def test_message_mean_adapter_gets_template_ids(tiny_message_mean):
     calls = []
     original = Context._call
 
-    def spy(self, ids, write, message_ids, sentence_ids, logits):
+    def spy(self, ids, write, message_ids, sentence_ids, logits, **kw):
         calls.append((list(ids), write, message_ids and list(message_ids),
                       inputs.generation_message_id))
-        return original(self, ids, write, message_ids, sentence_ids, logits)
+        return original(self, ids, write, message_ids, sentence_ids, logits, **kw)
 
     Context._call = spy
     try:
@@ -333,9 +333,9 @@ def test_eviction_rebuilds_read_only_and_writes_nothing_twice(tiny):
     calls = []
     original = Context._call
 
-    def spy(self, ids, write, message_ids, sentence_ids, logits):
+    def spy(self, ids, write, message_ids, sentence_ids, logits, **kw):
         calls.append((len(ids), write, {i: s for i, s in self.states().items()}))
-        return original(self, ids, write, message_ids, sentence_ids, logits)
+        return original(self, ids, write, message_ids, sentence_ids, logits, **kw)
 
     Context._call = spy
     evictions = 0
@@ -412,3 +412,89 @@ def test_new_conversation_keeps_memory_and_forget_resets_it(tiny):
     info = session.info()
     assert info.turns == info.tokens_written == 0
     assert all(not s.any() for s in info.layer_states.values())
+
+
+# -- mechanics --------------------------------------------------------------------------------
+def test_last_position_logits_equal_the_full_forward(tiny):
+    model, tok = tiny
+    ids = render(tok, [{"role": "system", "content": SYSTEM}, *CHAT], True).ids
+    model.delta_mem.reset()
+    full = model(mx.array(ids)[None])[0, -1]
+    model.delta_mem.reset()
+    ctx = Context(model, prefill_step=32)  # several chunks, logits from the last one only
+    last = ctx.ingest(ids, logits=True)
+    np.testing.assert_allclose(np.array(last), np.array(full), atol=1e-4, rtol=1e-4)
+    assert ctx.ids == ids and ctx.n_written == len(ids)
+
+
+def test_interrupt_during_prefill_takes_the_turn_back(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok, system=SYSTEM, prefill_step=8)
+    session.feed(CHAT[:2])
+    before, messages, ids = delta(session), session.messages, list(session._ctx.ids)
+    written = session.info().tokens_written
+    original, calls = Context._call, {"n": 0}
+
+    def interrupt_second_chunk(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kw)
+
+    Context._call = interrupt_second_chunk
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(session.reply("Where do I live? Tell me everything about Paris please."))
+    finally:
+        Context._call = original
+    assert session.messages == messages and session._ctx.ids == ids
+    assert session.info().tokens_written == written
+    assert not differs(before, delta(session), atol=0)
+    list(session.reply("Where do I live?", max_tokens=3))  # goes on normally
+    assert session._ctx.ids == rendered_ids(session)
+
+
+def test_sentence_mean_adapter_runs_a_conversation(tmp_path):
+    path = make_tiny_dmem(tmp_path, seed=5, delta_config={
+        "delta_heads": ["q", "o"], "memory_write_granularity": "sentence_mean"})
+    model, tok = dmem_mlx.load(str(path))
+    model.delta_mem.missing_ids = "error"  # every call must come with ids
+    session = ChatSession(model, tok, system=SYSTEM)
+    session.feed(CHAT[:2])
+    fed = delta(session)
+    assert differs(fed, {i: np.zeros_like(s) for i, s in fed.items()})
+    list(session.reply("Where do I live? Tell me.", max_tokens=6))
+    assert session._ctx.ids == rendered_ids(session) and session.info().turns == 2
+
+
+def test_a_call_interrupted_midway_leaves_kv_and_delta_as_before(tiny, monkeypatch):
+    from dmem_mlx.model import DeltaMemAttention
+
+    model, tok = tiny
+    ids = render(tok, [{"role": "system", "content": SYSTEM}, *CHAT[:2]], False).ids
+    model.delta_mem.reset()
+    ctx = Context(model)
+    ctx.ingest(ids)
+    states = ctx.states()
+    offsets = [c.offset for c in ctx.cache]
+    third = model.delta_mem.layers[2]
+    original = DeltaMemAttention.__call__
+
+    def interrupted(self, *args, **kw):
+        if self is third:  # layers 0 and 1 have already updated their KV and δ state
+            raise KeyboardInterrupt
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(DeltaMemAttention, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ctx.ingest(tok.encode("More words here.", add_special_tokens=False))
+    monkeypatch.setattr(DeltaMemAttention, "__call__", original)
+    assert [c.offset for c in ctx.cache] == offsets and ctx.ids == ids
+    assert all(ctx.states()[i] is states[i] for i in states)
+    more = tok.encode("More words here.", add_special_tokens=False)
+    ctx.ingest(more)  # and it goes on as if nothing happened
+    model.delta_mem.reset()
+    whole = Context(model)
+    whole.ingest(ids + more)
+    assert not differs({i: np.array(s) for i, s in ctx.states().items()},
+                       {i: np.array(s) for i, s in whole.states().items()})

@@ -121,8 +121,9 @@ class Context:
 
     # -- feeding the model -----------------------------------------------------------------
     def _call(self, ids: Sequence[int], write: bool, message_ids, sentence_ids,
-              logits: bool) -> Optional[mx.array]:
-        """One forward call; on any exception the KV cache and δ state are put back."""
+              logits: bool, wait: bool = True) -> Optional[mx.array]:
+        """One forward call; on any exception the KV cache and δ state are put back.
+        wait=False: start the computation and return (the next read of the logits waits)."""
         states = self.states()
         offsets = [getattr(c, "offset", None) for c in self.cache]
         try:
@@ -132,11 +133,12 @@ class Context:
                           "sentence_ids": None if sentence_ids is None else [list(sentence_ids)]}
             with (nullcontext() if write else self.memory.read_only()), \
                     self.memory.inputs(**inputs), \
-                    (last_position_only(self.model) if logits else nullcontext()):
+                    (last_position_only(self.model) if logits and len(ids) > 1
+                     else nullcontext()):
                 out = self.model(mx.array(ids)[None], cache=self.cache)
-            if logits:
+            if logits:  # the logits depend on every layer's cache update, not on new δ states
                 out = out[0, -1].astype(mx.float32)
-                mx.eval(out, [c.state for c in self.cache], list(self.states().values()))
+                (mx.eval if wait else mx.async_eval)(out, list(self.states().values()))
                 return out
             mx.eval([c.state for c in self.cache], list(self.states().values()))
         except BaseException:
@@ -204,9 +206,10 @@ class Context:
 
     def step(self, token: int, write: bool = True, message_id: Optional[int] = None,
              sentence_id: Optional[int] = None, owner: int = -1) -> mx.array:
-        """Feed one generated token; its logits [vocab] float32."""
+        """Feed one generated token; its logits [vocab] float32 (being computed: the caller can
+        build on them, e.g. sample, while the step runs)."""
         out = self._call([token], write, None if message_id is None else [message_id],
-                         None if sentence_id is None else [sentence_id], True)
+                         None if sentence_id is None else [sentence_id], True, wait=False)
         self._append([token], write, None if message_id is None else [message_id],
                      None if sentence_id is None else [sentence_id])
         self.owners.append(owner)

@@ -430,18 +430,20 @@ class ChatSession:
     def _sync(self, generation_prompt: bool, reserve: int = 0, logits: bool = False,
               stop: Optional[Callable[[], bool]] = None, strict: bool = False):
         """Bring the KV context and δ memory in line with the transcript, evicting old turns
-        if `reserve` more tokens would not fit (strict: refuse what does not fit even then).
+        if `reserve` more tokens would not fit (strict: refuse what does not fit even then;
+        otherwise the turn being answered may overflow the budget by what its reply's
+        re-tokenization adds).
 
         Returns (logits of the last token or None, tokens ingested, rolled back?, turns evicted).
         """
         r, end = self._render(generation_prompt)
         evicted = 0
-        if (strict or reserve) and len(r.ids) + reserve > self.max_kv_tokens:
+        if len(r.ids) + reserve > self.max_kv_tokens:
             evicted = self._evict(r, reserve)
             if evicted:
                 r, end = self._render(generation_prompt)
             need = len(r.ids) + (len(self._closing) + 1 if reserve else 0)
-            if need > self.max_kv_tokens:
+            if strict and need > self.max_kv_tokens:
                 raise ContextTooLongError(
                     f"the message needs {need} tokens of context, more than the KV budget of "
                     f"{self.max_kv_tokens} allows even with every earlier turn in memory only")
@@ -513,16 +515,24 @@ class ChatSession:
         finish, error, closed = "length", None, False
         self._ctx.mark()
         tic = time.perf_counter()
+        def sample(logits: mx.array) -> mx.array:
+            for processor in processors:
+                logits = processor(mx.array(self._ctx.ids), logits[None])[0]
+            y = sampler((logits - mx.logsumexp(logits, keepdims=True))[None])
+            mx.async_eval(y)
+            return y
+
         try:
+            # The next token is sampled while the current one is streamed out; it is fed only
+            # once known not to be the EOS and if no stop was asked for in between.
+            y = sample(logits)
             while len(tokens) < max_tokens:
-                if stop is not None and stop.is_set():
-                    finish = "stopped"
-                    break
-                for processor in processors:
-                    logits = processor(mx.array(self._ctx.ids), logits[None])[0]
-                token = int(sampler((logits - mx.logsumexp(logits, keepdims=True))[None]).item())
+                token = int(y.item())
                 if token in self._eos:
                     finish = "stop"
+                    break
+                if stop is not None and stop.is_set():
+                    finish = "stopped"
                     break
                 sentence_id = None
                 if self._groups:
@@ -532,6 +542,8 @@ class ChatSession:
                                         sentence_id, owner=len(self._messages))
                 tokens.append(token)
                 self._tokens_written += self._ctx.wrote[-1]
+                if len(tokens) < max_tokens:
+                    y = sample(logits)
                 detok.add_token(token)
                 yield ReplyChunk(detok.last_segment, token)
         except GeneratorExit:  # the consumer closed the stream (or dropped it)
