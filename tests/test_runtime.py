@@ -23,8 +23,13 @@ CHAT = [{"role": "user", "content": "Hello! My name is Ada."},
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return dmem_mlx.load(str(make_tiny_dmem(tmp_path_factory.mktemp("tiny"))))
+def tiny_dir(tmp_path_factory):
+    return make_tiny_dmem(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return dmem_mlx.load(str(tiny_dir))
 
 
 @pytest.fixture(scope="module")
@@ -498,3 +503,37 @@ def test_a_call_interrupted_midway_leaves_kv_and_delta_as_before(tiny, monkeypat
     whole.ingest(ids + more)
     assert not differs({i: np.array(s) for i, s in ctx.states().items()},
                        {i: np.array(s) for i, s in whole.states().items()})
+
+
+# A template that renders history differently from the turn being answered (like Qwen3's
+# hybrid templates: an empty think block on the last assistant message only).
+THINK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and loop.last %}"
+    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_history_rewriting_template_stays_consistent(tiny, tiny_dir):
+    model, _ = tiny
+    tok = dmem_mlx.load(str(tiny_dir))[1]  # a tokenizer of its own: its template changes
+    tok._tokenizer.chat_template = THINK_TEMPLATE
+    session = ChatSession(model, tok, system=SYSTEM)
+    rebuilt = []
+    for text in ("Hello! My name is Ada.", "Where do I live?", "Thanks."):
+        reply = tok.encode("Fine, thank you.", add_special_tokens=False)
+        list(session.reply(text, max_tokens=len(reply), logits_processors=[force(reply)]))
+        rebuilt.append(session.last_reply.rebuilt)
+        r = render(tok, session.messages, False)
+        ids = r.ids
+        assert session._ctx.ids == ids and r.text.count("<think>") == 1
+        got = delta(session)
+        model.delta_mem.reset()  # the state is that of the rendered conversation in one pass
+        one_pass = Context(model)
+        one_pass.ingest(ids)
+        assert_same_delta(got, {i: np.array(s[0]) for i, s in one_pass.states().items()})
+        session._ctx.set_states({i: mx.array(got[i][None]) for i in got})
+    assert all(rebuilt)

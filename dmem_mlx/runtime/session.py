@@ -338,12 +338,12 @@ class ChatSession:
             self.system = saved_system
         if self.system != saved_system:  # another system prompt: a new conversation starts
             messages = [{"role": "system", "content": self.system}] if self.system else []
-            self._context_start = len(messages)
+            self._context_start, self._committed = len(messages), 0
             self._conversations += 1
-        else:
+        else:  # the saved conversation goes on: all of it is in δ already
             self._context_start = min(data.context_start, len(messages))
+            self._committed = len(messages)
         self._messages, self._incognito = messages, [False] * len(messages)
-        self._committed = len(messages)
         self._ctx.reset()
 
     def _data(self) -> MemoryData:
