@@ -24,8 +24,13 @@ FP = {"base_model": "org/base", "backbone": "qwen3 · 4 layers", "adapter_sha256
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return dmem_mlx.load(str(make_tiny_dmem(tmp_path_factory.mktemp("tiny"))))
+def tiny_dir(tmp_path_factory):
+    return make_tiny_dmem(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return dmem_mlx.load(str(tiny_dir))
 
 
 def sample(k=1.0, fingerprint=FP, **kw):
@@ -95,6 +100,23 @@ def test_default_memory_path(monkeypatch, tmp_path):
     snapshot = tmp_path / "hub" / "models--org--name" / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
     assert default_memory_path(snapshot).name == "org--name.safetensors"
+
+
+def test_model_fingerprint(tiny, tiny_dir, tmp_path):
+    from dmem_mlx.runtime import model_fingerprint
+    from dmem_mlx.runtime.memory_file import fingerprint_mismatch
+
+    model, tok = tiny
+    fp = model_fingerprint(model, tok)
+    assert fp == model_fingerprint(*dmem_mlx.load(str(tiny_dir)))  # same adapter, same print
+    assert fp["base_model"] is None and fp["delta_config"]["layers"] == [0, 1, 2, 3]
+    (tmp_path / "README.md").write_text('---\nbase_model: "Qwen/Qwen3-4B-Instruct-2507"\n---\n')
+    assert model_fingerprint(model, model_path=tmp_path)["base_model"] == \
+        "Qwen/Qwen3-4B-Instruct-2507"
+    other = model_fingerprint(*dmem_mlx.load(str(make_tiny_dmem(tmp_path / "other", seed=9))))
+    assert other["adapter_sha256"] != fp["adapter_sha256"]
+    assert "adapter weights" in fingerprint_mismatch(other, fp)
+    assert fingerprint_mismatch(fp, fp) is None
 
 
 # -- the bad-file corpus ----------------------------------------------------------------------

@@ -13,6 +13,14 @@ import mlx.nn as nn
 import numpy as np
 
 
+# The config fields that change what the memory computes (init-only and archived fields do not,
+# and new fields added later with a default must not orphan existing memories).
+SEMANTIC_FIELDS = ("rank", "alpha", "normalize_qk", "couple_lambda", "state_update_mode",
+                   "rankwise_gates", "num_state_heads", "memory_write_granularity",
+                   "target_layers", "delta_heads", "delta_o_rmsnorm", "delta_o_rmsnorm_eps",
+                   "trainable_delta_scale", "delta_scale_max", "delta_scale_granularity")
+
+
 def adapter_sha256(model: nn.Module) -> str:
     """sha256 of the loaded δ weights (float32, sorted by SPEC §4 name): the same adapter gives
     the same hash wherever its files live."""
@@ -62,7 +70,8 @@ def model_fingerprint(model: nn.Module, tokenizer: Any = None,
     backbone = (f"{getattr(args, 'model_type', type(model).__module__)} · "
                 f"{len(model.layers)} layers · hidden {args.hidden_size} · "
                 f"vocab {getattr(args, 'vocab_size', '?')}")
-    config_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    semantics = {k: v for k, v in cfg.to_dict().items() if k in SEMANTIC_FIELDS}
+    config_json = json.dumps(semantics, sort_keys=True)
     return {
         "base_model": base_model_name(model_path),
         "backbone": backbone,

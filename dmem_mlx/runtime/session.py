@@ -337,9 +337,9 @@ class ChatSession:
         if self.system is None:
             self.system = saved_system
         if self.system != saved_system:  # another system prompt: a new conversation starts
+            self._conversations += any(m["role"] != "system" for m in messages)
             messages = [{"role": "system", "content": self.system}] if self.system else []
             self._context_start, self._committed = len(messages), 0
-            self._conversations += 1
         else:  # the saved conversation goes on: all of it is in δ already
             self._context_start = min(data.context_start, len(messages))
             self._committed = len(messages)
