@@ -161,6 +161,10 @@ def decode(raw: bytes, where: str = "memory file",
         raise fail("corrupt: the safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        ours = [m for m in [meta, *header.values()] if isinstance(m, dict)
+                and ({"memory", "checksum"} <= set(m) or m.get("format") == FORMAT_NAME)]
+        if ours:  # a memory file whose header was damaged
+            raise fail("corrupt: the safetensors header is damaged")
         raise fail("not a dmem-mlx memory file (a safetensors file without memory metadata)")
     try:
         version = int(meta.get("format_version"))

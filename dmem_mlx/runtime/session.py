@@ -71,6 +71,11 @@ class ReplyStats:
 
 @dataclass
 class SessionInfo:
+    """The memory at a glance. tokens_written / turns: written into δ since the last reset (all
+    conversations); turns_in_memory_only: of those, turns no longer in the KV context (evicted or
+    from earlier conversations); kv_tokens / kv_budget: the KV context; layer_states: layer index →
+    δ state [H, r, r]; fingerprint: the model the memory belongs to."""
+
     tokens_written: int
     turns: int
     turns_in_memory_only: int
@@ -95,8 +100,13 @@ def default_kv_budget(model: nn.Module) -> int:
 class ChatSession:
     """A conversation with a δ-mem model whose memory persists in an optional `MemoryFile`.
 
-    system: system prompt of new conversations. max_kv_tokens: KV context budget (default
-    `default_kv_budget(model)`). prefill_step: tokens per prefill call.
+    The session takes over the model's δ state: from the memory file, or empty without one.
+    A model serves one session at a time (sessions on one model share its δ state).
+
+    system: system prompt of new conversations (a saved conversation with another one is not
+    resumed). max_kv_tokens: KV context budget (default `default_kv_budget(model)`).
+    prefill_step: tokens per prefill call. fingerprint: the model's (default computed:
+    `model_fingerprint(model, tokenizer)`); a memory of another model is refused.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, memory: Optional[MemoryFile] = None,

@@ -124,10 +124,14 @@ def render(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool
         if message_numbers[k] < 0 or not m["content"]:
             continue
         block_start = ends[k - 1] if k else 0
-        at = text.find(m["content"], block_start, ends[k])
+        content = m["content"]
+        at = text.find(content, block_start, ends[k])
+        if at < 0:  # templates may trim the content
+            content = content.strip()
+            at = text.find(content, block_start, ends[k]) if content else -1
         if at < 0:
             continue
-        for j, (a, b) in enumerate(sentence_spans(m["content"])):
+        for j, (a, b) in enumerate(sentence_spans(content)):
             sentences.append((at + a, at + b, sentence_starts[k] + j))
     cuts = [*ends, *(c for s in sentences for c in s[:2])]
     ids, starts = encode(tokenizer, text, cuts)
