@@ -2,14 +2,18 @@
 
 All model work (load, replies, memory commands) runs on one engine thread: MLX streams are
 per-thread, so arrays made on one thread must not be evaluated on another. Textual workers
-await that thread, which keeps the UI responsive; the reply text is handed over through a small
-buffer that the worker drains at most every FLUSH_SECONDS, so the UI costs the decoder little.
+await that thread, which keeps the UI responsive. The reply text is handed over through a small
+buffer that the worker drains every FLUSH_SECONDS or more: each screen update (Markdown parse,
+layout, render) costs the UI thread milliseconds of CPU and the GIL, which the decoder would lose,
+so the interval stretches until the UI thread uses at most UI_CPU_SHARE of the time
+(`FlushPacer`). benchmarks/bench_app.py measures the result against the library alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -58,6 +62,28 @@ class ReplyBuffer:
         return text
 
 
+class FlushPacer:
+    """How long to wait before the next screen update of a streaming reply.
+
+    After each update, the share of wall time the UI thread spent on the CPU since the last one
+    (`time.thread_time`, measured on the UI thread) sets the next interval so that this share
+    approaches `target`: interval = cost / target, between `shortest` and `longest`.
+    """
+
+    def __init__(self, shortest: float, longest: float, target: float) -> None:
+        self.shortest, self.longest, self.target = shortest, longest, target
+        self.interval = shortest
+        self._cpu, self._wall = time.thread_time(), time.perf_counter()
+
+    def next_interval(self) -> float:
+        cpu, wall = time.thread_time(), time.perf_counter()
+        share = (cpu - self._cpu) / max(wall - self._wall, 1e-6)
+        self._cpu, self._wall = cpu, wall
+        wanted = self.interval * share / self.target
+        self.interval = min(self.longest, max(self.shortest, wanted))
+        return self.interval
+
+
 @dataclass
 class Loaded:
     session: Any
@@ -69,7 +95,7 @@ class Loaded:
 class DmemChatApp(App[int]):
     """Chat with a δ-mem model; the memory panel shows what it has written."""
 
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).with_name("app.tcss")
     TITLE = "dmem-chat"
     COMMANDS = App.COMMANDS | {MemoryCommands}
     BINDINGS = [
@@ -80,7 +106,9 @@ class DmemChatApp(App[int]):
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
-    FLUSH_SECONDS = 0.05
+    FLUSH_SECONDS = 0.05  # shortest interval between two screen updates of a streaming reply
+    FLUSH_LONGEST = 1.0
+    UI_CPU_SHARE = 0.03  # the UI thread's CPU share while streaming, at most (see FlushPacer)
 
     def __init__(self, model_path: Union[str, Path], memory: Any = None, *,
                  open_session: Optional[Callable[[], Any]] = None,
@@ -248,9 +276,10 @@ class DmemChatApp(App[int]):
     async def generate(self, text: str, reply: AssistantMessage) -> None:
         buffer = ReplyBuffer()
         future = asyncio.ensure_future(self.on_engine(self._reply, text, buffer))
+        pacer = FlushPacer(self.FLUSH_SECONDS, self.FLUSH_LONGEST, self.UI_CPU_SHARE)
         try:
             while not future.done():
-                await asyncio.wait({future}, timeout=self.FLUSH_SECONDS)
+                await asyncio.wait({future}, timeout=pacer.next_interval())
                 if piece := buffer.take():
                     await reply.write(piece)
             stats, info = future.result()

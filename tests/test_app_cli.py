@@ -130,3 +130,25 @@ def test_state_heatmap_draws_every_layer_and_head():
     bars, top = layer_norms(states)
     assert len(bars.plain) == 5
     assert top == pytest.approx(max(np.linalg.norm(s) for s in states.values()), rel=1e-5)
+
+
+def test_flush_pacer_keeps_the_ui_share_near_its_target(monkeypatch):
+    import app.app as app_module
+
+    clock = {"cpu": 0.0, "wall": 0.0}
+    monkeypatch.setattr(app_module.time, "thread_time", lambda: clock["cpu"])
+    monkeypatch.setattr(app_module.time, "perf_counter", lambda: clock["wall"])
+    pacer = app_module.FlushPacer(shortest=0.05, longest=1.0, target=0.05)
+    for _ in range(5):  # each update costs 20 ms of UI CPU: 0.02 / 0.05 = 0.4 s between updates
+        interval = pacer.next_interval()
+        clock["wall"] += interval
+        clock["cpu"] += 0.02
+    assert pacer.next_interval() == pytest.approx(0.4)
+    for _ in range(3):  # cheap updates: back to the shortest interval
+        clock["wall"] += pacer.interval
+        clock["cpu"] += 0.0001
+        pacer.next_interval()
+    assert pacer.interval == pytest.approx(0.05)
+    clock["wall"] += 0.05
+    clock["cpu"] += 0.05  # the UI thread was busy all the time: capped at the longest interval
+    assert pacer.next_interval() == 1.0

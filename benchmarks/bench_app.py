@@ -1,0 +1,157 @@
+"""Decode speed inside dmem-chat vs the library alone (issue 6: app ≥ 0.9× library).
+
+Three copies of the model hold three sessions with their own memory files: two consumed by
+`ChatSession.reply` in a plain loop (library A and B) and one in the Textual app running headless
+(`App.run_test`) — the message submitted as if typed, the reply streamed into the Markdown view,
+the memory panel redrawn after each turn. Each prompt is answered by A, then the app, then B, all
+greedy, so all three produce the same tokens. app/lib is the app's speed over the mean of A and B
+for that prompt (load from other processes on a shared machine hits all three alike); B/A, the
+same comparison between two identical library sessions, shows the noise of the measurement.
+Medians over all prompts are reported.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
+        python benchmarks/bench_app.py [--model DIR] [--max-tokens 200] [--rounds 5]
+
+decode tok/s: as measured by the runtime (ReplyStats.tokens_per_sec). wall tok/s: tokens / time
+from sending the message to the reply being on screen (prefill, save and panel included).
+UI CPU: CPU time of the UI thread / wall time during the app's turns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROMPTS = [
+    "Hello! My name is Ada and I live in Paris.",
+    "I have a cat called Milo. He likes long walks by the river.",
+    "What do you know about me so far?",
+    "Tell me a long story about tea, books and the weather.",
+]
+
+
+def library_turn(session, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    for _ in session.reply(prompt, max_tokens=max_tokens, temp=0.0):
+        pass
+    wall = time.perf_counter() - start
+    stats = session.last_reply
+    return {"tokens": stats.tokens, "tok_s": stats.tokens_per_sec, "wall": wall}
+
+
+async def app_turn(app, prompt: str) -> dict:
+    from app.widgets import ChatInput
+
+    chat_input = app.query_one(ChatInput)
+    done = app.replies_finished + 1
+    start, cpu = time.perf_counter(), time.thread_time()
+    chat_input.post_message(ChatInput.Submitted(chat_input, prompt))  # = typed, then Enter
+    while app.replies_finished < done:
+        await asyncio.sleep(0.005)
+    wall = time.perf_counter() - start
+    stats = app.last_reply
+    return {"tokens": stats.tokens, "tok_s": stats.tokens_per_sec, "wall": wall,
+            "ui_cpu": (time.thread_time() - cpu) / wall}
+
+
+async def run(model_dir: Path, tmp: Path, max_tokens: int, rounds: int) -> list[tuple[dict, ...]]:
+    import dmem_mlx
+    from dmem_mlx.runtime import ChatSession
+
+    from app.app import DmemChatApp, Sampling
+    from app.main import open_memory
+    from app.widgets import ChatInput
+
+    libraries = [ChatSession(*dmem_mlx.load(str(model_dir)), memory=open_memory(tmp / f"{n}.memory"))
+                 for n in ("a", "b")]
+    app_model = dmem_mlx.load(str(model_dir))
+    app = DmemChatApp(model_dir, None, sampling=Sampling(max_tokens=max_tokens, temp=0.0),
+                      open_session=lambda: ChatSession(*app_model,
+                                                       memory=open_memory(tmp / "app.memory")))
+    triples = []
+    async with app.run_test(size=(120, 40)) as pilot:
+        while app.session is None or app.query_one(ChatInput).disabled:
+            if any(n.severity == "error" for n in app._notifications):
+                raise SystemExit(f"the app could not start: {list(app._notifications)[0].message}")
+            await pilot.pause(0.02)
+        for library in libraries:
+            library_turn(library, "warm up", max_tokens)
+        await app_turn(app, "warm up")
+        for _ in range(rounds):
+            for library in libraries:
+                library.new_conversation()
+            await app.on_engine(app.session.new_conversation)
+            for prompt in PROMPTS:
+                a = library_turn(libraries[0], prompt, max_tokens)
+                in_app = await app_turn(app, prompt)
+                b = library_turn(libraries[1], prompt, max_tokens)
+                triples.append((a, in_app, b))
+        await app.action_quit()
+    for library in libraries:
+        library.close()
+    return triples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="converted δ-mem model (default: a tiny random one)")
+    parser.add_argument("--max-tokens", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    from dmem_mlx.tiny import make_tiny_dmem
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = Path(args.model) if args.model else make_tiny_dmem(tmp / "tiny")
+        triples = asyncio.run(run(model_dir, tmp, args.max_tokens, args.rounds))
+
+    def rate(row, key):
+        return row["tok_s"] if key == "tok_s" else row["tokens"] / row["wall"]
+
+    def median(rows, key):
+        return statistics.median(rate(row, key) for row in rows)
+
+    def app_over_lib(key):
+        return statistics.median(rate(app, key) / ((rate(a, key) + rate(b, key)) / 2)
+                                 for a, app, b in triples)
+
+    def b_over_a(key):
+        return statistics.median(rate(b, key) / rate(a, key) for a, _, b in triples)
+
+    lib = [t[0] for t in triples] + [t[2] for t in triples]
+    app = [t[1] for t in triples]
+    result = {
+        "bench": "app_decode", "model": str(args.model) if args.model else "tiny",
+        "prompts": len(triples), "app_tokens": sum(r["tokens"] for r in app),
+        "max_tokens": args.max_tokens,
+        "library_tok_s": round(median(lib, "tok_s"), 1), "app_tok_s": round(median(app, "tok_s"), 1),
+        "ratio": round(app_over_lib("tok_s"), 3), "control_ratio": round(b_over_a("tok_s"), 3),
+        "library_wall_tok_s": round(median(lib, "wall"), 1),
+        "app_wall_tok_s": round(median(app, "wall"), 1),
+        "wall_ratio": round(app_over_lib("wall"), 3), "control_wall_ratio": round(b_over_a("wall"), 3),
+        "ui_cpu_share": round(statistics.median(r["ui_cpu"] for r in app), 3),
+        "tokens_match": all(a["tokens"] == x["tokens"] == b["tokens"] for a, x, b in triples),
+    }
+
+    print(f"{'':16}{'library':>10}{'app':>10}{'app/lib':>9}{'B/A':>7}")
+    print(f"{'decode tok/s':16}{result['library_tok_s']:>10}{result['app_tok_s']:>10}"
+          f"{result['ratio']:>9}{result['control_ratio']:>7}")
+    print(f"{'wall tok/s':16}{result['library_wall_tok_s']:>10}{result['app_wall_tok_s']:>10}"
+          f"{result['wall_ratio']:>9}{result['control_wall_ratio']:>7}")
+    print(f"{'UI thread CPU':16}{'':>10}{result['ui_cpu_share']:>10.1%}")
+    print(f"({len(triples)} prompts × (library A, app, library B), {result['app_tokens']} app "
+          "tokens; medians; B/A = noise control; target app/lib ≥ 0.9)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
