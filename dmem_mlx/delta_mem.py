@@ -31,7 +31,8 @@ class MemoryInputs(NamedTuple):
 def normalize_heads(x: mx.array) -> mx.array:
     """q̃ = tanh(q) / max(‖tanh(q)‖₂, 1e-6) on each head's r-slice.  x: [..., H, r]."""
     t = mx.tanh(x)
-    norm = mx.sqrt(mx.sum(t * t, axis=-1, keepdims=True))
+    # sqrt of max(·, eps²): the same value, and a zero gradient (not NaN) for an all-zero x
+    norm = mx.sqrt(mx.maximum(mx.sum(t * t, axis=-1, keepdims=True), NORM_EPS * NORM_EPS))
     return t / mx.maximum(norm, NORM_EPS)
 
 

@@ -236,3 +236,16 @@ def test_cli_errors_are_one_line(backbone, tmp_path, capsys, problem, message):
                  str(tmp_path / "out"), "--iters", "1", "--no-progress", *extra])
     err = capsys.readouterr().err.strip()
     assert code != 0 and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_message_mean_training_has_finite_gradients(backbone):
+    """Rows of a batch hold different message ids: absent groups must not poison the gradient."""
+    model, tokenizer = dmem_model(backbone, seed=2, memory_write_granularity="message_mean")
+    rows = episodes(1, seed=5, groups=1, conversations=1) + episodes(1, seed=6, groups=4,
+                                                                     conversations=3)
+    batch = history_batch(tokenizer, rows)
+    loss, grads = nn.value_and_grad(model, lambda m: batch_loss(m, batch)[0])(model)
+    flat = _flat(grads)
+    assert np.isfinite(loss.item())
+    assert all(np.isfinite(np.array(g)).all() for _, g in flat)
+    assert any(np.abs(np.array(g)).max() > 0 for k, g in flat if "memory_k_proj" in k)
