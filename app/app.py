@@ -24,6 +24,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.reactive import reactive
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, LoadingIndicator
 
@@ -106,6 +107,9 @@ class DmemChatApp(App[int]):
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
+    replying: reactive[bool] = reactive(False, bindings=True)
+    """A reply is streaming (the Stop binding shows only then)."""
+
     FLUSH_SECONDS = 0.05  # shortest interval between two screen updates of a streaming reply
     FLUSH_LONGEST = 1.0
     UI_CPU_SHARE = 0.03  # the UI thread's CPU share while streaming, at most (see FlushPacer)
@@ -114,13 +118,15 @@ class DmemChatApp(App[int]):
                  open_session: Optional[Callable[[], Any]] = None,
                  sampling: Optional[Sampling] = None, system: Optional[str] = None,
                  max_kv_tokens: Optional[int] = None, read_only: bool = False,
-                 startup_hint: Optional[str] = None) -> None:
+                 startup_hint: Optional[str] = None, model_name: Optional[str] = None) -> None:
         """model_path: a converted model directory. memory: an open `MemoryFile`, a path to open
         (a lock held elsewhere is then reported in the app), or None for no file.
         open_session: replaces the loading step (a callable returning a ChatSession).
-        startup_hint: a warning shown once the model is loaded (e.g. the OpenBLAS hint)."""
+        startup_hint: a warning shown once the model is loaded (e.g. the OpenBLAS hint).
+        model_name: shown in the header (default: the directory's name)."""
         super().__init__()
         self.model_path = Path(model_path)
+        self.model_name = model_name or self.model_path.name
         self.memory = memory
         self.sampling = sampling or Sampling()
         self.system = system
@@ -130,7 +136,6 @@ class DmemChatApp(App[int]):
         self._open_session = open_session or self._load_session
         self.session: Any = None
         self.snapshot_names: list[str] = []
-        self.replying = False
         self.replies_finished = 0  # count of replies done (finished, stopped or failed)
         self.last_reply: Any = None
         self.last_info: Any = None
@@ -144,7 +149,7 @@ class DmemChatApp(App[int]):
         with Horizontal(id="main"):
             with Vertical(id="chat"):
                 with VerticalScroll(id="conversation"):
-                    yield Note(f"loading {self.model_path.name} …", id="loading-note")
+                    yield Note(f"loading {self.model_name} …", id="loading-note")
                     yield LoadingIndicator(id="loading")
                 yield ChatInput(id="input", disabled=True, show_line_numbers=False,
                                 placeholder="Message (Enter sends, Shift+Enter/Ctrl+J new line, "
@@ -153,7 +158,9 @@ class DmemChatApp(App[int]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = self.model_path.name
+        self.sub_title = self.model_name
+        if self.size.width < 100:  # narrow terminal: the conversation first (Ctrl+B shows it)
+            self.query_one(MemoryPanel).display = False
         self.query_one("#conversation", VerticalScroll).anchor()
         self.load()
 
@@ -214,7 +221,9 @@ class DmemChatApp(App[int]):
     def show_info(self, info: Any) -> None:
         self.last_info = info
         self.query_one(MemoryPanel).show(info)
-        self.sub_title = f"{self.model_path.name}" + (" · read-only" if info.read_only else "")
+        memory = Path(info.memory_path).name if info.memory_path else "no memory file"
+        self.sub_title = " · ".join([self.model_name, memory] +
+                                    (["read-only"] if info.read_only else []))
 
     async def refresh_info(self) -> None:
         self.show_info(await self.on_engine(self.session.info))
@@ -282,27 +291,26 @@ class DmemChatApp(App[int]):
                 await asyncio.wait({future}, timeout=pacer.next_interval())
                 if piece := buffer.take():
                     await reply.write(piece)
-            stats, info = future.result()
-        except Exception as exc:
             await reply.write(buffer.take())
-            await reply.finish("failed")
-            self.notify(f"reply failed: {exc}", title="Error", severity="error", timeout=15)
+            try:
+                stats, info = future.result()
+            except Exception as exc:  # the runtime kept its state consistent; say what happened
+                await reply.finish("failed")
+                self.notify(f"reply failed: {exc}", title="Error", severity="error", timeout=15)
+                if self.session is not None:
+                    await self.refresh_info()
+                return
+            self.last_reply = stats
+            note = f"{stats.tokens} tokens · {stats.tokens_per_sec:.1f} tok/s"
+            if stats.stopped:
+                note += " · stopped"
+            if info.read_only:
+                note += " · read-only"
+            await reply.finish(note)
+            self.show_info(info)
+        finally:
             self.replying = False
             self.replies_finished += 1
-            if self.session is not None:
-                await self.refresh_info()
-            return
-        await reply.write(buffer.take())
-        self.last_reply = stats
-        note = f"{stats.tokens} tokens · {stats.tokens_per_sec:.1f} tok/s"
-        if stats.stopped:
-            note += " · stopped"
-        if info.read_only:
-            note += " · read-only"
-        await reply.finish(note)
-        self.replying = False
-        self.replies_finished += 1
-        self.show_info(info)
 
     # ---------------------------------------------------------------- commands
     def palette_command(self, name: str) -> None:
@@ -422,6 +430,11 @@ class DmemChatApp(App[int]):
         await self.action_quit()
 
     # ---------------------------------------------------------------- actions
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> Optional[bool]:
+        if action == "stop_reply":
+            return self.replying
+        return True
+
     def action_stop_reply(self) -> None:
         if self.replying:
             self._stop.set()

@@ -150,6 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     app = DmemChatApp(model_path, memory, system=args.system, max_kv_tokens=args.max_kv_tokens,
                       read_only=args.read_only, startup_hint=hint,
+                      model_name=Path(model_id).name or model_id,
                       sampling=Sampling(max_tokens=args.max_tokens, temp=args.temp,
                                         top_p=args.top_p, seed=args.seed))
     app.run()  # the app releases the memory when it closes

@@ -175,6 +175,10 @@ async def test_commands(tiny_model, tmp_path):
         export = tmp_path / "exported.memory"
         await send(pilot, f"/export {export}")
         assert export.exists()
+        await send(pilot, "/export /proc/no-such-dir/x.memory")  # fails: shown in the app
+        assert any(n.title == "/export failed" for n in app._notifications)
+        await send(pilot, "/restore nothing-by-that-name")
+        assert any(n.title == "/restore failed" and "tea" in n.message for n in app._notifications)
 
         await send(pilot, "/info")
         assert str(memory) in notes(app) or memory.name in notes(app)
@@ -244,10 +248,21 @@ async def test_input_newline_and_escape_stops_a_reply(tiny_model, tmp_path):
         chat_input.focus()
         await pilot.press("a", "ctrl+j", "b")
         assert chat_input.text == "a\nb"
-        await pilot.press("enter")
-        await wait_until(pilot, lambda: app.query_one(AssistantMessage).text)
-        assert app.replying
-        await pilot.press("escape")
+        writes = []
+        original = AssistantMessage.write
+
+        async def spy(self, fragment):
+            writes.append(fragment)
+            await original(self, fragment)
+
+        AssistantMessage.write = spy
+        try:
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: len([w for w in writes if w]) >= 2)  # streaming
+            assert app.replying
+            await pilot.press("escape")
+        finally:
+            AssistantMessage.write = original
         await wait_until(pilot, lambda: not app.replying)
         stats = app.last_reply
         assert stats.stopped and 0 < stats.tokens < 5000
