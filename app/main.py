@@ -19,6 +19,12 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def memory_directory() -> str:
+    from platformdirs import user_data_dir
+
+    return str(Path(user_data_dir("dmem-mlx", appauthor=False)) / "memories")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROG,
@@ -30,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                "quits. Type /help in the app for the slash commands.")
     parser.add_argument("--model", help="converted δ-mem model: a directory or a Hugging Face "
                                         "repo (default: the bundled demo model)")
-    parser.add_argument("--memory", help="memory file: a path, or a name kept in the user data "
-                                         "directory (default: one memory per model there)")
+    parser.add_argument("--memory", help="memory file: a path, or a bare name kept in "
+                                         f"{memory_directory()} (default: one memory per model "
+                                         "there)")
     parser.add_argument("--temp", type=float, default=0.0,
                         help="sampling temperature; 0 = greedy (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0,
@@ -44,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="context budget in tokens; older turns then live only in the δ "
                              "memory (default: from the model)")
     parser.add_argument("--read-only", action="store_true",
-                        help="incognito: turns are not written to the memory")
+                        help="incognito: the memory is read but nothing is written or saved; "
+                             "also opens a memory another dmem-chat has open")
     return parser
 
 

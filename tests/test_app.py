@@ -297,3 +297,24 @@ async def test_read_only_opens_a_locked_memory_and_saves_nothing(tiny_model, tmp
     finally:
         holder.close()
     assert memory.read_bytes() == before
+
+
+async def test_memory_of_another_model_is_refused_in_the_app(tiny_model, tmp_path):
+    from dmem_mlx.tiny import make_tiny_dmem
+
+    memory = tmp_path / "chat.memory"
+    app = make_app(tiny_model, memory)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "I like tea.")
+        await pilot.press("ctrl+q")
+    before = memory.read_bytes()
+    other = make_tiny_dmem(tmp_path / "other", seed=7)
+    app = make_app(other, memory)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: any(n.severity == "error" for n in app._notifications))
+        [error] = [n for n in app._notifications if n.severity == "error"]
+        assert error.title == "Could not start" and "refused" in error.message
+        assert app.session is None and app.query_one(ChatInput).disabled
+        await pilot.press("ctrl+q")
+    assert memory.read_bytes() == before
