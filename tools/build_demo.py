@@ -12,7 +12,7 @@ Cost on the 2-core x86 CPU this was built on (fp32, OpenBLAS preloaded, cores sh
     see the "Figures" section at the end of this docstring (filled in from the last full run).
 
 Stages (each can be run alone; `all` runs them in order):
-    data       synthetic conversations → WORK/pretrain.jsonl, WORK/dmem/{train,valid}.jsonl
+    data       synthetic conversations → WORK/pretrain.jsonl, WORK/dmem{_easy,}/{train,valid}.jsonl
     tokenizer  sentencepiece BPE trained on them → a tokenizer.json mlx-lm/transformers load
     backbone   the Qwen3 backbone trained from scratch with MLX → WORK/backbone
     adapter    the δ adapter (python -m dmem_mlx.train) → WORK/model
@@ -48,7 +48,7 @@ BACKBONE = {
     "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True,
 }
 DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": "q,k,v,o", "num_state_heads": 1,
-                "state_update_mode": "standard", "beta_bias_init": -4.0,
+                "state_update_mode": "standard", "beta_bias_init": -1.5,
                 "output_init": "random", "online_gain": 0.05}
 
 
@@ -70,14 +70,22 @@ def stage_data(work: Path, seed: int, pretrain_episodes: int, train_episodes: in
             else:  # each conversation alone: a later question can only be guessed
                 for c in conversations:
                     f.write(json.dumps({"text": render(c)}) + "\n")
-    (work / "dmem").mkdir(exist_ok=True)
-    rng = random.Random(seed + 1)
-    for split, n in (("train", train_episodes), ("valid", max(200, train_episodes // 50))):
-        with open(work / "dmem" / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                ep = persona.episode(rng)
-                f.write(json.dumps({"history": ep["history"], "messages": ep["messages"]}) + "\n")
-    print(f"data: {pretrain_episodes} pretraining episodes, {train_episodes} δ episodes → {work}")
+    # δ data in two stages: short histories first (a clear signal while the memory's read-out
+    # is learned), then the full distribution (1-7 fact groups over 1-4 conversations).
+    for stage, offset, groups, conversations in (("dmem_easy", 11, 3, 2), ("dmem", 1, 7, 4)):
+        (work / stage).mkdir(exist_ok=True)
+        rng = random.Random(seed + offset)
+        for split, n in (("train", train_episodes), ("valid", 200)):
+            with open(work / stage / f"{split}.jsonl", "w") as f:
+                for _ in range(n):
+                    ep = persona.episode(rng, num_groups=rng.randint(1, groups),
+                                         num_conversations=rng.randint(1, conversations),
+                                         summary_rate=0.0 if stage == "dmem_easy" else 0.08,
+                                         small_talk_rate=0.05 if stage == "dmem_easy" else 0.1)
+                    f.write(json.dumps({"history": ep["history"], "messages": ep["messages"]})
+                            + "\n")
+    print(f"data: {pretrain_episodes} pretraining episodes, 2 × {train_episodes} δ episodes → "
+          f"{work}")
 
 
 # -- tokenizer --------------------------------------------------------------------------------
@@ -255,16 +263,26 @@ def _pad(seqs: list[list[int]]):
 
 
 # -- adapter + ship -----------------------------------------------------------------------------
-def stage_adapter(work: Path, seed: int, iters: int, batch_size: int, lr: float) -> None:
+def stage_adapter(work: Path, seed: int, easy_iters: int, iters: int, batch_size: int,
+                  lr: float) -> None:
+    """δ training with the history recipe: the easy stage, then the full data from its result."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "dmem_mlx.train", "--model", str(work / "backbone"),
-           "--data", str(work / "dmem"), "--adapter-path", str(work / "model"),
-           "--mode", "history", "--iters", str(iters), "--batch-size", str(batch_size),
-           "--learning-rate", str(lr), "--seed", str(seed), "--steps-per-eval", "200",
-           "--save-every", "200", "--delta-config", json.dumps(DELTA_CONFIG)]
-    print(" ".join(cmd))
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    runs = [("dmem_easy", "model_easy", easy_iters, ["--delta-config", json.dumps(DELTA_CONFIG)]),
+            ("dmem", "model", iters, ["--init-from", str(work / "model_easy")])]
+    for data, out, n, extra in runs:
+        if n <= 0:
+            if out == "model":  # no second stage: the easy stage is the model
+                shutil.copytree(work / "model_easy", work / "model", dirs_exist_ok=True)
+            continue
+        cmd = [sys.executable, "-m", "dmem_mlx.train", "--model", str(work / "backbone"),
+               "--data", str(work / data), "--adapter-path", str(work / out),
+               "--mode", "history", "--iters", str(n), "--batch-size", str(batch_size),
+               "--learning-rate", str(lr), "--warmup", "100", "--seed", str(seed),
+               "--steps-per-eval", "500", "--val-batches", "5", "--steps-per-report", "50",
+               "--save-every", "250", "--write-grad", "state", *extra]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 def stage_ship(work: Path) -> None:
@@ -291,15 +309,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work-dir", default="/tmp/dmem-demo-build", help="scratch directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-episodes", type=int, default=14000)
-    p.add_argument("--train-episodes", type=int, default=30000)
+    p.add_argument("--train-episodes", type=int, default=60000)
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--backbone-steps", type=int, default=700)
     p.add_argument("--backbone-batch-tokens", type=int, default=4096)
     p.add_argument("--backbone-lr", type=float, default=2e-3)
     p.add_argument("--max-len", type=int, default=640)
-    p.add_argument("--adapter-iters", type=int, default=1500)
+    p.add_argument("--adapter-easy-iters", type=int, default=3000)
+    p.add_argument("--adapter-iters", type=int, default=0, help="full-data stage (after easy)")
     p.add_argument("--adapter-batch-size", type=int, default=16)
-    p.add_argument("--adapter-lr", type=float, default=3e-3)
+    p.add_argument("--adapter-lr", type=float, default=5e-3)
     args = p.parse_args(argv)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -315,8 +334,8 @@ def main(argv: list[str] | None = None) -> None:
             stage_backbone(work, args.seed, args.backbone_steps, args.backbone_batch_tokens,
                            args.backbone_lr, args.max_len)
         elif stage == "adapter":
-            stage_adapter(work, args.seed, args.adapter_iters, args.adapter_batch_size,
-                          args.adapter_lr)
+            stage_adapter(work, args.seed, args.adapter_easy_iters, args.adapter_iters,
+                          args.adapter_batch_size, args.adapter_lr)
         else:
             stage_ship(work)
         print(f"[{stage}] {time.perf_counter() - start:.0f} s", flush=True)
