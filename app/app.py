@@ -205,8 +205,9 @@ class DmemChatApp(App[int]):
         info = loaded.info
         where = info.memory_path or "nowhere (this chat is not saved)"
         if info.turns or info.tokens_written:
+            turns = f"{info.turns} turn" + ("s" if info.turns != 1 else "")
             await self.add_note(f"memory loaded: {info.tokens_written:,} tokens written over "
-                                f"{info.turns} turns — {where}")
+                                f"{turns} — {where}")
         else:
             await self.add_note(f"new memory — {where}. Tell me about yourself; "
                                 "I will remember it next time.")
@@ -271,7 +272,7 @@ class DmemChatApp(App[int]):
         conversation.anchor()
         self.replying = True
         self._stop.clear()
-        self.generate(text, reply)
+        self.call_after_refresh(self.generate, text, reply)  # draw the turn, then decode
 
     def _reply(self, text: str, buffer: ReplyBuffer) -> tuple[Any, Any]:
         """Engine thread: stream the reply into `buffer`; the runtime saves the memory after it."""

@@ -83,11 +83,6 @@ class ChatInput(TextArea):
         await super()._on_key(event)
 
 
-def short_path(path: Any, width: int = 34) -> str:
-    text = str(path)
-    return text if len(text) <= width else "…" + text[-(width - 1):]
-
-
 def saved_when(when: Optional[datetime]) -> str:
     if when is None:
         return "not saved yet"
@@ -158,6 +153,6 @@ class MemoryPanel(VerticalScroll):
         width = heatmap.size.width or 36
         heatmap.update(state_heatmap(info.layer_states, width))
         self.query_one("#memory-file", Static).update(Text(
-            f"{short_path(info.memory_path) if info.memory_path else 'none (not saved)'}\n"
+            f"{info.memory_path or 'none (not saved)'}\n"
             f"saved {saved_when(info.last_saved)}"))
         self.query_one("#fingerprint", Static).update(Text(fingerprint_lines(info.fingerprint)))
