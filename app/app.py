@@ -28,8 +28,9 @@ from textual.reactive import reactive
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, LoadingIndicator
 
-from .commands import BY_NAME, CommandError, MemoryCommands, help_markdown, parse_command
-from .screens import ConfirmScreen, HelpScreen
+from .commands import (BY_NAME, CommandError, MemoryCommands, SessionCommands, help_markdown,
+                       parse_command)
+from .screens import HelpScreen
 from .widgets import AssistantMessage, ChatInput, MemoryPanel, Note, UserMessage
 
 T = TypeVar("T")
@@ -93,7 +94,7 @@ class Loaded:
     messages: list[dict] = field(default_factory=list)
 
 
-class DmemChatApp(App[int]):
+class DmemChatApp(SessionCommands, App[int]):
     """Chat with a δ-mem model; the memory panel shows what it has written."""
 
     CSS_PATH = Path(__file__).with_name("app.tcss")
@@ -136,6 +137,7 @@ class DmemChatApp(App[int]):
         self._open_session = open_session or self._load_session
         self.session: Any = None
         self.snapshot_names: list[str] = []
+        self.start_error: Optional[str] = None
         self.replies_finished = 0  # count of replies done (finished, stopped or failed)
         self.last_reply: Any = None
         self.last_info: Any = None
@@ -194,7 +196,9 @@ class DmemChatApp(App[int]):
             loaded = await self.on_engine(self._start)
         except Exception as exc:  # shown in the app; the UI stays up so the user can read it
             self.query_one("#loading").display = False
-            self.query_one("#loading-note", Note).update(Text(f"Could not start: {exc}", "red"))
+            self.start_error = str(exc)
+            self.query_one("#loading-note", Note).update(
+                Text(f"Could not start: {exc}\nCtrl+Q quits.", "red"))
             self.notify(str(exc), title="Could not start", severity="error", timeout=30)
             return
         self.query_one("#loading").remove()
@@ -218,6 +222,11 @@ class DmemChatApp(App[int]):
         chat_input = self.query_one(ChatInput)
         chat_input.disabled = False
         chat_input.focus()
+
+    def not_ready(self) -> str:
+        if self.start_error:
+            return f"could not start ({self.start_error}); Ctrl+Q quits"
+        return "the model is still loading"
 
     def show_info(self, info: Any) -> None:
         self.last_info = info
@@ -260,7 +269,7 @@ class DmemChatApp(App[int]):
             self.run_command(command.name, argument)
             return
         if self.session is None:
-            self.notify("the model is still loading", severity="warning")
+            self.notify(self.not_ready(), severity="warning")
             return
         if self.replying:
             self.notify("a reply is streaming — Escape stops it", severity="warning")
@@ -329,7 +338,7 @@ class DmemChatApp(App[int]):
     async def run_command(self, name: str, argument: str = "") -> None:
         if name not in BUSY_OK:
             if self.session is None:
-                self.notify("the model is still loading", severity="warning")
+                self.notify(self.not_ready(), severity="warning")
                 return
             if self.replying:
                 self.notify(f"/{name} must wait: a reply is streaming (Escape stops it)",
@@ -339,96 +348,6 @@ class DmemChatApp(App[int]):
             await getattr(self, f"command_{name}")(argument)
         except Exception as exc:  # runtime errors (missing snapshot, locked file …) → notification
             self.notify(str(exc), title=f"/{name} failed", severity="error", timeout=10)
-
-    async def command_new(self, _: str) -> None:
-        await self.on_engine(self.session.new_conversation)
-        await self.show_transcript([])
-        await self.add_note("new conversation — the memory is kept")
-        await self.refresh_info()
-
-    async def command_forget(self, _: str) -> None:
-        if not await self.push_screen_wait(ConfirmScreen(
-                "Forget everything? The memory and the conversation are erased, "
-                "and the memory file is overwritten.", yes="Forget")):
-            self.notify("nothing forgotten")
-            return
-        await self.on_engine(self.session.forget)
-        await self.show_transcript([])
-        await self.add_note("memory erased")
-        await self.refresh_info()
-
-    async def command_readonly(self, _: str) -> None:
-        def toggle() -> bool:
-            self.session.read_only = not self.session.read_only
-            return self.session.read_only
-        read_only = await self.on_engine(toggle)
-        self.notify("read-only: turns are not written to memory" if read_only
-                    else "writing: turns are written to memory again")
-        await self.refresh_info()
-
-    async def command_snapshot(self, name: str) -> None:
-        if name in self.snapshot_names and not await self.push_screen_wait(
-                ConfirmScreen(f"Snapshot {name!r} exists. Replace it?", yes="Replace")):
-            return
-        await self.on_engine(self.session.snapshot, name)
-        self.snapshot_names = list(await self.on_engine(self.session.snapshots))
-        self.notify(f"snapshot {name!r} saved")
-
-    async def command_restore(self, name: str) -> None:
-        if name not in self.snapshot_names:
-            listed = ", ".join(self.snapshot_names) or "none yet (/snapshot NAME)"
-            raise CommandError(f"no snapshot {name!r}; snapshots: {listed}")
-        if not await self.push_screen_wait(ConfirmScreen(
-                f"Restore snapshot {name!r}? The current memory is replaced "
-                "(take a /snapshot first to keep it).", yes="Restore")):
-            return
-        await self.on_engine(self.session.restore, name)
-        await self.show_transcript(list(self.session.messages))
-        await self.add_note(f"restored snapshot {name!r}")
-        await self.refresh_info()
-
-    async def command_snapshots(self, _: str) -> None:
-        self.snapshot_names = list(await self.on_engine(self.session.snapshots))
-        await self.add_note("snapshots: " + (", ".join(self.snapshot_names) or "none"))
-
-    async def command_export(self, path: str) -> None:
-        target = Path(path).expanduser()
-        if target.exists() and not await self.push_screen_wait(
-                ConfirmScreen(f"{target} exists. Overwrite it?", yes="Overwrite")):
-            return
-        await self.on_engine(self.session.export, target)
-        self.notify(f"memory exported to {target}")
-
-    async def command_import(self, path: str) -> None:
-        source = Path(path).expanduser()
-        if not source.exists():
-            raise CommandError(f"{source}: no such file")
-        if not await self.push_screen_wait(ConfirmScreen(
-                f"Replace the current memory by {source}? (take a /snapshot first to keep it)",
-                yes="Import")):
-            return
-        await self.on_engine(self.session.import_, source)
-        await self.show_transcript(list(self.session.messages))
-        await self.add_note(f"imported {source}")
-        await self.refresh_info()
-
-    async def command_info(self, _: str) -> None:
-        await self.refresh_info()
-        info = self.last_info
-        budget = f"{info.kv_budget:,}" if info.kv_budget else "∞"
-        await self.add_note(
-            f"memory {info.memory_path or '(none)'} · {info.tokens_written:,} tokens written · "
-            f"{info.turns} turns ({info.turns_in_memory_only} only in memory) · context "
-            f"{info.kv_tokens:,}/{budget} tokens · {'read-only' if info.read_only else 'writing'}")
-
-    async def command_panel(self, _: str) -> None:
-        self.action_toggle_panel()
-
-    async def command_help(self, _: str) -> None:
-        self.action_help()
-
-    async def command_quit(self, _: str) -> None:
-        await self.action_quit()
 
     # ---------------------------------------------------------------- actions
     def check_action(self, action: str, parameters: tuple[object, ...]) -> Optional[bool]:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
+
+from .screens import ConfirmScreen
 
 if TYPE_CHECKING:
     from .app import DmemChatApp
@@ -99,3 +102,102 @@ class MemoryCommands(Provider):
             if score > 0:
                 yield Hit(score, matcher.highlight(title), callback,  # type: ignore[arg-type]
                           help=help_text)
+
+
+class SessionCommands:
+    """The commands' work, mixed into the app: `command_<name>(argument)`, run by its
+    `run_command` worker (which turns exceptions into notifications). Destructive ones ask first."""
+
+    session: Any
+    snapshot_names: list[str]
+    last_info: Any
+
+    async def command_new(self, _: str) -> None:
+        await self.on_engine(self.session.new_conversation)
+        await self.show_transcript([])
+        await self.add_note("new conversation — the memory is kept")
+        await self.refresh_info()
+
+    async def command_forget(self, _: str) -> None:
+        if not await self.push_screen_wait(ConfirmScreen(
+                "Forget everything? The memory and the conversation are erased, "
+                "and the memory file is overwritten.", yes="Forget")):
+            self.notify("nothing forgotten")
+            return
+        await self.on_engine(self.session.forget)
+        await self.show_transcript([])
+        await self.add_note("memory erased")
+        await self.refresh_info()
+
+    async def command_readonly(self, _: str) -> None:
+        def toggle() -> bool:
+            self.session.read_only = not self.session.read_only
+            return self.session.read_only
+        read_only = await self.on_engine(toggle)
+        self.notify("read-only: turns are not written to memory" if read_only
+                    else "writing: turns are written to memory again")
+        await self.refresh_info()
+
+    async def command_snapshot(self, name: str) -> None:
+        if name in self.snapshot_names and not await self.push_screen_wait(
+                ConfirmScreen(f"Snapshot {name!r} exists. Replace it?", yes="Replace")):
+            return
+        await self.on_engine(self.session.snapshot, name)
+        self.snapshot_names = list(await self.on_engine(self.session.snapshots))
+        self.notify(f"snapshot {name!r} saved")
+
+    async def command_restore(self, name: str) -> None:
+        if name not in self.snapshot_names:
+            listed = ", ".join(self.snapshot_names) or "none yet (/snapshot NAME)"
+            raise CommandError(f"no snapshot {name!r}; snapshots: {listed}")
+        if not await self.push_screen_wait(ConfirmScreen(
+                f"Restore snapshot {name!r}? The current memory is replaced "
+                "(take a /snapshot first to keep it).", yes="Restore")):
+            return
+        await self.on_engine(self.session.restore, name)
+        await self.show_transcript(list(self.session.messages))
+        await self.add_note(f"restored snapshot {name!r}")
+        await self.refresh_info()
+
+    async def command_snapshots(self, _: str) -> None:
+        self.snapshot_names = list(await self.on_engine(self.session.snapshots))
+        await self.add_note("snapshots: " + (", ".join(self.snapshot_names) or "none"))
+
+    async def command_export(self, path: str) -> None:
+        target = Path(path).expanduser()
+        if target.exists() and not await self.push_screen_wait(
+                ConfirmScreen(f"{target} exists. Overwrite it?", yes="Overwrite")):
+            return
+        await self.on_engine(self.session.export, target)
+        self.notify(f"memory exported to {target}")
+
+    async def command_import(self, path: str) -> None:
+        source = Path(path).expanduser()
+        if not source.exists():
+            raise CommandError(f"{source}: no such file")
+        if not await self.push_screen_wait(ConfirmScreen(
+                f"Replace the current memory by {source}? (take a /snapshot first to keep it)",
+                yes="Import")):
+            return
+        await self.on_engine(self.session.import_, source)
+        await self.show_transcript(list(self.session.messages))
+        await self.add_note(f"imported {source}")
+        await self.refresh_info()
+
+    async def command_info(self, _: str) -> None:
+        await self.refresh_info()
+        info = self.last_info
+        budget = f"{info.kv_budget:,}" if info.kv_budget else "∞"
+        await self.add_note(
+            f"memory {info.memory_path or '(none)'} · {info.tokens_written:,} tokens written · "
+            f"{info.turns} turns ({info.turns_in_memory_only} only in memory) · context "
+            f"{info.kv_tokens:,}/{budget} tokens · {'read-only' if info.read_only else 'writing'}")
+
+    async def command_panel(self, _: str) -> None:
+        self.action_toggle_panel()
+
+    async def command_help(self, _: str) -> None:
+        self.action_help()
+
+    async def command_quit(self, _: str) -> None:
+        await self.action_quit()
