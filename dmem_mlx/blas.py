@@ -1,4 +1,5 @@
-"""Fast fp32 matmuls on Linux CPUs: run under the system's OpenBLAS when one is installed.
+"""Fast fp32 on Linux CPUs: run under the system's OpenBLAS when one is installed, and let
+MLX reuse large buffers (`raise_cpu_cache_limit`).
 
 The `mlx[cpu]` wheel for Linux bundles a reference BLAS (≈2.4 GFLOP/s for an fp32 GEMM on a
 2-core x86); Debian/Ubuntu's OpenBLAS (package `libopenblas0-pthread`) runs the same GEMM at
@@ -117,6 +118,28 @@ def print_openblas_hint(file=None) -> None:
     if hint and not _hint_shown:
         _hint_shown = True
         print(hint, file=file or sys.stderr)
+
+
+def raise_cpu_cache_limit(fraction: float = 0.25) -> Optional[int]:
+    """On the CPU backend, let MLX keep freed buffers for reuse (up to `fraction` of its memory
+    limit); returns the new limit, or None when nothing changed.
+
+    MLX's CPU allocator caches only 32 MiB of freed buffers by default, so every large
+    temporary of a long prefill (activations, MLP intermediates, attention scores: tens to
+    hundreds of MB) is a fresh allocation whose pages the kernel must fault in and zero again.
+    Measured on a 0.6B-shaped fp32 model, 2,048-token prefill: ~18% faster for plain mlx-lm,
+    and most of δ-mem's prefill overhead (its Δ temporaries) gone.
+    """
+    import mlx.core as mx
+
+    if _on_gpu():
+        return None
+    limit = int(mx.get_memory_limit() * fraction)
+    current = mx.set_cache_limit(limit)
+    if current >= limit:  # never lower a limit someone chose
+        mx.set_cache_limit(current)
+        return None
+    return limit
 
 
 def _on_gpu() -> bool:

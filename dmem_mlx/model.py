@@ -30,7 +30,7 @@ class _Pending:
     __slots__ = ("delta",)
 
     def __init__(self) -> None:
-        self.delta: Optional[mx.array] = None
+        self.delta: Any = None  # Δ, or (reads, weight) for fused.add_correction
 
 
 class CorrectedProjection(nn.Module):
@@ -44,7 +44,7 @@ class CorrectedProjection(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         out = self.base(x)
         delta, self._pending.delta = self._pending.delta, None
-        return out if delta is None else out + delta.astype(out.dtype)
+        return out if delta is None else fused.add_correction(out, delta)
 
 
 class CallInputs:
@@ -87,15 +87,15 @@ class DeltaMemAttention(nn.Module):
     def __call__(self, x: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
         reads = self.read_and_write(x, _padding_validity(cache, x.shape[1]))  # [B, T, R] fp32
-        if fused.enabled():  # all heads in one matmul
-            deltas = fused.deltas(self.memory, reads)
+        if fused.enabled():  # each head's Δ fused into its projection (one addmm)
+            deltas = fused.corrections(self.memory, reads)
         else:
             deltas = {head: self.memory.delta(head, reads) for head in self.memory.config.delta_heads}
         for head, slot in self._slots.items():
             slot.delta = deltas[head]
         out = self.attention(x, *args, **kwargs)
         if "o" in deltas:
-            out = out + deltas["o"].astype(out.dtype)
+            out = fused.add_correction(out, deltas["o"])
         return out
 
     def read_and_write(self, h: mx.array, padding: Optional[mx.array] = None) -> mx.array:

@@ -34,7 +34,7 @@ def scan(
     """
     if FORCE_REFERENCE:
         return scan_reference(state, inputs, valid)
-    if _metal():
+    if metal():
         return _metal_scan(state, inputs, valid)
     if inputs.q.shape[1] <= MAX_STEPS:
         return scan_steps(state, inputs, valid)
@@ -58,9 +58,12 @@ def scan_steps(
     return (reads[0][:, None] if len(reads) == 1 else mx.stack(reads, axis=1)), state
 
 
-def _metal() -> bool:
-    if not USE_METAL:
-        return False
+def metal() -> bool:
+    """True when the Metal kernels run: a Metal default device (and not DMEM_NO_METAL)."""
+    return USE_METAL and _metal_available()
+
+
+def _metal_available() -> bool:
     try:
         from .kernels import metal_available
     except ImportError:

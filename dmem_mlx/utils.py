@@ -15,6 +15,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load as _mlx_load
 
 from .adapter import WEIGHTS_NAME, is_adapter_dir, load_adapter
+from .blas import raise_cpu_cache_limit
 from .config import CONFIG_NAME
 from .hub import resolve_model_path
 
@@ -48,6 +49,8 @@ def load(
     adapter_path: a directory holding the δ adapter, if not the model directory itself.
     dtype: compute dtype of the unquantized backbone weights. Default: float32 on the CPU
         backend (bf16/fp16 matmuls are many times slower there), the stored dtype on Metal.
+        On the CPU backend MLX may also keep more freed buffers for reuse
+        (`dmem_mlx.blas.raise_cpu_cache_limit`: faster long prefills).
     """
     model_path = resolve_model_path(path_or_hf_repo, revision=revision,
                                     extra_patterns=[CONFIG_NAME, WEIGHTS_NAME])
@@ -57,8 +60,9 @@ def load(
             f"{adapter_dir} holds no δ-mem adapter ({CONFIG_NAME} + {WEIGHTS_NAME}); "
             "convert one with `python -m convert`")
     model, tokenizer = _mlx_load(str(model_path), tokenizer_config=tokenizer_config, lazy=lazy)
-    if dtype is None and on_cpu():
-        dtype = mx.float32
+    if on_cpu():
+        raise_cpu_cache_limit()  # reuse large prefill buffers (see blas.py)
+        dtype = mx.float32 if dtype is None else dtype
     if dtype is not None:
         cast_floats(model, dtype)
     load_adapter(model, adapter_dir)

@@ -204,7 +204,7 @@ def test_metal_wiring_with_stand_in_kernels(monkeypatch):
 
     monkeypatch.setattr(kernels, "metal_scan", fake_scan)
     monkeypatch.setattr(kernels, "metal_decode_step", fake_decode)
-    monkeypatch.setattr(scan_module, "_metal", lambda: True)
+    monkeypatch.setattr(scan_module, "metal", lambda: True)
     for mode in MODES[:3]:
         want = run_model(make_model(mode_config(mode)), reference=True)
         got = run_model(make_model(mode_config(mode)), reference=False)
@@ -345,15 +345,37 @@ class _nothing:
         return False
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[:7], ids=range(7))
+# Unnormalised keys of this random size make the delta rule diverge: a model-level comparison
+# would compare overflows. normalize_qk=False is covered per layer above.
+MODEL_CONFIGS = CONFIGS[:-1] + [mode_config(MODES[0], delta_heads=[])]
+
+
+@pytest.mark.parametrize("cfg", MODEL_CONFIGS, ids=range(len(MODEL_CONFIGS)))
 def test_model_logits_fast_path_equal_reference(cfg):
     got = run_model(make_model(cfg), reference=False)
     want = run_model(make_model(cfg), reference=True)
-    for g, w in zip(got, want):
+    for g, w in zip(got[:4], want[:4]):  # logits of the prefill and the 3 decode steps
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+    for g, w in zip(got[4:], want[4:]):  # states
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+    if not cfg.delta_heads:
+        return
     base = build_model(tiny_args("qwen3"), 0)
     prompt = mx.array(np.random.default_rng(0).integers(0, 512, size=(2, 40)))
     assert np.abs(want[0][0] - np.array(base(prompt))[0]).max() > 0.1  # δ-mem matters here
+
+
+def test_bf16_backbone_gets_fp32_corrections():
+    """Corrections are computed in fp32 and cast, as on the readable path, when the backbone
+    is not fp32 (the single-addmm form is used only for fp32 outputs)."""
+    reads = mx.array(np.random.default_rng(0).normal(size=(1, 3, 8)).astype(np.float32))
+    w = mx.array(np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32))
+    out = mx.ones((1, 3, 16), mx.bfloat16)
+    got = fused.add_correction(out, (reads, w))
+    assert got.dtype == mx.bfloat16
+    assert_close(got.astype(mx.float32), (out + (reads @ w).astype(mx.bfloat16)).astype(mx.float32), 0)
+    out32 = mx.ones((1, 3, 16))
+    assert_close(fused.add_correction(out32, (reads, w)), out32 + reads @ w, 1e-5)
 
 
 def test_model_fast_path_is_used_at_decode(monkeypatch):
@@ -408,6 +430,19 @@ def test_install_hint_only_when_nothing_is_installed():
     assert blas.openblas_hint({"LD_PRELOAD": X86}, "Linux", "x86_64", exists=lambda p: False) is None
     assert blas.openblas_hint({}, "Darwin", "arm64", exists=lambda p: False) is None
     assert blas.openblas_hint({blas.OPT_OUT: "1"}, "Linux", "x86_64", exists=lambda p: False) is None
+
+
+def test_cpu_cache_limit_is_raised_never_lowered():
+    before = mx.set_cache_limit(32 << 20)
+    try:
+        limit = blas.raise_cpu_cache_limit(0.25)
+        assert limit == int(mx.get_memory_limit() * 0.25) > 32 << 20
+        assert mx.set_cache_limit(limit) == limit
+        assert blas.raise_cpu_cache_limit(0.25) is None  # already there
+        mx.set_cache_limit(limit * 2)
+        assert blas.raise_cpu_cache_limit(0.25) is None and mx.set_cache_limit(limit * 2) == limit * 2
+    finally:
+        mx.set_cache_limit(before)
 
 
 def test_candidates_cover_debian_layouts():
