@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens generated per run (default: 200 tiny, 16 for big shapes)")
     p.add_argument("--repeats", type=int, default=7,
                    help="alternating repetitions per model (7; tiny decode runs 3x as many)")
-    p.add_argument("--prefill-repeats", type=int, default=4, help="for prefill (4)")
+    p.add_argument("--prefill-repeats", type=int, default=3, help="for prefill (3)")
     p.add_argument("--default-cache-limit", action="store_true",
                    help="keep MLX's default CPU buffer cache (dmem_mlx.load raises it)")
     p.add_argument("--seed", type=int, default=0)

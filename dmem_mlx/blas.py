@@ -78,14 +78,18 @@ def reexec_plan(
     return env
 
 
-def reexec_with_openblas() -> None:
+def reexec_with_openblas(hint: bool = True) -> None:
     """Re-execute this process under OpenBLAS if that is possible and useful (see module doc).
 
-    Call it before any work: the process is replaced and starts again from the top.
+    Call it before any work: the process is replaced and starts again from the top. When no
+    OpenBLAS is installed (Linux, CPU backend) it prints the one-line install hint instead,
+    unless hint=False.
     """
     argv = list(getattr(sys, "orig_argv", []))
     env = reexec_plan(argv)
     if env is None:
+        if hint:
+            print_openblas_hint()
         return
     sys.stdout.flush()
     sys.stderr.flush()

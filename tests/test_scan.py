@@ -432,6 +432,16 @@ def test_install_hint_only_when_nothing_is_installed():
     assert blas.openblas_hint({blas.OPT_OUT: "1"}, "Linux", "x86_64", exists=lambda p: False) is None
 
 
+def test_hint_is_printed_once(monkeypatch, capsys):
+    monkeypatch.setattr(blas, "openblas_hint", lambda: blas.INSTALL_HINT)
+    monkeypatch.setattr(blas, "_hint_shown", False)
+    blas.reexec_with_openblas()  # under pytest: never re-executes, prints the hint instead
+    blas.print_openblas_hint()
+    assert capsys.readouterr().err.count("libopenblas0-pthread") == 1
+    blas.reexec_with_openblas(hint=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_cpu_cache_limit_is_raised_never_lowered():
     before = mx.set_cache_limit(32 << 20)
     try:
