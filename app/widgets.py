@@ -118,7 +118,7 @@ class MemoryPanel(VerticalScroll):
     BORDER_TITLE = "δ memory"
 
     def compose(self) -> ComposeResult:
-        yield Static(id="memory-counts")
+        yield Static("loading …", id="memory-counts")
         yield Label("context (KV tokens / budget)", classes="panel-heading")
         yield ProgressBar(id="context-bar", show_eta=False)
         yield Static(id="context-text")
