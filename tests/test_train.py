@@ -188,7 +188,8 @@ def _flat(tree):
 
 def write_data(directory, n_train=12, n_valid=4):
     directory.mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", episodes(n_train, 7, 1, 1)), ("valid", episodes(n_valid, 8, 1, 1))):
+    splits = (("train", episodes(n_train, 7, 1, 1)), ("valid", episodes(n_valid, 8, 1, 1)))
+    for split, rows in splits:
         with open(directory / f"{split}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps({"history": r["history"], "messages": r["messages"]}) + "\n")

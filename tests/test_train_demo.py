@@ -1,4 +1,4 @@
-"""The demo's domain, its tokenizer conversion, and the shipped demo model (never retrained here)."""
+"""The demo's domain, its tokenizer conversion, and the shipped demo model (never retrained)."""
 
 import importlib.util
 import random

@@ -3,19 +3,28 @@
 What the demo is: a small *domain* model, not a general assistant. A ~3.7M-parameter Qwen3-
 architecture backbone is trained from scratch on a synthetic chat domain (dmem_mlx/demo/
 persona.py: people tell the assistant their name, city, job, pet, travel plans, favourite food
-and hobby over several conversations, with small talk between, and ask about them later). Then
-a δ-mem adapter (8×8 state per layer, token writes) is trained on the frozen backbone with the
-paper's history recipe (`python -m dmem_mlx.train --mode history`): earlier conversations are
-written into the δ state, the question turn is read in a fresh context with writes off.
+and hobby over several conversations, with small talk between, and ask about them later),
+with a δ-mem memory (8×8 state per layer, token writes) trained with the paper's history
+recipe: earlier conversations are written into the δ state, the question turn is read in a
+fresh context with writes off, the loss is on the answer.
 
-Cost on the 2-core x86 CPU this was built on (fp32, OpenBLAS preloaded, cores shared):
-    see the "Figures" section at the end of this docstring (filled in from the last full run).
+Why a "joint" stage: with the backbone frozen, the δ read-out of this tiny model learned to
+recall the ~200 fact values far too slowly for this CPU (no measurable recall after 500 steps
+of `python -m dmem_mlx.train`). So the backbone's pretraining is continued with the memory
+attached and everything trainable (plus the plain LM loss, memory empty): its upper layers
+learn to decode what the memory holds. The result is saved as a frozen base model (fp16) and
+a δ adapter, exactly the files `python -m dmem_mlx.train` writes; `--adapter-iters N` then
+fine-tunes that adapter on the frozen backbone with the regular trainer.
+
+Cost on the 2-core x86 CPU this was built on (fp32, OpenBLAS, cores shared with other jobs):
+see "Figures" at the end of this docstring.
 
 Stages (each can be run alone; `all` runs them in order):
-    data       synthetic conversations → WORK/pretrain.jsonl, WORK/dmem{_easy,}/{train,valid}.jsonl
+    data       synthetic chats → WORK/pretrain.jsonl, WORK/dmem{_easy,}/{train,valid}.jsonl
     tokenizer  sentencepiece BPE trained on them → a tokenizer.json mlx-lm/transformers load
     backbone   the Qwen3 backbone trained from scratch with MLX → WORK/backbone
-    adapter    the δ adapter (python -m dmem_mlx.train) → WORK/model
+    joint      backbone + δ memory trained together → WORK/backbone_joint, WORK/model_joint
+    adapter    optional frozen-backbone δ fine-tuning (python -m dmem_mlx.train) → WORK/model
     ship       copy WORK/model into dmem_mlx/demo/model (fp16 backbone, fp32 adapter)
 
 Run with OpenBLAS for speed:
@@ -147,7 +156,7 @@ def save_hf_tokenizer(model_file: Path, out: Path) -> None:
                add_bos_token=False, add_eos_token=False)
     cfg.pop("backend", None)
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
-    for text in ["<|im_start|>user\nHi! I am Ada.<|im_end|>\n", "Ünïcode 東京 😀  two  spaces"]:
+    for text in ["<|im_start|>user\nHi! I am Ada.<|im_end|>\n", "Ünïcode 東京 😀  2  spaces"]:
         assert tok.encode(text).ids == sp.encode(text), "tokenizer.json differs from sentencepiece"
 
 
@@ -262,27 +271,116 @@ def _pad(seqs: list[list[int]]):
     return mx.array(x), mx.array(y), mx.array(mask)
 
 
+# -- joint: the backbone learns to work with a memory ---------------------------------------------
+def stage_joint(work: Path, seed: int, steps: int, batch_size: int, lr: float,
+                batch_tokens: int) -> None:
+    """Continue pretraining the backbone *with* a δ memory attached (everything trainable).
+
+    A frozen from-scratch 3.7M backbone gives the δ read-out little to work with: through an 8×8
+    state, a frozen model learns to recall 200 fact values very slowly. Here the backbone's
+    layers above each memory learn to decode what the memory holds, while the LM loss on the
+    pretraining documents (memory empty) keeps it a fluent model of the domain. The backbone is
+    then frozen and saved as the base model; the δ weights become the adapter.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load as mlx_load
+    from tqdm import tqdm
+
+    from dmem_mlx.adapter import save_adapter
+    from dmem_mlx.config import DeltaMemConfig
+    from dmem_mlx.model import attach_delta_mem
+    from dmem_mlx.train import base_projection_weights
+    from dmem_mlx.training.data import ChatEncoder, iterate_batches, load_split
+    from dmem_mlx.training.trainer import batch_loss
+    from dmem_mlx.utils import cast_floats
+
+    model, tokenizer = mlx_load(str(work / "backbone"))
+    cast_floats(model, mx.float32)
+    bases = {i: base_projection_weights(layer.self_attn) for i, layer in enumerate(model.layers)}
+    dm = attach_delta_mem(model, DeltaMemConfig.from_dict(DELTA_CONFIG))
+    for i, layer in dm.layers.items():
+        layer.memory.initialize(bases[i], seed=seed * 1000 + i)
+    model.unfreeze()
+    encoder = ChatEncoder(tokenizer)
+    n = steps * batch_size
+    easy = load_split(work / "dmem_easy" / "train.jsonl", encoder, "history", 2048, limit=n)
+    full = load_split(work / "dmem" / "train.jsonl", encoder, "history", 2048, limit=n)
+    texts = [json.loads(line)["text"] for line in open(work / "pretrain.jsonl")]
+    docs = [ids[:640] for ids in tokenizer._tokenizer(texts)["input_ids"]]
+    lm_batches = _length_batches(np.argsort([len(d) for d in docs]), docs, batch_tokens)
+    rng = np.random.default_rng(seed)
+    streams = (iterate_batches(easy, batch_size, seed), iterate_batches(full, batch_size, seed))
+
+    def loss_fn(model, hist, x, y, mask):
+        memory_loss, _ = batch_loss(model, hist, "state")
+        dm.reset()
+        with dm.read_only():  # empty memory: the plain backbone
+            ce = nn.losses.cross_entropy(model(x), y) * mask
+        return memory_loss + ce.sum() / mask.sum(), memory_loss
+
+    schedule = optim.join_schedules(
+        [optim.linear_schedule(1e-6, lr, 50), optim.cosine_decay(lr, steps - 50, lr * 0.1)], [50])
+    opt = optim.AdamW(learning_rate=schedule, weight_decay=0.0)
+    step_fn = nn.value_and_grad(model, loss_fn)
+    bar = tqdm(range(steps), desc="joint", dynamic_ncols=True, mininterval=5)
+    start, memory_losses = time.perf_counter(), []
+    for step in bar:
+        hist = next(streams[0] if step < steps // 2 or rng.random() < 0.3 else streams[1])
+        x, y, mask = _pad([docs[i] for i in lm_batches[rng.integers(len(lm_batches))]])
+        (loss, memory_loss), grads = step_fn(model, hist, x, y, mask)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state, loss)
+        dm.reset()
+        memory_losses.append(memory_loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", memory=f"{np.mean(memory_losses[-20:]):.3f}")
+        if step % 100 == 0:
+            print(json.dumps({"step": step, "memory_loss": float(np.mean(memory_losses[-50:]))}),
+                  flush=True)
+    out = work / "backbone_joint"
+    out.mkdir(exist_ok=True)
+    weights = {}
+    for name, value in tree_flatten(model.parameters()):
+        if ".memory." in name:
+            continue
+        name = name.replace(".self_attn.attention.", ".self_attn.").replace("_proj.base.", "_proj.")
+        weights[name] = value.astype(mx.float16)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    for f in (work / "backbone").iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    model_dir = work / "model_joint"
+    shutil.copytree(out, model_dir, dirs_exist_ok=True)
+    save_adapter(model, model_dir)
+    stats = {"steps": steps, "seconds": round(time.perf_counter() - start),
+             "final_memory_loss": float(np.mean(memory_losses[-50:])),
+             "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}
+    (work / "joint_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"joint: {json.dumps(stats)}")
+
+
 # -- adapter + ship -----------------------------------------------------------------------------
-def stage_adapter(work: Path, seed: int, easy_iters: int, iters: int, batch_size: int,
-                  lr: float) -> None:
-    """δ training with the history recipe: the easy stage, then the full data from its result."""
+def stage_adapter(work: Path, seed: int, iters: int, batch_size: int, lr: float) -> None:
+    """Fine-tune the joint stage's δ weights on its frozen backbone with the history recipe
+    (`python -m dmem_mlx.train`); with iters 0 the joint stage's adapter is kept as is."""
     import subprocess
 
-    runs = [("dmem_easy", "model_easy", easy_iters, ["--delta-config", json.dumps(DELTA_CONFIG)]),
-            ("dmem", "model", iters, ["--init-from", str(work / "model_easy")])]
-    for data, out, n, extra in runs:
-        if n <= 0:
-            if out == "model":  # no second stage: the easy stage is the model
-                shutil.copytree(work / "model_easy", work / "model", dirs_exist_ok=True)
-            continue
-        cmd = [sys.executable, "-m", "dmem_mlx.train", "--model", str(work / "backbone"),
-               "--data", str(work / data), "--adapter-path", str(work / out),
-               "--mode", "history", "--iters", str(n), "--batch-size", str(batch_size),
-               "--learning-rate", str(lr), "--warmup", "100", "--seed", str(seed),
-               "--steps-per-eval", "500", "--val-batches", "5", "--steps-per-report", "50",
-               "--save-every", "250", "--write-grad", "state", *extra]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+    if iters <= 0:
+        shutil.copytree(work / "model_joint", work / "model", dirs_exist_ok=True)
+        return
+    cmd = [sys.executable, "-m", "dmem_mlx.train", "--model", str(work / "backbone_joint"),
+           "--data", str(work / "dmem"), "--adapter-path", str(work / "model"),
+           "--init-from", str(work / "model_joint"), "--mode", "history", "--iters", str(iters),
+           "--batch-size", str(batch_size), "--learning-rate", str(lr), "--warmup", "50",
+           "--seed", str(seed), "--steps-per-eval", "250", "--val-batches", "5",
+           "--steps-per-report", "50", "--save-every", "250", "--write-grad", "state"]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
 
 
 def stage_ship(work: Path) -> None:
@@ -305,7 +403,8 @@ def stage_ship(work: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["data", "tokenizer", "backbone", "adapter", "ship", "all"])
+    p.add_argument("stage", choices=["data", "tokenizer", "backbone", "joint", "adapter", "ship",
+                                     "all"])
     p.add_argument("--work-dir", default="/tmp/dmem-demo-build", help="scratch directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-episodes", type=int, default=14000)
@@ -315,15 +414,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backbone-batch-tokens", type=int, default=4096)
     p.add_argument("--backbone-lr", type=float, default=2e-3)
     p.add_argument("--max-len", type=int, default=640)
-    p.add_argument("--adapter-easy-iters", type=int, default=3000)
-    p.add_argument("--adapter-iters", type=int, default=0, help="full-data stage (after easy)")
+    p.add_argument("--joint-steps", type=int, default=600)
+    p.add_argument("--joint-lr", type=float, default=1e-3)
+    p.add_argument("--adapter-iters", type=int, default=0,
+                   help="frozen-backbone δ fine-tuning steps after the joint stage (0 = none)")
     p.add_argument("--adapter-batch-size", type=int, default=16)
-    p.add_argument("--adapter-lr", type=float, default=5e-3)
+    p.add_argument("--adapter-lr", type=float, default=1e-3)
     args = p.parse_args(argv)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    stages = ["data", "tokenizer", "backbone", "adapter", "ship"] if args.stage == "all" \
-        else [args.stage]
+    stages = ["data", "tokenizer", "backbone", "joint", "adapter", "ship"]
+    stages = stages if args.stage == "all" else [args.stage]
     for stage in stages:
         start = time.perf_counter()
         if stage == "data":
@@ -333,9 +434,12 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "backbone":
             stage_backbone(work, args.seed, args.backbone_steps, args.backbone_batch_tokens,
                            args.backbone_lr, args.max_len)
+        elif stage == "joint":
+            stage_joint(work, args.seed, args.joint_steps, args.adapter_batch_size,
+                        args.joint_lr, args.backbone_batch_tokens // 2)
         elif stage == "adapter":
-            stage_adapter(work, args.seed, args.adapter_easy_iters, args.adapter_iters,
-                          args.adapter_batch_size, args.adapter_lr)
+            stage_adapter(work, args.seed, args.adapter_iters, args.adapter_batch_size,
+                          args.adapter_lr)
         else:
             stage_ship(work)
         print(f"[{stage}] {time.perf_counter() - start:.0f} s", flush=True)

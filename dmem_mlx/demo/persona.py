@@ -60,8 +60,8 @@ TELL = {
              "This summer I will travel to {trip}.", "I booked a holiday in {trip}."],
     "food": ["My favorite food is {food}.", "I love {food}.", "Nothing beats {food} for dinner.",
              "I could eat {food} every day."],
-    "hobby": ["My hobby is {hobby}.", "I really enjoy {hobby}.", "On weekends I do a lot of {hobby}.",
-              "Lately I have been into {hobby}."],
+    "hobby": ["My hobby is {hobby}.", "I really enjoy {hobby}.",
+              "On weekends I do a lot of {hobby}.", "Lately I have been into {hobby}."],
 }
 ACK = {
     "name": ["Nice to meet you, {name}!", "Hello {name}, nice to meet you.",
@@ -102,7 +102,8 @@ SUMMARY_QUESTIONS = ["What do you know about me?", "Tell me everything you remem
 SMALL_TALK = [
     ("How are you today?", "I am doing well, thank you! How about you?"),
     ("What's the weather like?", "I can't see outside, but I hope it is sunny where you are."),
-    ("Tell me a joke.", "Why did the scarecrow win an award? Because he was outstanding in his field!"),
+    ("Tell me a joke.",
+     "Why did the scarecrow win an award? Because he was outstanding in his field!"),
     ("I had a long day at work.", "Sorry to hear that. Take some time to rest tonight."),
     ("Can you recommend a book?", "You could try a classic novel, or a good mystery."),
     ("Thanks for your help!", "You're welcome! Happy to help."),
@@ -162,7 +163,8 @@ def _tell_turn(rng: random.Random, person: Person, groups: list[tuple[str, ...]]
         person.told.extend(s for s in g if s not in person.told)
     last = groups[-1][0]
     reply = person.fill(rng.choice(ACK[last])) if rng.random() < 0.6 else rng.choice(GENERIC_ACK)
-    return [{"role": "user", "content": " ".join(sentences)}, {"role": "assistant", "content": reply}]
+    return [{"role": "user", "content": " ".join(sentences)},
+            {"role": "assistant", "content": reply}]
 
 
 def _small_talk(rng: random.Random) -> list[dict]:
@@ -194,7 +196,7 @@ def question_turn(rng: random.Random, person: Person, slot: str | None = None) -
 
 def telling_conversations(rng: random.Random, person: Person, num_groups: int,
                           num_conversations: int, updates: bool = True) -> list[list[dict]]:
-    """Conversations that tell `num_groups` fact groups (in random order) with small talk between."""
+    """Conversations telling `num_groups` fact groups (random order), small talk between."""
     groups = rng.sample(GROUPS, num_groups)
     # The name is told first when it is told at all: people introduce themselves.
     if ("name",) in groups:

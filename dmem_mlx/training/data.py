@@ -90,7 +90,7 @@ class ChatEncoder:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def encode(self, messages: list[dict], first_id: int = 0) -> tuple[Segment, int]:
-        """One conversation → (segment with assistant loss mask and message ids, next message id)."""
+        """One conversation → (segment with assistant loss mask and message ids, next id)."""
         ids = self._ids(messages)
         loss = [0] * len(ids)
         message_ids = [-1] * len(ids)
@@ -151,7 +151,8 @@ def make_example(encoder: ChatEncoder, row: dict, mode: str, max_tokens: int) ->
                                                      seg.message_ids[cut:])
     segments = [s for s in segments if s.tokens]
     if not any(any(s.loss[1:]) for s in segments):
-        raise DataError("an example has no assistant tokens left to learn (raise --max-seq-length?)")
+        raise DataError("an example has no assistant tokens left to learn "
+                        "(raise --max-seq-length?)")
     return Example(segments)
 
 

@@ -190,7 +190,8 @@ def train(model: nn.Module, train_set: list[Example], val_set: list[Example],
         if step % opts.steps_per_report == 0 or step == opts.iters:
             elapsed = time.perf_counter() - window_start
             line = {"step": step, "train_loss": round(float(np.mean(window_loss)), 4),
-                    "lr": float(opt.learning_rate), "tokens_per_sec": round(window_tokens / elapsed),
+                    "lr": float(opt.learning_rate),
+                    "tokens_per_sec": round(window_tokens / elapsed),
                     "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}
             stats["history"].append(line)
             report(json.dumps(line))
