@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from dmem_mlx.adapter import WEIGHTS_NAME
 from dmem_mlx.config import CONFIG_NAME, DeltaMemConfig
-from dmem_mlx.hub import HubError, download, looks_like_path
+from dmem_mlx.hub import download, looks_like_path
 
 from .adapter import validate_adapter
 from .torch_pickle import load_torch_checkpoint

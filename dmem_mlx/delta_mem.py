@@ -139,7 +139,7 @@ class DeltaMemory(nn.Module):
     def project(self, h: mx.array) -> MemoryInputs:
         """Memory projections and gates of hidden states h [B, T, D] (SPEC §1)."""
         cfg = self.config
-        H, r = cfg.num_state_heads, cfg.rank
+        H = cfg.num_state_heads
         h = h.astype(mx.float32)
         heads = lambda x: x.reshape(*x.shape[:-1], H, -1)  # noqa: E731  [.., R] → [.., H, r]
         q = heads(h @ self.memory_q_proj.T)

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import fused
 from .config import ConfigError, DeltaMemConfig
-from .delta_mem import DeltaMemory, MemoryInputs, group_means, read_state
+from .delta_mem import DeltaMemory, group_means, read_state
 from .scan import scan
 
 

@@ -23,16 +23,6 @@ FP = {"base_model": "org/base", "backbone": "qwen3 · 4 layers", "adapter_sha256
                        "memory_write_granularity": "token"}}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_dmem(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return dmem_mlx.load(str(tiny_dir))
-
-
 def sample(k=1.0, fingerprint=FP, **kw):
     rng = np.random.default_rng(int(k))
     states = {i: rng.standard_normal((1, 8, 8)).astype(np.float32) for i in range(4)}

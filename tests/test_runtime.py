@@ -23,16 +23,6 @@ CHAT = [{"role": "user", "content": "Hello! My name is Ada."},
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_dmem(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return dmem_mlx.load(str(tiny_dir))
-
-
-@pytest.fixture(scope="module")
 def tiny_message_mean(tmp_path_factory):
     path = make_tiny_dmem(tmp_path_factory.mktemp("tiny_mm"), seed=3, delta_config={
         "delta_heads": ["q", "o"], "memory_write_granularity": "message_mean"})
