@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import random
 import shutil
 import sys
@@ -79,6 +77,27 @@ def stage_data(work: Path, seed: int, pretrain_episodes: int, train_episodes: in
             else:  # each conversation alone: a later question can only be guessed
                 for c in conversations:
                     f.write(json.dumps({"text": render(c)}) + "\n")
+    # Copy-heavy documents for the second pretraining phase: everything in one context, several
+    # questions at the end — the backbone must learn to copy facts from its context (an in-
+    # context copy circuit is what the δ read-out builds on).
+    rng = random.Random(seed + 2)
+    with open(work / "pretrain_copy.jsonl", "w") as f:
+        for _ in range(pretrain_episodes):
+            ep = persona.episode(rng)
+            conversations = ep["history"] + [ep["messages"]]
+            if rng.random() < 0.2:
+                for c in conversations:
+                    f.write(json.dumps({"text": render(c)}) + "\n")
+                continue
+            person = persona.Person(ep["facts"], told=[s for s in persona.SLOTS if any(
+                persona.mentioned(m["content"], s) for c in ep["history"] for m in c
+                if m["role"] == "user")])
+            extra = []
+            for _ in range(rng.randint(1, 3)):
+                if person.told:
+                    extra += persona.question_turn(rng, person)
+            messages = [m for c in conversations for m in c] + extra
+            f.write(json.dumps({"text": render(messages)}) + "\n")
     # δ data in two stages: short histories first (a clear signal while the memory's read-out
     # is learned), then the full distribution (1-7 fact groups over 1-4 conversations).
     for stage, offset, groups, conversations in (("dmem_easy", 11, 3, 2), ("dmem", 1, 7, 4)):
@@ -162,8 +181,11 @@ def save_hf_tokenizer(model_file: Path, out: Path) -> None:
 
 # -- backbone ---------------------------------------------------------------------------------
 def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: float,
-                   max_len: int) -> None:
-    """Pretrain the Qwen3 backbone from scratch (fp32) on the rendered conversations."""
+                   max_len: int, phase: str = "backbone") -> None:
+    """Pretrain the Qwen3 backbone from scratch (fp32) on the rendered conversations.
+
+    phase "copy" continues from WORK/backbone on the copy-heavy documents.
+    """
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -172,16 +194,25 @@ def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: flo
     from mlx_lm.utils import load_tokenizer
     from tqdm import tqdm
 
-    from dmem_mlx.tiny import build_model
+    from mlx_lm.utils import _get_classes
+
+    from dmem_mlx.utils import cast_floats
 
     tokenizer = load_tokenizer(work / "tokenizer")
-    texts = [json.loads(line)["text"] for line in open(work / "pretrain.jsonl")]
+    source = "pretrain_copy.jsonl" if phase == "copy" else "pretrain.jsonl"
+    texts = [json.loads(line)["text"] for line in open(work / source)]
     docs = [ids[:max_len] for ids in tokenizer._tokenizer(texts)["input_ids"]]
     args = dict(BACKBONE, vocab_size=len(tokenizer.get_vocab()))
     args["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    model = build_model(args, seed)
+    # mlx-lm's own initialisation (uniform Linear, N(0, 1/D) embeddings). A GPT-style
+    # N(0, 0.02) init kept this backbone from ever learning to copy a name from its context
+    # (measured: no copying after 1,200 steps; the default init copies after 200).
     mx.random.seed(seed)
-    model.update(_fresh_init(model, seed))
+    model_class, args_class = _get_classes(args)
+    model = model_class(args_class.from_dict(args))
+    if phase == "copy":
+        model.load_weights(str(work / "backbone" / "model.safetensors"))
+        cast_floats(model, mx.float32)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"backbone: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, "
           f"{sum(map(len, docs)) / 1e6:.2f}M tokens")
@@ -199,7 +230,7 @@ def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: flo
     step_fn = nn.value_and_grad(model, loss_fn)
     order = np.argsort([len(d) for d in docs])
     batches = _length_batches(order, docs, batch_tokens)
-    bar = tqdm(range(steps), desc="backbone", dynamic_ncols=True, mininterval=5)
+    bar = tqdm(range(steps), desc=phase, dynamic_ncols=True, mininterval=5)
     tokens, start, losses = 0, time.perf_counter(), []
     for step in bar:
         idx = batches[rng.integers(len(batches))]
@@ -214,7 +245,7 @@ def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: flo
             tps = tokens / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", tok_s=f"{tps:.0f}")
     elapsed = time.perf_counter() - start
-    out = work / "backbone"
+    out = work / ("backbone_copy" if phase == "copy" else "backbone")
     out.mkdir(exist_ok=True)
     weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
@@ -224,24 +255,8 @@ def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: flo
     stats = {"steps": steps, "seconds": round(elapsed), "tokens": tokens,
              "tokens_per_sec": round(tokens / elapsed), "final_loss": float(np.mean(losses[-50:])),
              "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}
-    (work / "backbone_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(f"backbone: {json.dumps(stats)}")
-
-
-def _fresh_init(model, seed: int) -> dict:
-    """Small-transformer init: N(0, 0.02) matrices and embeddings, ones for norms."""
-    import mlx.core as mx
-    from mlx.utils import tree_map_with_path
-
-    mx.random.seed(seed)
-
-    def init(path, p):
-        if p.ndim == 1:
-            return mx.ones_like(p)
-        std = 0.02 / math.sqrt(2 * BACKBONE["num_hidden_layers"]) if path.endswith(
-            ("o_proj.weight", "down_proj.weight")) else 0.02
-        return mx.random.normal(p.shape) * std
-    return tree_map_with_path(init, model.parameters())
+    (work / f"{phase}_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"{phase}: {json.dumps(stats)}")
 
 
 def _length_batches(order, docs, batch_tokens: int) -> list[list[int]]:
@@ -403,8 +418,8 @@ def stage_ship(work: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["data", "tokenizer", "backbone", "joint", "adapter", "ship",
-                                     "all"])
+    p.add_argument("stage", choices=["data", "tokenizer", "backbone", "copy", "joint", "adapter",
+                                     "ship", "all"])
     p.add_argument("--work-dir", default="/tmp/dmem-demo-build", help="scratch directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pretrain-episodes", type=int, default=14000)
@@ -414,6 +429,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backbone-batch-tokens", type=int, default=4096)
     p.add_argument("--backbone-lr", type=float, default=2e-3)
     p.add_argument("--max-len", type=int, default=640)
+    p.add_argument("--copy-steps", type=int, default=600)
+    p.add_argument("--copy-lr", type=float, default=1e-3)
     p.add_argument("--joint-steps", type=int, default=600)
     p.add_argument("--joint-lr", type=float, default=1e-3)
     p.add_argument("--adapter-iters", type=int, default=0,
@@ -434,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "backbone":
             stage_backbone(work, args.seed, args.backbone_steps, args.backbone_batch_tokens,
                            args.backbone_lr, args.max_len)
+        elif stage == "copy":
+            stage_backbone(work, args.seed, args.copy_steps, args.backbone_batch_tokens,
+                           args.copy_lr, args.max_len, phase="copy")
         elif stage == "joint":
             stage_joint(work, args.seed, args.joint_steps, args.adapter_batch_size,
                         args.joint_lr, args.backbone_batch_tokens // 2)
