@@ -14,7 +14,9 @@ Conditions:
        each question and answer is written into the memory before the next one)
   (b)  memory reset: no history anywhere — the chance level of the model's guesses
   (c)  history in the context (all earlier conversations + the question in one KV context),
-       δ memory empty: the backbone's in-context upper bound
+       δ memory empty: what the backbone alone does with the history in front of it
+  (c+) history in the context and written into δ memory as it is read (the runtime's normal
+       behaviour within one long conversation)
 
 Prints a table and one JSON line.  Example:
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
@@ -110,16 +112,17 @@ def ask_all(model_path: str, plan: list[dict], work: Path, max_tokens: int,
             session = ChatSession(model, tokenizer)  # no memory at all
             replies = [ask(session, q, max_tokens) for q in questions]
             results["b"] += _score(person, replies, "b", examples)
-        if "c" not in conditions:
-            continue
-        replies = []
-        for q in person["questions"]:  # the history in the context, δ memory empty
-            session = ChatSession(model, tokenizer)
-            session.read_only = True
-            session.feed([m for conv in person["conversations"] for m in conv])
-            replies.append("".join(c.text for c in session.reply(q["question"],
-                                                                 max_tokens=max_tokens)))
-        results["c"] += _score(person, replies, "c", examples)
+        for cond in ("c", "c+"):
+            if cond not in conditions:
+                continue
+            replies = []
+            for q in questions:  # the history in the context (c: δ memory off; c+: written)
+                session = ChatSession(model, tokenizer)
+                session.read_only = cond == "c"
+                session.feed([m for conv in person["conversations"] for m in conv])
+                session.read_only = True
+                replies.append("".join(c.text for c in session.reply(q, max_tokens=max_tokens)))
+            results[cond] += _score(person, replies, cond, examples)
     return {"results": results, "examples": examples[:12]}
 
 
@@ -149,7 +152,8 @@ def summarize(results: dict, plan: list[dict]) -> dict:
     }
 
 
-HEADERS = {"a": "(a) δ only", "a+": "(a+) writes on", "b": "(b) reset", "c": "(c) in context"}
+HEADERS = {"a": "(a) δ only", "a+": "(a+) writes on", "b": "(b) reset", "c": "(c) in context",
+           "c+": "(c+) ctx + δ"}
 
 
 def print_table(summary: dict, plan: list[dict]) -> None:
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1,2,3,4,5,6,7", help="numbers of fact groups told")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--max-tokens", type=int, default=24, help="tokens per answer (24)")
-    p.add_argument("--conditions", default="a,a+,b,c", help="which of a,a+,b,c to run")
+    p.add_argument("--conditions", default="a,a+,b,c,c+", help="which of a,a+,b,c,c+ to run")
     p.add_argument("--work-dir", help="where the memory files go (default: a temp directory)")
     p.add_argument("--phase", choices=["all", "ask"], default="all", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     conditions = [c for c in HEADERS if c in args.conditions.split(",")]
     if not conditions or set(args.conditions.split(",")) - set(HEADERS):
-        print("error: --conditions must list some of a,a+,b,c", file=sys.stderr)
+        print("error: --conditions must list some of a,a+,b,c,c+", file=sys.stderr)
         return 2
     plan = make_plan(args.people_per_size, args.seed, sizes)
     if args.phase == "ask":
