@@ -55,6 +55,8 @@ def scan_steps(
             read = read * m
             state = mx.where(m[..., None] > 0, new_state, state)
         reads.append(read)
+    if not reads:
+        return mx.zeros(inputs.q.shape, mx.float32), state
     return (reads[0][:, None] if len(reads) == 1 else mx.stack(reads, axis=1)), state
 
 

@@ -1,6 +1,5 @@
 """The fast paths against the per-token oracle: chunked scan, dispatcher, fused decode, BLAS setup."""
 
-import itertools
 from pathlib import Path
 
 import mlx.core as mx
