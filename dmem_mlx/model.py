@@ -57,6 +57,7 @@ class CallInputs:
         self.writes_enabled = True
         self.missing_ids: Literal["token", "error"] = "token"
         self.generation_message_id: Optional[int] = None  # ids for calls given none
+        self.detach_memory_inputs = False  # training: see DeltaMem.detached_inputs
 
 
 class DeltaMemAttention(nn.Module):
@@ -110,7 +111,9 @@ class DeltaMemAttention(nn.Module):
         valid = inputs.valid
         if padding is not None:
             valid = padding if valid is None else valid * padding
-        if T == 1 and fused.enabled() and "project" not in self.memory.__dict__ and (
+        if inputs.detach_memory_inputs:
+            h = mx.stop_gradient(h)
+        elif T == 1 and fused.enabled() and (
                 not inputs.writes_enabled or cfg.memory_write_granularity == "token"):
             # Decode: one matmul + one compiled step (see fused.py).
             reads, new_state = fused.decode_step(self.memory, h, state, valid,
@@ -257,6 +260,21 @@ class DeltaMem:
             yield
         finally:
             self._inputs.writes_enabled = before
+
+    @contextmanager
+    def detached_inputs(self, active: bool = True) -> Iterator[None]:
+        """Training: inside the block the memory projections see stop_gradient(h).
+
+        The gradient still flows through the state into the memory projections and gates, but
+        not back through the backbone activations of the written tokens, so a write pass with no
+        loss of its own needs no backward pass over the backbone (2–3× faster steps).
+        """
+        before = self._inputs.detach_memory_inputs
+        self._inputs.detach_memory_inputs = bool(active)
+        try:
+            yield
+        finally:
+            self._inputs.detach_memory_inputs = before
 
     @property
     def missing_ids(self) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -36,29 +35,6 @@ def freeze_backbone(model: nn.Module) -> None:
         layer.memory.unfreeze()
 
 
-@contextmanager
-def detached_memory_inputs(model: nn.Module, active: bool = True) -> Iterator[None]:
-    """Inside the block, the memory projections see stop_gradient(h).
-
-    For write calls with no loss of their own this keeps the gradient that flows through the
-    state into the memory projections and gates (memory_k/v_proj, beta, …), and drops the part
-    that would flow back through the backbone's activations of the written tokens — the
-    backward pass then never runs over the (long) written history: ~2-3x faster steps.
-    """
-    if not active:
-        yield
-        return
-    memories = [layer.memory for layer in model.delta_mem.layers.values()]
-    for memory in memories:
-        object.__setattr__(memory, "project",
-                           lambda h, m=memory: type(m).project(m, mx.stop_gradient(h)))
-    try:
-        yield
-    finally:
-        for memory in memories:
-            object.__delattr__(memory, "project")
-
-
 def batch_loss(model: nn.Module, batch: Batch,
                write_grad: str = "full") -> tuple[mx.array, mx.array]:
     """(mean cross-entropy over target tokens, number of target tokens) of one batch.
@@ -66,7 +42,7 @@ def batch_loss(model: nn.Module, batch: Batch,
     Runs every call of the batch in order on a fresh δ state; a call with `writes` False is a
     read pass: the state is read, never changed. write_grad "full" is the exact gradient;
     "state" detaches the backbone activations of write calls without a loss (see
-    `detached_memory_inputs`).
+    `DeltaMem.detached_inputs`).
     """
     dm = model.delta_mem
     dm.reset()
@@ -77,7 +53,7 @@ def batch_loss(model: nn.Module, batch: Batch,
         dm.writes_enabled = call["writes"]
         try:
             with dm.inputs(valid=call["valid"], message_ids=call["message_ids"]), \
-                    detached_memory_inputs(model, write_grad == "state" and not has_loss):
+                    dm.detached_inputs(write_grad == "state" and not has_loss):
                 tokens = mx.array(call["tokens"])
                 # a call without loss needs no logits: skip the LM head when we can
                 logits = model(tokens) if has_loss or not hasattr(model, "model") \
