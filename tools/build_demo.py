@@ -36,7 +36,12 @@ Figures (2-core x86 CPU shared with other jobs, fp32 + OpenBLAS; measured while 
     backbone, 700 steps     23 min, 2.8M tokens, ~2,000 tokens/s, peak memory 0.84 GB
     δ training (frozen)     ~2,000-2,500 tokens/s (history mode, --write-grad state,
                             batch 16), peak memory 0.4-0.9 GB, ~1 s/step
-    The recall targets were NOT reached yet: see the issue thread for the status.
+    The recall targets were NOT reached yet. Finding: the backbone never learned to copy a
+    fact from its own context (neither with N(0,0.02) init in 1,200 steps nor with mlx-lm's
+    init in 600 steps on pretrain.jsonl; with mlx-lm's init it copies after 200 steps on pure
+    tell→echo documents), and without a copy circuit the frozen-backbone δ read-out showed no
+    recall after 500 steps. Next: pretrain on copy-heavy documents from the start, check the
+    copy ("Nice to meet you, <name>!"), then train δ.
 """
 
 from __future__ import annotations
