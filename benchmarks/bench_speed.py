@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt before decoding (32)")
     p.add_argument("--decode-tokens", type=int, default=0,
                    help="tokens generated per run (default: 200 tiny, 16 for big shapes)")
-    p.add_argument("--repeats", type=int, default=7,
-                   help="alternating repetitions per model (7; tiny decode runs 3x as many)")
+    p.add_argument("--repeats", type=int, default=12,
+                   help="alternating repetitions per model (12; tiny decode runs 3x as many)")
     p.add_argument("--prefill-repeats", type=int, default=3, help="for prefill (3)")
     p.add_argument("--default-cache-limit", action="store_true",
                    help="keep MLX's default CPU buffer cache (dmem_mlx.load raises it)")
@@ -176,12 +176,12 @@ def bench_decode(args, shape: str) -> dict:
     runs = alternate(lambda m: generate_once(m, tok, prompt, tokens).generation_tps,
                      models, args.repeats * (3 if shape == "tiny" else 1))
     c = compare(runs)
+    added = statistics.median(1 / d - 1 / p for p, d in zip(runs["plain"], runs["dmem"]))
     del plain, dmem, models
+    mx.clear_cache()
     return {
         "shape": shape, "tokens": tokens, "plain_tok_s": c["plain"], "dmem_tok_s": c["dmem"],
-        "ratio": c["ratio"],
-        "added_us_per_layer_token": (1 / c["dmem"] - 1 / c["plain"]) / layers * 1e6,
-        "runs": runs,
+        "ratio": c["ratio"], "added_us_per_layer_token": added / layers * 1e6, "runs": runs,
     }
 
 
@@ -201,6 +201,8 @@ def bench_prefill(args) -> list[dict]:
         c = compare(runs)
         results.append({"shape": shape, "prompt_tokens": length, "plain_tok_s": c["plain"],
                         "dmem_tok_s": c["dmem"], "ratio": c["ratio"], "runs": runs})
+    del plain, dmem, models
+    mx.clear_cache()
     return results
 
 
@@ -309,10 +311,10 @@ def print_tables(result: dict) -> None:
     if "decode" in result:
         print("\nDecode (mlx_lm.stream_generate, fp32, greedy)")
         print(f"{'backbone':>9} {'tokens':>6} {'plain tok/s':>12} {'δ-mem tok/s':>12} "
-              f"{'ratio':>6} {'µs/layer/token':>15}")
+              f"{'ratio':>6} {'added µs/layer/token':>21}")
         for d in result["decode"]:
             print(f"{d['shape']:>9} {d['tokens']:>6} {d['plain_tok_s']:>12.2f} "
-                  f"{d['dmem_tok_s']:>12.2f} {d['ratio']:>6.3f} {d['added_us_per_layer_token']:>15.1f}")
+                  f"{d['dmem_tok_s']:>12.2f} {d['ratio']:>6.3f} {d['added_us_per_layer_token']:>21.1f}")
     if "prefill" in result:
         print("\nPrefill (prompt tok/s, writes on)")
         print(f"{'backbone':>9} {'tokens':>6} {'plain tok/s':>12} {'δ-mem tok/s':>12} {'ratio':>6}")

@@ -200,7 +200,10 @@ def decode_step(
             m = valid.astype(mx.float32)
             read, new_state = read * m[..., None], mx.where(m[..., None, None] > 0, new_state, state)
         return read, new_state
-    step = _step_function(cfg, write, valid is not None)
+    steps = memory.__dict__.setdefault("_fused_steps", {})
+    step = steps.get((write, valid is not None))
+    if step is None:
+        step = steps[write, valid is not None] = _step_function(cfg, write, valid is not None)
     args = (h, state, w["in"], w["bias"])
     return step(*args) if valid is None else step(*args, valid)
 

@@ -9,6 +9,7 @@ scan of `chunked_scan.py`. A few tokens are cheaper as plain steps than as one c
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -62,15 +63,16 @@ def scan_steps(
 
 def metal() -> bool:
     """True when the Metal kernels run: a Metal default device (and not DMEM_NO_METAL)."""
-    return USE_METAL and _metal_available()
+    return USE_METAL and _has_metal() and mx.default_device() == mx.gpu
 
 
-def _metal_available() -> bool:
+@lru_cache(maxsize=None)
+def _has_metal() -> bool:
     try:
-        from .kernels import metal_available
+        from . import kernels  # noqa: F401 - the kernels must be importable
     except ImportError:
         return False
-    return metal_available()
+    return mx.metal.is_available()
 
 
 def _metal_scan(state, inputs, valid):
