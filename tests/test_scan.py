@@ -175,6 +175,13 @@ def test_dispatcher_matches_reference(T):
         assert_close(new_state, want_state, 2e-6)
 
 
+def test_dispatcher_handles_an_empty_call():
+    inputs = MemoryInputs(*(mx.zeros((2, 0, 1, 8)) for _ in range(6)))
+    state = mx.ones((2, 1, 8, 8))
+    reads, new_state = scan(state, inputs)
+    assert reads.shape == (2, 0, 1, 8) and new_state is state
+
+
 def test_reference_path_forces_the_loop(monkeypatch):
     used = []
     monkeypatch.setattr(scan_module, "scan_reference",
