@@ -28,7 +28,18 @@ batches of 32; with all eight facts over four conversations it keeps improving s
 backbone does not copy facts from its own context (in-context recall stays low), which the
 recall evaluation's condition (c) shows.
 
-Figures: see FIGURES at the end of this file.
+Figures for the shipped demo (2-core x86 CPU, fp32 + OpenBLAS, cores shared with evaluation
+runs; tokens/s count every token of the written histories and read turns):
+    data + tokenizer                  ~10 s
+    backbone, 700 steps               17.5 min, 2.76 M tokens, 2,636 tokens/s, peak 0.87 GB
+    δ c1 history, 400 steps           6.4 min, 2,494 tokens/s, peak 1.7 GB
+    δ c2 history, 250 steps           7.0 min, 2,099 tokens/s, peak 2.6 GB
+    δ c3 history, 250 steps           15 min, ~1,600 tokens/s, peak 5.7 GB (stopped at step
+                                      250 of a 600-step schedule; here a 250-step schedule)
+    δ c3 token, 200 steps             9.3 min, 1,123 tokens/s, peak 3.8 GB
+    in all                            ~57 min
+Recall of the shipped demo: see README.md ("The demo model"); benchmarks/recall_eval.py
+measures it.
 """
 
 from __future__ import annotations
@@ -62,9 +73,14 @@ DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads
 #  "what do you know about me?" questions, share of small-talk final turns)
 CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0), ("c2", 22, 8000, 3, 2, 0.3, 0.03),
                    ("c3", 23, 16000, 7, 4, 0.4, 0.05)]
-# (data, steps, batch size, learning rate, --write-grad); each stage continues the previous one
-CURRICULUM_TRAIN = [("c1", 400, 32, 3e-3, "full"), ("c2", 250, 32, 3e-3, "state"),
-                    ("c3", 600, 32, 3e-3, "state")]
+# (data, --mode, steps, batch size, learning rate, --write-grad); each stage continues the
+# previous one. The last stage trains the chat regime itself (token mode: every assistant
+# message, writes on): acknowledgements and small talk with a full memory, and questions
+# answered while the turn is being written, as dmem-chat runs.
+CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full"),
+                    ("c2", "history", 250, 32, 3e-3, "state"),
+                    ("c3", "history", 250, 32, 3e-3, "state"),
+                    ("c3", "token", 250, 16, 2e-3, "full")]
 
 
 def render(messages: list[dict]) -> str:
@@ -286,10 +302,10 @@ def stage_adapter(work: Path, seed: int) -> None:
     import subprocess
 
     previous = None
-    for i, (data, steps, batch_size, lr, write_grad) in enumerate(CURRICULUM_TRAIN):
-        out = work / ("model" if i == len(CURRICULUM_TRAIN) - 1 else f"adapter_{data}")
+    for i, (data, mode, steps, batch_size, lr, write_grad) in enumerate(CURRICULUM_TRAIN):
+        out = work / ("model" if i == len(CURRICULUM_TRAIN) - 1 else f"adapter_{i + 1}_{data}")
         cmd = [sys.executable, "-m", "dmem_mlx.train", "--model", str(work / "backbone"),
-               "--data", str(work / data), "--adapter-path", str(out), "--mode", "history",
+               "--data", str(work / data), "--adapter-path", str(out), "--mode", mode,
                "--iters", str(steps), "--batch-size", str(batch_size), "--learning-rate", str(lr),
                "--warmup", "10", "--write-grad", write_grad, "--seed", str(seed + i),
                "--steps-per-eval", "100", "--val-batches", "3", "--steps-per-report", "50",
