@@ -211,7 +211,8 @@ class DmemChatApp(SessionCommands, App[int]):
         if info.turns or info.tokens_written:
             turns = f"{info.turns} turn" + ("s" if info.turns != 1 else "")
             await self.add_note(f"memory loaded: {info.tokens_written:,} tokens written over "
-                                f"{turns} — {where}")
+                                f"{turns} — {where}\nThe last conversation goes on; Ctrl+N "
+                                "starts a new one with only the memory.")
         else:
             await self.add_note(f"new memory — {where}. Tell me about yourself; "
                                 "I will remember it next time.")
