@@ -37,7 +37,8 @@ runs; tokens/s count every token of the written histories and read turns):
     δ c3 history, 250 steps           15 min, ~1,600 tokens/s, peak 5.7 GB (stopped at step
                                       250 of a 600-step schedule; here a 250-step schedule)
     δ c3 token, 200 steps             9.3 min, 1,123 tokens/s, peak 3.8 GB
-    in all                            ~57 min
+    δ c3 history, 600 steps           37 min, 1,602 tokens/s, peak 5.5 GB
+    in all                            ~93 min
 Recall of the shipped demo: see README.md ("The demo model"); benchmarks/recall_eval.py
 measures it.
 """
@@ -74,13 +75,14 @@ DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads
 CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0), ("c2", 22, 8000, 3, 2, 0.3, 0.03),
                    ("c3", 23, 16000, 7, 4, 0.4, 0.05)]
 # (data, --mode, steps, batch size, learning rate, --write-grad); each stage continues the
-# previous one. The last stage trains the chat regime itself (token mode: every assistant
-# message, writes on): acknowledgements and small talk with a full memory, and questions
-# answered while the turn is being written, as dmem-chat runs.
+# previous one. The token stage trains the chat regime itself (every assistant message, writes
+# on): without it, a memory full of facts made the model answer "Your name is …" to
+# "Hello, my name is Lena." — acknowledgements and small talk were never trained.
 CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full"),
                     ("c2", "history", 250, 32, 3e-3, "state"),
                     ("c3", "history", 250, 32, 3e-3, "state"),
-                    ("c3", "token", 250, 16, 2e-3, "full")]
+                    ("c3", "token", 200, 16, 2e-3, "full"),
+                    ("c3", "history", 600, 32, 2e-3, "state")]
 
 
 def render(messages: list[dict]) -> str:
