@@ -116,7 +116,7 @@ def stage_data(work: Path, seed: int, pretrain_episodes: int) -> None:
                     extra += persona.question_turn(rng, person)
             messages = [m for c in conversations for m in c] + extra
             f.write(json.dumps({"text": render(messages)}) + "\n")
-    # δ data, a curriculum (CURRICULUM): one fact group in one conversation first (the read-out
+    # δ data, a curriculum (CURRICULUM_DATA): one fact group in one conversation first (the read-out
     # learns a code for each of the ~230 fact values), then longer and longer histories. Many
     # final turns ask "What do you know about me?": one read pass, a target for every fact.
     for name, offset, n, groups, conversations, summary, small_talk in CURRICULUM_DATA:
@@ -207,11 +207,8 @@ def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: flo
     import mlx.optimizers as optim
     import numpy as np
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import load_tokenizer
+    from mlx_lm.utils import _get_classes, load_tokenizer
     from tqdm import tqdm
-
-    from mlx_lm.utils import _get_classes
-
 
     tokenizer = load_tokenizer(work / "tokenizer")
     texts = [json.loads(line)["text"] for line in open(work / "pretrain.jsonl")]
