@@ -55,35 +55,49 @@ def matrix_lines(matrix: np.ndarray, scale: float) -> list[Text]:
     return lines
 
 
+def _layer_block(matrices: list[np.ndarray], scale: float, width: int) -> list[Text]:
+    """One layer's heads side by side, wrapped onto more lines when they do not fit `width`."""
+    r = matrices[0].shape[1]
+    per_line = max(1, min(len(matrices), (width + 1) // (r + 1)))
+    lines: list[Text] = []
+    for start in range(0, len(matrices), per_line):
+        pictures = [matrix_lines(m, scale) for m in matrices[start:start + per_line]]
+        for y in range(max(len(p) for p in pictures)):
+            line = Text()
+            for h, picture in enumerate(pictures):
+                if h:
+                    line.append(" ")
+                line.append_text(picture[y] if y < len(picture) else Text(" " * r))
+            lines.append(line)
+    return lines
+
+
 def state_heatmap(layer_states: Mapping[int, np.ndarray], width: int = 36) -> Text:
-    """All layers' states as a grid of small heatmaps, `L{i}` above each, fitting `width` cells."""
+    """All layers' states as a grid of small heatmaps, `L{i}` above each, fitting `width` cells.
+
+    Layers sit side by side while they fit; a layer with many heads wraps its heads onto
+    several lines.
+    """
     if not layer_states:
         return Text("no δ layers", style="dim")
     layers = sorted(layer_states)
     blocks = {i: _as_matrices(layer_states[i]) for i in layers}
     scale = max((float(np.max(np.abs(m))) for ms in blocks.values() for m in ms), default=0.0)
-    cell = max(sum(m.shape[1] for m in blocks[i]) + len(blocks[i]) - 1 for i in layers)
+    drawn = {i: _layer_block(blocks[i], scale, width) for i in layers}
+    cell = max(max(len(line) for line in drawn[i]) for i in layers)
     cell = max(cell, len(f"L{layers[-1]}"))
     per_row = max(1, (width + 1) // (cell + 1))
     out = Text()
     for start in range(0, len(layers), per_row):
         group = layers[start:start + per_row]
         out.append(" ".join(f"L{i}".ljust(cell) for i in group).rstrip() + "\n", style="dim")
-        pictures = {i: [matrix_lines(m, scale) for m in blocks[i]] for i in group}
-        height = max(len(heads[0]) for heads in pictures.values())
-        for y in range(height):
+        for y in range(max(len(drawn[i]) for i in group)):
             for n, i in enumerate(group):
                 if n:
                     out.append(" ")
-                drawn = 0
-                for h, head in enumerate(pictures[i]):
-                    if h:
-                        out.append(" ")
-                        drawn += 1
-                    if y < len(head):
-                        out.append_text(head[y])
-                        drawn += len(head[y])
-                out.append(" " * (cell - drawn))
+                line = drawn[i][y] if y < len(drawn[i]) else Text()
+                out.append_text(line)
+                out.append(" " * (cell - len(line)))
             out.append("\n")
     out.append(f"scale ±{scale:.3g}", style="dim")
     return out

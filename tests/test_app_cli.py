@@ -127,6 +127,11 @@ def test_state_heatmap_draws_every_layer_and_head():
     assert max(len(line) for line in lines) <= 40
     cells = sum(line.count("▀") for line in lines)
     assert cells == 5 * 2 * 8 * 4  # layers × heads × columns × (rows / 2)
+    # eight heads (the demo) do not fit one line of a 36-cell panel: they wrap, nothing is lost
+    wide = {i: np.random.default_rng(i).normal(size=(8, 8, 8)) for i in range(4)}
+    lines = state_heatmap(wide, width=36).plain.splitlines()
+    assert max(len(line) for line in lines) <= 36
+    assert sum(line.count("▀") for line in lines) == 4 * 8 * 8 * 4
     bars, top = layer_norms(states)
     assert len(bars.plain) == 5
     assert top == pytest.approx(max(np.linalg.norm(s) for s in states.values()), rel=1e-5)
