@@ -11,7 +11,8 @@ import pytest
 from mlx_lm.utils import load as mlx_load
 
 import dmem_mlx
-from dmem_mlx.config import DeltaMemConfig
+from dmem_mlx.adapter import attach_adapter, read_adapter, save_adapter, widen_state_heads
+from dmem_mlx.config import ConfigError, DeltaMemConfig
 from dmem_mlx.demo import persona
 from dmem_mlx.model import DeltaMemAttention, attach_delta_mem
 from dmem_mlx.tiny import make_tiny_backbone
@@ -222,6 +223,7 @@ def test_cli_trains_saves_and_resumes(backbone, tmp_path, capsys):
     ("bad_json", "not valid JSON"),
     ("no_assistant", "no assistant message"),
     ("bad_config", "unknown δ-mem config field"),
+    ("widen_alone", "--add-state-heads widens the adapter given by --init-from"),
 ])
 def test_cli_errors_are_one_line(backbone, tmp_path, capsys, problem, message):
     data = tmp_path / "data"
@@ -232,7 +234,8 @@ def test_cli_errors_are_one_line(backbone, tmp_path, capsys, problem, message):
         (data / "train.jsonl").write_text((line or json.dumps(
             {"messages": [{"role": "user", "content": "hi"},
                           {"role": "assistant", "content": "hello"}]})) + "\n")
-    extra = ["--delta-config", '{"nonsense": 1}'] if problem == "bad_config" else []
+    extra = {"bad_config": ["--delta-config", '{"nonsense": 1}'],
+             "widen_alone": ["--add-state-heads", "2"]}.get(problem, [])
     code = main(["--model", str(backbone), "--data", str(data), "--adapter-path",
                  str(tmp_path / "out"), "--iters", "1", "--no-progress", *extra])
     err = capsys.readouterr().err.strip()
@@ -250,3 +253,37 @@ def test_message_mean_training_has_finite_gradients(backbone):
     assert np.isfinite(loss.item())
     assert all(np.isfinite(np.array(g)).all() for _, g in flat)
     assert any(np.abs(np.array(g)).max() > 0 for k, g in flat if "memory_k_proj" in k)
+
+
+def test_persona_slot_weights_steer_the_question():
+    def food_share(weights):
+        rng = random.Random(1)
+        eps = [persona.episode(rng, num_groups=7, summary_rate=0, small_talk_rate=0,
+                               slot_weights=weights) for _ in range(80)]
+        return sum(e["slot"] == "food" for e in eps) / len(eps)
+
+    assert food_share({"food": 50.0}) > 0.7  # all seven groups told: food is always a choice
+    assert food_share(None) < 0.3  # uniform over the eight told slots
+
+
+def test_widened_adapter_is_the_same_model_until_trained(backbone, tmp_path):
+    model, tokenizer = dmem_model(backbone, seed=4, num_state_heads=2)
+    save_adapter(model, tmp_path / "narrow")
+    config, weights = read_adapter(tmp_path / "narrow")
+    wide_config, wide_weights = widen_state_heads(config, weights, extra=3, seed=1)
+    assert wide_config.num_state_heads == 5 and wide_config.rank == config.rank
+    wide, _ = mlx_load(str(backbone))
+    attach_adapter(wide, wide_config, wide_weights)
+    tokens = mx.array([tokenizer.encode("My name is Ada. I live in Oslo. Where do I live?")])
+    outputs = []
+    for m in (model, wide):
+        m.delta_mem.reset()
+        first = m(tokens)  # writes the state
+        outputs.append((first, m(tokens)))  # reads what was written
+    for a, b in zip(*outputs):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+    assert wide.delta_mem.snapshot()["layers.0"].shape == (1, 5, config.rank, config.rank)
+    # the new heads are written (they will carry information once trained), not dead
+    assert float(mx.abs(wide.delta_mem.snapshot()["layers.0"][:, 2:]).max()) > 0
+    with pytest.raises(ConfigError):
+        widen_state_heads(config, weights, extra=0)

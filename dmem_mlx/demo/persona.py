@@ -227,8 +227,11 @@ def telling_conversations(rng: random.Random, person: Person, num_groups: int,
 
 def episode(rng: random.Random, num_groups: int | None = None,
             num_conversations: int | None = None, summary_rate: float = 0.08,
-            small_talk_rate: float = 0.1) -> dict:
+            small_talk_rate: float = 0.1, slot_weights: dict[str, float] | None = None) -> dict:
     """One person: earlier conversations, then a final conversation ending in a question turn.
+
+    The question asks about a told slot, drawn uniformly or by `slot_weights` (missing slots
+    weigh 1), unless the final turn is a summary question or small talk.
 
     Returns {"history": [conversation, ...], "messages": final conversation, "slot": the slot
     asked (or "summary" / "small_talk"), "facts": the person's facts}.
@@ -248,7 +251,8 @@ def episode(rng: random.Random, num_groups: int | None = None,
         slot = "summary"
         final += question_turn(rng, person, "summary")
     else:
-        slot = rng.choice(person.told)
+        weights = [(slot_weights or {}).get(s, 1.0) for s in person.told]
+        slot = rng.choices(person.told, weights)[0] if slot_weights else rng.choice(person.told)
         final += question_turn(rng, person, slot)
     return {"history": history, "messages": final, "slot": slot, "facts": dict(person.facts)}
 
