@@ -71,18 +71,24 @@ DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads
                 "state_update_mode": "no_lambda", "beta_bias_init": -2.0,
                 "output_init": "random", "online_gain": 0.05}
 # (directory, seed offset, train episodes, max fact groups, max conversations, share of
-#  "what do you know about me?" questions, share of small-talk final turns)
-CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0), ("c2", 22, 8000, 3, 2, 0.3, 0.03),
-                   ("c3", 23, 16000, 7, 4, 0.4, 0.05)]
-# (data, --mode, steps, batch size, learning rate, --write-grad); each stage continues the
-# previous one. The token stage trains the chat regime itself (every assistant message, writes
-# on): without it, a memory full of facts made the model answer "Your name is …" to
-# "Hello, my name is Lena." — acknowledgements and small talk were never trained.
-CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full"),
-                    ("c2", "history", 250, 32, 3e-3, "state"),
-                    ("c3", "history", 250, 32, 3e-3, "state"),
-                    ("c3", "token", 200, 16, 2e-3, "full"),
-                    ("c3", "history", 600, 32, 2e-3, "state")]
+#  "what do you know about me?" questions, share of small-talk final turns, question weights
+#  by slot). c4 asks more often about the slots the c3 stages left weakest (food, name, pet,
+#  city): on all seven groups the read-out had traded them for the others.
+SLOW_SLOTS = {"food": 4.0, "name": 3.0, "pet": 3.0, "city": 3.0}
+CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0, None), ("c2", 22, 8000, 3, 2, 0.3, 0.03, None),
+                   ("c3", 23, 16000, 7, 4, 0.4, 0.05, None),
+                   ("c4", 24, 16000, 7, 4, 0.3, 0.05, SLOW_SLOTS)]
+# (data, --mode, steps, batch size, learning rate, --write-grad, --add-state-heads); each stage
+# continues the previous one. The token stage trains the chat regime itself (every assistant
+# message, writes on): without it, a memory full of facts made the model answer "Your name is …"
+# to "Hello, my name is Lena." — acknowledgements and small talk were never trained. The last
+# stage widens the state from four heads to eight (the new ones start silent) and trains on c4.
+CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full", 0),
+                    ("c2", "history", 250, 32, 3e-3, "state", 0),
+                    ("c3", "history", 250, 32, 3e-3, "state", 0),
+                    ("c3", "token", 200, 16, 2e-3, "full", 0),
+                    ("c3", "history", 600, 32, 2e-3, "state", 0),
+                    ("c4", "history", 400, 32, 2e-3, "state", 4)]
 
 
 def render(messages: list[dict]) -> str:
@@ -119,7 +125,7 @@ def stage_data(work: Path, seed: int, pretrain_episodes: int) -> None:
     # δ data, a curriculum (CURRICULUM_DATA): one fact group in one conversation first (the read-out
     # learns a code for each of the ~230 fact values), then longer and longer histories. Many
     # final turns ask "What do you know about me?": one read pass, a target for every fact.
-    for name, offset, n, groups, conversations, summary, small_talk in CURRICULUM_DATA:
+    for name, offset, n, groups, conversations, summary, small_talk, weights in CURRICULUM_DATA:
         (work / name).mkdir(exist_ok=True)
         rng = random.Random(seed + offset)
         for split, count in (("train", n), ("valid", 96)):
@@ -128,7 +134,8 @@ def stage_data(work: Path, seed: int, pretrain_episodes: int) -> None:
                     ep = persona.episode(rng, num_groups=rng.randint(1, groups),
                                          num_conversations=rng.randint(1, conversations),
                                          summary_rate=summary if split == "train" else 0.0,
-                                         small_talk_rate=small_talk if split == "train" else 0.0)
+                                         small_talk_rate=small_talk if split == "train" else 0.0,
+                                         slot_weights=weights)
                     f.write(json.dumps({"history": ep["history"], "messages": ep["messages"]})
                             + "\n")
     print(f"data: {pretrain_episodes} pretraining documents, δ curriculum "
@@ -301,7 +308,8 @@ def stage_adapter(work: Path, seed: int) -> None:
     import subprocess
 
     previous = None
-    for i, (data, mode, steps, batch_size, lr, write_grad) in enumerate(CURRICULUM_TRAIN):
+    for i, (data, mode, steps, batch_size, lr, write_grad, add_heads) in enumerate(
+            CURRICULUM_TRAIN):
         out = work / ("model" if i == len(CURRICULUM_TRAIN) - 1 else f"adapter_{i + 1}_{data}")
         cmd = [sys.executable, "-m", "dmem_mlx.train", "--model", str(work / "backbone"),
                "--data", str(work / data), "--adapter-path", str(out), "--mode", mode,
@@ -311,6 +319,7 @@ def stage_adapter(work: Path, seed: int) -> None:
                "--save-every", "100"]
         cmd += ["--init-from", str(previous)] if previous else [
             "--delta-config", json.dumps(DELTA_CONFIG)]
+        cmd += ["--add-state-heads", str(add_heads)] if add_heads else []
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
         previous = out
