@@ -4,14 +4,15 @@ What the demo is: a small *domain* model, not a general assistant. A ~3.7M-param
 architecture backbone is trained from scratch on a synthetic chat domain (dmem_mlx/demo/
 persona.py: people tell the assistant their name, city, job, pet, travel plans, favourite food
 and hobby over several conversations, with small talk between, and ask about them later).
-The backbone is then frozen and a δ-mem adapter (four 8×8 state heads per layer, token writes,
-the pure delta rule) is trained on it by `python -m dmem_mlx.train` with the paper's history
-recipe: earlier conversations are written into the δ state, the question turn is read in a
-fresh context with writes off, the loss is on the answer. A curriculum (CURRICULUM_DATA /
-CURRICULUM_TRAIN) goes from one fact in one conversation to seven over four.
+The backbone is then frozen and a δ-mem adapter (8×8 state heads, token writes, the pure delta
+rule) is trained on it by `python -m dmem_mlx.train` with the paper's history recipe: earlier
+conversations are written into the δ state, the question turn is read in a fresh context with
+writes off, the loss is on the answer. A curriculum (CURRICULUM_DATA / CURRICULUM_TRAIN) goes
+from one fact in one conversation to seven over four, with four state heads per layer; the
+last two stages widen the state to eight heads.
 
 Stages (each can be run alone; `all` runs them in order):
-    data       synthetic chats → WORK/pretrain.jsonl, WORK/c{1,2,3}/{train,valid}.jsonl
+    data       synthetic chats → WORK/pretrain.jsonl, WORK/c{1,2,3,4}/{train,valid}.jsonl
     tokenizer  sentencepiece BPE trained on them → a tokenizer.json mlx-lm/transformers load
     backbone   the Qwen3 backbone trained from scratch with MLX → WORK/backbone
     adapter    the δ adapter on the frozen backbone (python -m dmem_mlx.train) → WORK/model
@@ -24,9 +25,13 @@ Run with OpenBLAS for speed:
 Findings while building (2-core x86 CPU, fp32 + OpenBLAS): a frozen-backbone δ read-out learns
 one fact kind quickly (a name told in one message: 100 % recall after 50 steps) but needs to
 see each of the ~230 fact values many times, so the curriculum starts with single facts and
-batches of 32; with all eight facts over four conversations it keeps improving slowly. This
-backbone does not copy facts from its own context (in-context recall stays low), which the
-recall evaluation's condition (c) shows.
+batches of 32; with all eight facts over four conversations it keeps improving slowly. With
+four heads per layer the write gates saturate (0 or 1 per token and head) and the slots share
+heads: food values were written by a single head, almost identically, and recall of food, names,
+pets and cities stalled while more steps did not move them. Widening to eight heads (new heads
+start silent, with open gradients) and asking more often about those slots unstuck names and
+cities. This backbone does not copy facts from its own context (in-context recall stays low),
+which the recall evaluation's condition (c) shows.
 
 Figures for the shipped demo (2-core x86 CPU, fp32 + OpenBLAS, cores shared with evaluation
 runs; tokens/s count every token of the written histories and read turns):
@@ -38,7 +43,9 @@ runs; tokens/s count every token of the written histories and read turns):
                                       250 of a 600-step schedule; here a 250-step schedule)
     δ c3 token, 200 steps             9.3 min, 1,123 tokens/s, peak 3.8 GB
     δ c3 history, 600 steps           37 min, 1,602 tokens/s, peak 5.5 GB
-    in all                            ~93 min
+    δ c4 history, 400 steps, 8 heads  41 min, 949 tokens/s, peak 11.5 GB
+    δ c4 history, 400 steps           43 min, 936 tokens/s, peak 11.3 GB
+    in all                            ~3 h (δ stages ~160 min)
 Recall of the shipped demo: see README.md ("The demo model"); benchmarks/recall_eval.py
 measures it.
 """
@@ -65,8 +72,9 @@ BACKBONE = {
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "rms_norm_eps": 1e-6,
     "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True,
 }
-# Four 8×8 state heads per layer (the paper's MSW shape) and the pure delta rule (no decay, so
-# a fact told 300 tokens ago is still there); the read-out corrects the attention output only.
+# Four 8×8 state heads per layer to start (the paper's MSW shape; the c4 stages widen it to
+# eight) and the pure delta rule (no decay, so a fact told 300 tokens ago is still there); the
+# read-out corrects the attention output only.
 DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads": 4,
                 "state_update_mode": "no_lambda", "beta_bias_init": -2.0,
                 "output_init": "random", "online_gain": 0.05}
@@ -81,14 +89,16 @@ CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0, None), ("c2", 22, 8000, 3, 2
 # (data, --mode, steps, batch size, learning rate, --write-grad, --add-state-heads); each stage
 # continues the previous one. The token stage trains the chat regime itself (every assistant
 # message, writes on): without it, a memory full of facts made the model answer "Your name is …"
-# to "Hello, my name is Lena." — acknowledgements and small talk were never trained. The last
-# stage widens the state from four heads to eight (the new ones start silent) and trains on c4.
+# to "Hello, my name is Lena." — acknowledgements and small talk were never trained. The c4
+# stages widen the state from four heads to eight (the new ones start silent: the same model,
+# more room) and train on questions weighted toward the slots the four heads had dropped.
 CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full", 0),
                     ("c2", "history", 250, 32, 3e-3, "state", 0),
                     ("c3", "history", 250, 32, 3e-3, "state", 0),
                     ("c3", "token", 200, 16, 2e-3, "full", 0),
                     ("c3", "history", 600, 32, 2e-3, "state", 0),
-                    ("c4", "history", 400, 32, 2e-3, "state", 4)]
+                    ("c4", "history", 400, 32, 2e-3, "state", 4),
+                    ("c4", "history", 400, 32, 2e-3, "state", 0)]
 
 
 def render(messages: list[dict]) -> str:
