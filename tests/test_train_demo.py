@@ -117,5 +117,19 @@ def test_demo_recalls_from_memory_only():
                 session.read_only = True
                 reply = "".join(c.text for c in session.reply(question, max_tokens=16))
                 hits[condition] += persona.exact_match(reply, slot, person.facts[slot])
-    assert hits["memory"] >= 0.3 * asked and hits["memory"] >= hits["reset"] + 0.2 * asked, \
+    assert hits["memory"] >= 0.5 * asked and hits["memory"] >= hits["reset"] + 0.4 * asked, \
         (hits, asked)
+
+
+def test_build_script_describes_the_shipped_adapter():
+    """The curriculum in tools/build_demo.py ends in the adapter shape that is shipped."""
+    from dmem_mlx.config import DeltaMemConfig
+
+    build = build_demo_module()
+    data_dirs = {row[0] for row in build.CURRICULUM_DATA}
+    assert all(stage[0] in data_dirs for stage in build.CURRICULUM_TRAIN)
+    assert build.CURRICULUM_TRAIN[0][-1] == 0  # the first stage starts from DELTA_CONFIG
+    shipped = DeltaMemConfig.load(DEMO_DIR)
+    heads = build.DELTA_CONFIG["num_state_heads"] + sum(s[-1] for s in build.CURRICULUM_TRAIN)
+    assert shipped.num_state_heads == heads
+    assert shipped.rank == build.DELTA_CONFIG["rank"]
