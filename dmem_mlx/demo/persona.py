@@ -251,8 +251,10 @@ def episode(rng: random.Random, num_groups: int | None = None,
         slot = "summary"
         final += question_turn(rng, person, "summary")
     else:
-        weights = [(slot_weights or {}).get(s, 1.0) for s in person.told]
-        slot = rng.choices(person.told, weights)[0] if slot_weights else rng.choice(person.told)
+        if slot_weights:  # (rng.choice without weights keeps the older data sets identical)
+            slot = rng.choices(person.told, [slot_weights.get(s, 1.0) for s in person.told])[0]
+        else:
+            slot = rng.choice(person.told)
         final += question_turn(rng, person, slot)
     return {"history": history, "messages": final, "slot": slot, "facts": dict(person.facts)}
 
