@@ -62,12 +62,12 @@ def _layer_block(matrices: list[np.ndarray], scale: float, width: int) -> list[T
     lines: list[Text] = []
     for start in range(0, len(matrices), per_line):
         pictures = [matrix_lines(m, scale) for m in matrices[start:start + per_line]]
-        for y in range(max(len(p) for p in pictures)):
+        for y in range(len(pictures[0])):  # a layer's heads all have the same shape
             line = Text()
             for h, picture in enumerate(pictures):
                 if h:
                     line.append(" ")
-                line.append_text(picture[y] if y < len(picture) else Text(" " * r))
+                line.append_text(picture[y])
             lines.append(line)
     return lines
 

@@ -133,8 +133,7 @@ def prepare_model(args: argparse.Namespace):
     import mlx.core as mx
     from mlx_lm.utils import load as mlx_load
 
-    from .adapter import (attach_adapter, is_adapter_dir, load_adapter, read_adapter,
-                          widen_state_heads)
+    from .adapter import attach_adapter, is_adapter_dir, read_adapter, widen_state_heads
     from .hub import resolve_model_path
     from .model import attach_delta_mem, load_delta_parameters
     from .utils import cast_floats, on_cpu
@@ -149,12 +148,11 @@ def prepare_model(args: argparse.Namespace):
     if init_dir is not None:
         if not is_adapter_dir(init_dir):
             raise TrainError(f"{init_dir} holds no δ-mem adapter")
+        config, weights = read_adapter(init_dir)
         if args.add_state_heads:
-            config, weights = read_adapter(init_dir)
-            attach_adapter(model, *widen_state_heads(config, weights, args.add_state_heads,
-                                                     seed=args.seed))
-        else:
-            load_adapter(model, init_dir)
+            config, weights = widen_state_heads(config, weights, args.add_state_heads,
+                                                seed=args.seed)
+        attach_adapter(model, config, weights)
     else:
         config = delta_config_from_args(args)
         bases = {i: base_projection_weights(layer.self_attn) for i, layer in
@@ -207,11 +205,11 @@ def run(args: argparse.Namespace) -> dict:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1")
     if args.learning_rate <= 0:
         raise TrainError("--learning-rate must be > 0")
+    if args.add_state_heads < 0:
+        raise TrainError("--add-state-heads must be >= 0")
     if args.add_state_heads and (not args.init_from or args.resume):
         raise TrainError("--add-state-heads widens the adapter given by --init-from "
                          "(and not with --resume)")
-    if args.add_state_heads < 0:
-        raise TrainError("--add-state-heads must be >= 0")
     out = Path(args.adapter_path)
     if args.resume and not (out / "trainer_state.json").is_file():
         raise TrainError(f"--resume: {out} holds no checkpoint to resume from")
