@@ -55,7 +55,7 @@ def test_sampled_eos_is_never_written(tiny_dir):
     model.delta_mem.reset()
     model(mx.array([prompt + reply]))
     for k, v in states(model).items():
-        np.testing.assert_allclose(got[k], v, atol=1e-5)
+        np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_eos_as_first_token_leaves_only_the_prompt(tiny_dir):
@@ -69,7 +69,7 @@ def test_eos_as_first_token_leaves_only_the_prompt(tiny_dir):
     model.delta_mem.reset()
     model(mx.array([prompt]))
     for k, v in states(model).items():
-        np.testing.assert_allclose(got[k], v, atol=1e-5)
+        np.testing.assert_allclose(got[k], v, rtol=1e-4, atol=1e-5)
 
 
 def test_memory_carries_across_generate_calls_until_reset(tiny_dir):
