@@ -266,6 +266,17 @@ def test_persona_slot_weights_steer_the_question():
     assert food_share(None) < 0.3  # uniform over the eight told slots
 
 
+def test_persona_only_limits_what_is_told():
+    rng = random.Random(2)
+    for _ in range(40):
+        ep = persona.episode(rng, num_groups=3, summary_rate=0, small_talk_rate=0,
+                             only=("food", "pet"))
+        told = " ".join(m["content"] for c in ep["history"] for m in c if m["role"] == "user")
+        assert ep["slot"] in ("food", "pet", "pet_name")
+        assert ep["facts"]["food"] in told and ep["facts"]["pet_name"] in told
+        assert ep["facts"]["name"] not in told and ep["facts"]["city"] not in told
+
+
 def test_widened_adapter_is_the_same_model_until_trained(backbone, tmp_path):
     model, tokenizer = dmem_model(backbone, seed=4, num_state_heads=2)
     save_adapter(model, tmp_path / "narrow")

@@ -195,9 +195,13 @@ def question_turn(rng: random.Random, person: Person, slot: str | None = None) -
 
 
 def telling_conversations(rng: random.Random, person: Person, num_groups: int,
-                          num_conversations: int, updates: bool = True) -> list[list[dict]]:
-    """Conversations telling `num_groups` fact groups (random order), small talk between."""
-    groups = rng.sample(GROUPS, num_groups)
+                          num_conversations: int, updates: bool = True,
+                          only: tuple[str, ...] | None = None) -> list[list[dict]]:
+    """Conversations telling `num_groups` fact groups (random order), small talk between;
+    `only` limits the groups to those holding these slots."""
+    pool = GROUPS if only is None else [g for g in GROUPS if g[0] in only]
+    groups = rng.sample(pool, min(num_groups, len(pool)))
+    num_groups = len(groups)
     # The name is told first when it is told at all: people introduce themselves.
     if ("name",) in groups:
         groups.remove(("name",))
@@ -227,11 +231,13 @@ def telling_conversations(rng: random.Random, person: Person, num_groups: int,
 
 def episode(rng: random.Random, num_groups: int | None = None,
             num_conversations: int | None = None, summary_rate: float = 0.08,
-            small_talk_rate: float = 0.1, slot_weights: dict[str, float] | None = None) -> dict:
+            small_talk_rate: float = 0.1, slot_weights: dict[str, float] | None = None,
+            only: tuple[str, ...] | None = None) -> dict:
     """One person: earlier conversations, then a final conversation ending in a question turn.
 
     The question asks about a told slot, drawn uniformly or by `slot_weights` (missing slots
-    weigh 1), unless the final turn is a summary question or small talk.
+    weigh 1), unless the final turn is a summary question or small talk. `only` limits what is
+    told to the fact groups of these slots.
 
     Returns {"history": [conversation, ...], "messages": final conversation, "slot": the slot
     asked (or "summary" / "small_talk"), "facts": the person's facts}.
@@ -239,7 +245,7 @@ def episode(rng: random.Random, num_groups: int | None = None,
     person = random_person(rng)
     num_groups = num_groups or rng.randint(1, len(GROUPS))
     num_conversations = num_conversations or rng.randint(1, 4)
-    history = telling_conversations(rng, person, num_groups, num_conversations)
+    history = telling_conversations(rng, person, num_groups, num_conversations, only=only)
     final: list[dict] = []
     if rng.random() < 0.3:
         final += _small_talk(rng)
