@@ -9,10 +9,10 @@ rule) is trained on it by `python -m dmem_mlx.train` with the paper's history re
 conversations are written into the δ state, the question turn is read in a fresh context with
 writes off, the loss is on the answer. A curriculum (CURRICULUM_DATA / CURRICULUM_TRAIN) goes
 from one fact in one conversation to seven over four, with four state heads per layer; the
-last two stages widen the state to eight heads.
+c4 stages widen the state to eight heads, and the last three stages teach food back.
 
 Stages (each can be run alone; `all` runs them in order):
-    data       synthetic chats → WORK/pretrain.jsonl, WORK/c{1,2,3,4}/{train,valid}.jsonl
+    data       synthetic chats → WORK/pretrain.jsonl, WORK/{c1..c6,food}/{train,valid}.jsonl
     tokenizer  sentencepiece BPE trained on them → a tokenizer.json mlx-lm/transformers load
     backbone   the Qwen3 backbone trained from scratch with MLX → WORK/backbone
     adapter    the δ adapter on the frozen backbone (python -m dmem_mlx.train) → WORK/model
@@ -30,8 +30,16 @@ four heads per layer the write gates saturate (0 or 1 per token and head) and th
 heads: food values were written by a single head, almost identically, and recall of food, names,
 pets and cities stalled while more steps did not move them. Widening to eight heads (new heads
 start silent, with open gradients) and asking more often about those slots unstuck names and
-cities. This backbone does not copy facts from its own context (in-context recall stays low),
-which the recall evaluation's condition (c) shows.
+cities, but food stayed at chance (3 %) through 800 more steps at eight heads, and through 200
+more asking about food ten times as often as about most slots (at eight heads, or widened to
+twelve).
+Trained on food alone (one fact told, the food question) the same adapter learns it in 60 steps
+(100 % on validation) and forgets the rest. Mixed back in, food stays (89 %) and the others
+recover (names less: 42 %). The answers "Your name is …", "Your hobby is …" and "Your
+favorite food is …" end in the same token, and the first layer's query sees only that token:
+our best explanation of why those slots compete for one read-out.
+This backbone does not copy facts from its own context (in-context recall stays low), which
+the recall evaluation's condition (c) shows.
 
 Figures for the shipped demo (2-core x86 CPU, fp32 + OpenBLAS, cores shared with evaluation
 runs; tokens/s count every token of the written histories and read turns):
@@ -45,7 +53,10 @@ runs; tokens/s count every token of the written histories and read turns):
     δ c3 history, 600 steps           37 min, 1,602 tokens/s, peak 5.5 GB
     δ c4 history, 400 steps, 8 heads  41 min, 949 tokens/s, peak 11.5 GB
     δ c4 history, 400 steps           43 min, 936 tokens/s, peak 11.3 GB
-    in all                            ~3 h (δ stages ~160 min)
+    δ food history, 60 steps          0.6 min, ~2,100 tokens/s, peak 1.1 GB
+    δ c5 history, 100 steps           11 min, ~880 tokens/s, peak 10.5 GB
+    δ c6 history, 300 steps           39 min, ~760 tokens/s, peak 10.7 GB
+    in all                            ~4 h (δ stages ~210 min)
 Recall of the shipped demo: see README.md ("The demo model"); benchmarks/recall_eval.py
 measures it.
 """
@@ -80,25 +91,37 @@ DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads
                 "output_init": "random", "online_gain": 0.05}
 # (directory, seed offset, train episodes, max fact groups, max conversations, share of
 #  "what do you know about me?" questions, share of small-talk final turns, question weights
-#  by slot). c4 asks more often about the slots the c3 stages left weakest (food, name, pet,
-#  city): on all seven groups the read-out had traded them for the others.
+#  by slot, only these slots told). c4 asks more often about the slots the c3 stages left
+#  weakest (food, name, pet, city): on all seven groups the read-out had traded them for the
+#  others. "food" tells only the food; c5 and c6: see CURRICULUM_TRAIN.
 SLOW_SLOTS = {"food": 4.0, "name": 3.0, "pet": 3.0, "city": 3.0}
-CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0, None), ("c2", 22, 8000, 3, 2, 0.3, 0.03, None),
-                   ("c3", 23, 16000, 7, 4, 0.4, 0.05, None),
-                   ("c4", 24, 16000, 7, 4, 0.3, 0.05, SLOW_SLOTS)]
+FOOD_PET_SLOTS = {"food": 10.0, "pet": 6.0, "name": 2.0, "city": 2.0}
+SHARED_QUERY_SLOTS = {"food": 3.0, "name": 3.0, "hobby": 3.0, "pet": 3.0, "city": 2.0}
+CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0, None, None),
+                   ("c2", 22, 8000, 3, 2, 0.3, 0.03, None, None),
+                   ("c3", 23, 16000, 7, 4, 0.4, 0.05, None, None),
+                   ("c4", 24, 16000, 7, 4, 0.3, 0.05, SLOW_SLOTS, None),
+                   ("food", 26, 3000, 1, 1, 0.0, 0.0, None, ("food",)),
+                   ("c5", 25, 16000, 7, 4, 0.2, 0.05, FOOD_PET_SLOTS, None),
+                   ("c6", 27, 16000, 7, 4, 0.2, 0.05, SHARED_QUERY_SLOTS, None)]
 # (data, --mode, steps, batch size, learning rate, --write-grad, --add-state-heads); each stage
 # continues the previous one. The token stage trains the chat regime itself (every assistant
 # message, writes on): without it, a memory full of facts made the model answer "Your name is …"
 # to "Hello, my name is Lena." — acknowledgements and small talk were never trained. The c4
 # stages widen the state from four heads to eight (the new ones start silent: the same model,
-# more room) and train on questions weighted toward the slots the four heads had dropped.
+# more room) and train on questions weighted toward the slots the four heads had dropped. Food
+# never came back that way: the food stage learns it alone (and forgets the rest), c5 keeps it
+# while the others return, c6 balances the slots whose answers share the query token " is".
 CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full", 0),
                     ("c2", "history", 250, 32, 3e-3, "state", 0),
                     ("c3", "history", 250, 32, 3e-3, "state", 0),
                     ("c3", "token", 200, 16, 2e-3, "full", 0),
                     ("c3", "history", 600, 32, 2e-3, "state", 0),
                     ("c4", "history", 400, 32, 2e-3, "state", 4),
-                    ("c4", "history", 400, 32, 2e-3, "state", 0)]
+                    ("c4", "history", 400, 32, 2e-3, "state", 0),
+                    ("food", "history", 60, 16, 2e-3, "state", 0),
+                    ("c5", "history", 100, 32, 2e-3, "state", 0),
+                    ("c6", "history", 300, 32, 2e-3, "state", 0)]
 
 
 def render(messages: list[dict]) -> str:
@@ -135,7 +158,8 @@ def stage_data(work: Path, seed: int, pretrain_episodes: int) -> None:
     # δ data, a curriculum (CURRICULUM_DATA): one fact group in one conversation first (the read-out
     # learns a code for each of the ~230 fact values), then longer and longer histories. Many
     # final turns ask "What do you know about me?": one read pass, a target for every fact.
-    for name, offset, n, groups, conversations, summary, small_talk, weights in CURRICULUM_DATA:
+    for (name, offset, n, groups, conversations, summary, small_talk, weights,
+         only) in CURRICULUM_DATA:
         (work / name).mkdir(exist_ok=True)
         rng = random.Random(seed + offset)
         for split, count in (("train", n), ("valid", 96)):
@@ -145,7 +169,7 @@ def stage_data(work: Path, seed: int, pretrain_episodes: int) -> None:
                                          num_conversations=rng.randint(1, conversations),
                                          summary_rate=summary if split == "train" else 0.0,
                                          small_talk_rate=small_talk if split == "train" else 0.0,
-                                         slot_weights=weights)
+                                         slot_weights=weights, only=only)
                     f.write(json.dumps({"history": ep["history"], "messages": ep["messages"]})
                             + "\n")
     print(f"data: {pretrain_episodes} pretraining documents, δ curriculum "
