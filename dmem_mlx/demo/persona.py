@@ -199,7 +199,7 @@ def telling_conversations(rng: random.Random, person: Person, num_groups: int,
                           only: tuple[str, ...] | None = None) -> list[list[dict]]:
     """Conversations telling `num_groups` fact groups (random order), small talk between;
     `only` limits the groups to those holding these slots."""
-    pool = GROUPS if only is None else [g for g in GROUPS if g[0] in only]
+    pool = GROUPS if only is None else [g for g in GROUPS if set(g) & set(only)]
     groups = rng.sample(pool, min(num_groups, len(pool)))
     num_groups = len(groups)
     # The name is told first when it is told at all: people introduce themselves.
