@@ -9,10 +9,10 @@ rule) is trained on it by `python -m dmem_mlx.train` with the paper's history re
 conversations are written into the δ state, the question turn is read in a fresh context with
 writes off, the loss is on the answer. A curriculum (CURRICULUM_DATA / CURRICULUM_TRAIN) goes
 from one fact in one conversation to seven over four, with four state heads per layer; the
-c4 stages widen the state to eight heads, and the last three stages teach food back.
+c4 stages widen the state to eight heads, and the last four stages teach food back.
 
 Stages (each can be run alone; `all` runs them in order):
-    data       synthetic chats → WORK/pretrain.jsonl, WORK/{c1..c6,food}/{train,valid}.jsonl
+    data       synthetic chats → WORK/pretrain.jsonl, WORK/{c1..c7,food}/{train,valid}.jsonl
     tokenizer  sentencepiece BPE trained on them → a tokenizer.json mlx-lm/transformers load
     backbone   the Qwen3 backbone trained from scratch with MLX → WORK/backbone
     adapter    the δ adapter on the frozen backbone (python -m dmem_mlx.train) → WORK/model
@@ -35,7 +35,7 @@ more asking about food ten times as often as about most slots (at eight heads, o
 twelve).
 Trained on food alone (one fact told, the food question) the same adapter learns it in 60 steps
 (100 % on validation) and forgets the rest. Mixed back in, food stays (89 %) and the others
-recover (names less: 42 %). The answers "Your name is …", "Your hobby is …" and "Your
+recover (names least: 42 %, 60 % after a short stage weighted toward names and jobs). The answers "Your name is …", "Your hobby is …" and "Your
 favorite food is …" end in the same token, and the first layer's query sees only that token:
 our best explanation of why those slots compete for one read-out.
 This backbone does not copy facts from its own context (in-context recall stays low), which
@@ -56,7 +56,8 @@ runs; tokens/s count every token of the written histories and read turns):
     δ food history, 60 steps          0.6 min, ~2,100 tokens/s, peak 1.1 GB
     δ c5 history, 100 steps           11 min, ~880 tokens/s, peak 10.5 GB
     δ c6 history, 300 steps           39 min, ~760 tokens/s, peak 10.7 GB
-    in all                            ~4 h (δ stages ~210 min)
+    δ c7 history, 100 steps           11 min, 943 tokens/s, peak 10.0 GB
+    in all                            ~4 h (δ stages ~220 min)
 Recall of the shipped demo: see README.md ("The demo model"); benchmarks/recall_eval.py
 measures it.
 """
@@ -97,13 +98,15 @@ DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads
 SLOW_SLOTS = {"food": 4.0, "name": 3.0, "pet": 3.0, "city": 3.0}
 FOOD_PET_SLOTS = {"food": 10.0, "pet": 6.0, "name": 2.0, "city": 2.0}
 SHARED_QUERY_SLOTS = {"food": 3.0, "name": 3.0, "hobby": 3.0, "pet": 3.0, "city": 2.0}
+NAME_JOB_SLOTS = {"name": 6.0, "job": 3.0, "food": 2.0, "pet": 2.0}
 CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0, None, None),
                    ("c2", 22, 8000, 3, 2, 0.3, 0.03, None, None),
                    ("c3", 23, 16000, 7, 4, 0.4, 0.05, None, None),
                    ("c4", 24, 16000, 7, 4, 0.3, 0.05, SLOW_SLOTS, None),
                    ("food", 26, 3000, 1, 1, 0.0, 0.0, None, ("food",)),
                    ("c5", 25, 16000, 7, 4, 0.2, 0.05, FOOD_PET_SLOTS, None),
-                   ("c6", 27, 16000, 7, 4, 0.2, 0.05, SHARED_QUERY_SLOTS, None)]
+                   ("c6", 27, 16000, 7, 4, 0.2, 0.05, SHARED_QUERY_SLOTS, None),
+                   ("c7", 28, 8000, 7, 4, 0.2, 0.05, NAME_JOB_SLOTS, None)]
 # (data, --mode, steps, batch size, learning rate, --write-grad, --add-state-heads); each stage
 # continues the previous one. The token stage trains the chat regime itself (every assistant
 # message, writes on): without it, a memory full of facts made the model answer "Your name is …"
@@ -111,7 +114,8 @@ CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0, None, None),
 # stages widen the state from four heads to eight (the new ones start silent: the same model,
 # more room) and train on questions weighted toward the slots the four heads had dropped. Food
 # never came back that way: the food stage learns it alone (and forgets the rest), c5 keeps it
-# while the others return, c6 balances the slots whose answers share the query token " is".
+# while the others return, c6 balances the slots whose answers share the query token " is",
+# c7 (gentler) brings names and jobs back up.
 CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full", 0),
                     ("c2", "history", 250, 32, 3e-3, "state", 0),
                     ("c3", "history", 250, 32, 3e-3, "state", 0),
@@ -121,7 +125,8 @@ CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full", 0),
                     ("c4", "history", 400, 32, 2e-3, "state", 0),
                     ("food", "history", 60, 16, 2e-3, "state", 0),
                     ("c5", "history", 100, 32, 2e-3, "state", 0),
-                    ("c6", "history", 300, 32, 2e-3, "state", 0)]
+                    ("c6", "history", 300, 32, 2e-3, "state", 0),
+                    ("c7", "history", 100, 32, 1e-3, "state", 0)]
 
 
 def render(messages: list[dict]) -> str:
