@@ -35,7 +35,8 @@ more asking about food ten times as often as about most slots (at eight heads, o
 twelve).
 Trained on food alone (one fact told, the food question) the same adapter learns it in 60 steps
 (100 % on validation) and forgets the rest. Mixed back in, food stays (89 %) and the others
-recover (names least: 42 %, 60 % after a short stage weighted toward names and jobs). The answers "Your name is …", "Your hobby is …" and "Your
+recover (names least: 42 %; a short stage weighted toward names and jobs then gives names
+60 %, food 69 %). The answers "Your name is …", "Your hobby is …" and "Your
 favorite food is …" end in the same token, and the first layer's query sees only that token:
 our best explanation of why those slots compete for one read-out.
 This backbone does not copy facts from its own context (in-context recall stays low), which
