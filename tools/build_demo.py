@@ -95,7 +95,7 @@ DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads
 #  "what do you know about me?" questions, share of small-talk final turns, question weights
 #  by slot, only these slots told). c4 asks more often about the slots the c3 stages left
 #  weakest (food, name, pet, city): on all seven groups the read-out had traded them for the
-#  others. "food" tells only the food; c5 and c6: see CURRICULUM_TRAIN.
+#  others. "food" tells only the food; c5 to c7: see CURRICULUM_TRAIN.
 SLOW_SLOTS = {"food": 4.0, "name": 3.0, "pet": 3.0, "city": 3.0}
 FOOD_PET_SLOTS = {"food": 10.0, "pet": 6.0, "name": 2.0, "city": 2.0}
 SHARED_QUERY_SLOTS = {"food": 3.0, "name": 3.0, "hobby": 3.0, "pet": 3.0, "city": 2.0}
