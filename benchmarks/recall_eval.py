@@ -17,6 +17,8 @@ Conditions:
        δ memory empty: what the backbone alone does with the history in front of it
   (c+) history in the context and written into δ memory as it is read (the runtime's normal
        behaviour within one long conversation)
+  (live) as (a), but the facts were told in a live chat: the model wrote its own replies
+       (not the data set's acknowledgements) into the memory, as `dmem-chat` does
 
 Prints a table and one JSON line.  Example:
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from dmem_mlx.demo import persona  # noqa: E402
 
-EVAL_SEED = 20260501  # the demo trained on seed 0 (backbone documents) and 21–23 (δ data)
+EVAL_SEED = 20260501  # the demo trained on seed 0 (backbone documents) and 21–30 (δ data)
 
 
 def make_plan(people_per_size: int, seed: int, sizes: list[int]) -> list[dict]:
@@ -51,8 +53,10 @@ def make_plan(people_per_size: int, seed: int, sizes: list[int]) -> list[dict]:
             person = persona.random_person(rng)
             conversations = persona.telling_conversations(
                 rng, person, size, rng.randint(1, 4), updates=False)
+            told = person.told  # in telling order
             questions = [{"slot": slot, "question": rng.choice(persona.QUESTIONS[slot]),
-                          "expected": person.facts[slot]} for slot in person.told]
+                          "expected": person.facts[slot], "told_after": len(told) - 1 - i}
+                         for i, slot in enumerate(told)]
             plan.append({"groups": size, "facts": len(person.told), "conversations": conversations,
                          "questions": questions})
     return plan
@@ -69,8 +73,10 @@ def ask(session, question: str, max_tokens: int) -> str:
     return "".join(chunk.text for chunk in session.reply(question, max_tokens=max_tokens))
 
 
-def write_memories(model_path: str, plan: list[dict], work: Path) -> float:
-    """Phase 1: every person's conversations written through the runtime into a memory file."""
+def write_memories(model_path: str, plan: list[dict], work: Path, live: bool,
+                   max_tokens: int) -> float:
+    """Phase 1: every person's conversations written through the runtime into a memory file
+    (and, for the live condition, told to the model, whose own replies are written too)."""
     from dmem_mlx.runtime import ChatSession, MemoryFile
 
     model, tokenizer = load_model(model_path)
@@ -81,6 +87,17 @@ def write_memories(model_path: str, plan: list[dict], work: Path) -> float:
             for conversation in person["conversations"]:
                 session.new_conversation()
                 session.feed(conversation)
+            session.close()
+        if not live:
+            continue
+        with MemoryFile.open(work / f"person{i}.live.mem") as memory:
+            session = ChatSession(model, tokenizer, memory=memory)
+            for conversation in person["conversations"]:
+                session.new_conversation()
+                for message in conversation:
+                    if message["role"] == "user":
+                        for _ in session.reply(message["content"], max_tokens=max_tokens):
+                            pass
             session.close()
     return time.perf_counter() - start
 
@@ -96,12 +113,14 @@ def ask_all(model_path: str, plan: list[dict], work: Path, max_tokens: int,
     for i, person in enumerate(plan):
         path = work / f"person{i}.mem"
         questions = [q["question"] for q in person["questions"]]
-        if "a" in conditions:
-            with MemoryFile.open(path, read_only=True) as memory:  # the file is never changed
+        for cond, file in (("a", path), ("live", work / f"person{i}.live.mem")):
+            if cond not in conditions:
+                continue
+            with MemoryFile.open(file, read_only=True) as memory:  # the file is never changed
                 session = ChatSession(model, tokenizer, memory=memory)
                 replies = [ask(session, q, max_tokens) for q in questions]
                 session.close()
-            results["a"] += _score(person, replies, "a", examples)
+            results[cond] += _score(person, replies, cond, examples)
         if "a+" in conditions:
             with MemoryFile.open(path) as memory:  # a normal chat: questions are written
                 session = ChatSession(model, tokenizer, memory=memory)
@@ -130,7 +149,8 @@ def _score(person: dict, replies: list[str], condition: str, examples: list) -> 
     out = []
     for q, reply in zip(person["questions"], replies):
         ok = persona.exact_match(reply, q["slot"], q["expected"])
-        out.append({"groups": person["groups"], "slot": q["slot"], "ok": ok})
+        out.append({"groups": person["groups"], "slot": q["slot"], "ok": ok,
+                    "told_after": q["told_after"]})
         if len(examples) < 12 and condition == "a":
             examples.append({"q": q["question"], "expected": q["expected"], "reply": reply})
     return out
@@ -146,14 +166,18 @@ def summarize(results: dict, plan: list[dict]) -> dict:
         **{f"recall_{k}": round(rate(v), 4) for k, v in results.items()},
         "by_groups": {str(s): {k: round(rate([r for r in v if r["groups"] == s]), 4)
                                for k, v in results.items()} for s in sizes},
-        "by_slot": {slot: round(rate([r for r in results["a"] if r["slot"] == slot]), 4)
-                    for slot in persona.SLOTS if any(r["slot"] == slot for r in results["a"])}
+        **{key: {slot: round(rate([r for r in results[c] if r["slot"] == slot]), 4)
+                 for slot in persona.SLOTS if any(r["slot"] == slot for r in results[c])}
+           for key, c in (("by_slot", "a"), ("by_slot_live", "live")) if c in results},
+        # how recall falls with the age of a fact: the number of facts told after it
+        "by_told_after": {str(n): round(rate([r for r in results["a"] if r["told_after"] == n]), 4)
+                          for n in sorted({r["told_after"] for r in results["a"]})}
         if "a" in results else {},
     }
 
 
 HEADERS = {"a": "(a) δ only", "a+": "(a+) writes on", "b": "(b) reset", "c": "(c) in context",
-           "c+": "(c+) ctx + δ"}
+           "c+": "(c+) ctx + δ", "live": "(live) δ, chat"}
 
 
 def print_table(summary: dict, plan: list[dict]) -> None:
@@ -167,9 +191,13 @@ def print_table(summary: dict, plan: list[dict]) -> None:
         print(f"{size:>16} {facts[int(size)]:>5} " + " ".join(f"{row[c]:>15.1%}"
                                                              for c in conditions))
     print(f"{'all':>16} {'':>5} " + " ".join(f"{summary[f'recall_{c}']:>15.1%}"
-                                             for c in conditions))
-    if summary["by_slot"]:
-        print("\nby slot (a): " + ", ".join(f"{k} {v:.0%}" for k, v in summary["by_slot"].items()))
+                                             for c in conditions) + "\n")
+    for key, c in (("by_slot", "a"), ("by_slot_live", "live")):
+        if key in summary:
+            print(f"by slot ({c}): " + ", ".join(f"{k} {v:.0%}" for k, v in summary[key].items()))
+    if summary["by_told_after"]:
+        print("by facts told after it (a): "
+              + ", ".join(f"{k} {v:.0%}" for k, v in summary["by_told_after"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1,2,3,4,5,6,7", help="numbers of fact groups told")
     p.add_argument("--seed", type=int, default=EVAL_SEED)
     p.add_argument("--max-tokens", type=int, default=24, help="tokens per answer (24)")
-    p.add_argument("--conditions", default="a,a+,b,c,c+", help="which of a,a+,b,c,c+ to run")
+    p.add_argument("--conditions", default="a,a+,b,c,c+,live",
+                   help="which of a,a+,b,c,c+,live to run")
     p.add_argument("--work-dir", help="where the memory files go (default: a temp directory)")
     p.add_argument("--phase", choices=["all", "ask"], default="all", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -205,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     conditions = [c for c in HEADERS if c in args.conditions.split(",")]
     if not conditions or set(args.conditions.split(",")) - set(HEADERS):
-        print("error: --conditions must list some of a,a+,b,c,c+", file=sys.stderr)
+        print("error: --conditions must list some of a,a+,b,c,c+,live", file=sys.stderr)
         return 2
     plan = make_plan(args.people_per_size, args.seed, sizes)
     if args.phase == "ask":
@@ -216,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        seconds = write_memories(args.model, plan, work)
+        seconds = write_memories(args.model, plan, work, "live" in conditions, args.max_tokens)
         print(f"wrote {len(plan)} memory files in {seconds:.0f} s; restarting to ask ...",
               flush=True)
         child = [sys.executable, __file__, "--phase", "ask", "--work-dir", str(work),

@@ -133,3 +133,27 @@ def test_build_script_describes_the_shipped_adapter():
     heads = build.DELTA_CONFIG["num_state_heads"] + sum(s[-1] for s in build.CURRICULUM_TRAIN)
     assert shipped.num_state_heads == heads
     assert shipped.rank == build.DELTA_CONFIG["rank"]
+
+
+def test_recall_eval_restarts_and_reports(tmp_path):
+    """benchmarks/recall_eval.py end to end on a small plan: memory files written, a second
+    process answers from them, and the JSON line carries every breakdown."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "recall_eval.py"), "--people-per-size", "2",
+         "--sizes", "1,4", "--conditions", "a,b,live", "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["people"] == 4 and len(list(tmp_path.glob("person?.mem"))) == 4
+    assert len(list(tmp_path.glob("person?.live.mem"))) == 4  # told in a live chat
+    assert 0.0 <= summary["recall_live"] <= 1.0 and set(summary["by_slot_live"]) <= set(persona.SLOTS)
+    assert summary["recall_a"] > summary["recall_b"] + 0.3, summary
+    assert set(summary["by_groups"]) == {"1", "4"}
+    assert set(summary["by_groups"]["4"]) == {"a", "b", "live"}
+    # four groups hold four or five facts: the oldest has three or four told after it
+    assert set(summary["by_told_after"]) in ({"0", "1", "2", "3"}, {"0", "1", "2", "3", "4"})
+    assert "by facts told after it (a)" in out.stdout
