@@ -277,6 +277,33 @@ def test_persona_only_limits_what_is_told():
         assert ep["facts"]["name"] not in told and ep["facts"]["city"] not in told
 
 
+def test_persona_older_first_asks_about_early_facts():
+    def oldest_share(older_first):
+        rng = random.Random(3)
+        eps = [persona.episode(rng, num_groups=7, summary_rate=0, small_talk_rate=0,
+                               older_first=older_first) for _ in range(400)]
+        # the name is always told first when told (here: always, all seven groups are told)
+        return sum(e["slot"] == "name" for e in eps) / len(eps)
+
+    assert oldest_share(0.0) < 0.17  # uniform: 1 in 8
+    assert oldest_share(3.0) > 0.2  # the oldest of 8 weighs 22 of 92 (the newest 1): 0.24
+
+
+def test_persona_wrong_acks_name_someone_else():
+    def own_values_acked(wrong_acks):
+        rng = random.Random(4)
+        hits = 0
+        for _ in range(60):
+            ep = persona.episode(rng, num_groups=7, num_conversations=1, wrong_acks=wrong_acks)
+            acks = " ".join(m["content"] for c in ep["history"] for m in c
+                            if m["role"] == "assistant")
+            hits += sum(persona.mentioned(acks, s) == {v} for s, v in ep["facts"].items())
+        return hits
+
+    assert own_values_acked(0.0) > 100  # about 0.6 of seven acks name the fact just told
+    assert own_values_acked(1.0) < own_values_acked(0.0) / 5  # only chance coincidences left
+
+
 def test_widened_adapter_is_the_same_model_until_trained(backbone, tmp_path):
     model, tokenizer = dmem_model(backbone, seed=4, num_state_heads=2)
     save_adapter(model, tmp_path / "narrow")

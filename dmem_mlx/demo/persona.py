@@ -154,8 +154,11 @@ def _group_of(slot: str) -> tuple[str, ...]:
     return next(g for g in GROUPS if slot in g)
 
 
-def _tell_turn(rng: random.Random, person: Person, groups: list[tuple[str, ...]]) -> list[dict]:
-    """A user message telling one or two fact groups, and the assistant's acknowledgement."""
+def _tell_turn(rng: random.Random, person: Person, groups: list[tuple[str, ...]],
+               wrong_acks: float = 0.0) -> list[dict]:
+    """A user message telling one or two fact groups, and the assistant's acknowledgement,
+    which names someone else's fact with probability `wrong_acks` (as a small model's own
+    acknowledgements often do: the memory must trust what the user said)."""
     sentences = [person.fill(rng.choice(TELL[g[0]])) for g in groups]
     if rng.random() < 0.2:
         sentences.insert(0, rng.choice(["Hi!", "Hello again.", "Guess what?", "So,"]))
@@ -163,6 +166,9 @@ def _tell_turn(rng: random.Random, person: Person, groups: list[tuple[str, ...]]
         person.told.extend(s for s in g if s not in person.told)
     last = groups[-1][0]
     reply = person.fill(rng.choice(ACK[last])) if rng.random() < 0.6 else rng.choice(GENERIC_ACK)
+    if wrong_acks and rng.random() < wrong_acks:  # (no draw at 0: older data stay identical)
+        other = random_person(rng)
+        reply = other.fill(rng.choice(ACK[last]))
     return [{"role": "user", "content": " ".join(sentences)},
             {"role": "assistant", "content": reply}]
 
@@ -196,7 +202,8 @@ def question_turn(rng: random.Random, person: Person, slot: str | None = None) -
 
 def telling_conversations(rng: random.Random, person: Person, num_groups: int,
                           num_conversations: int, updates: bool = True,
-                          only: tuple[str, ...] | None = None) -> list[list[dict]]:
+                          only: tuple[str, ...] | None = None,
+                          wrong_acks: float = 0.0) -> list[list[dict]]:
     """Conversations telling `num_groups` fact groups (random order), small talk between;
     `only` limits the groups to those holding these slots."""
     pool = GROUPS if only is None else [g for g in GROUPS if set(g) & set(only)]
@@ -217,7 +224,7 @@ def telling_conversations(rng: random.Random, person: Person, num_groups: int,
         i = 0
         while i < len(part):
             take = 2 if i + 1 < len(part) and rng.random() < 0.3 else 1
-            turns += _tell_turn(rng, person, part[i:i + take])
+            turns += _tell_turn(rng, person, part[i:i + take], wrong_acks)
             i += take
             if rng.random() < 0.3:
                 turns += _small_talk(rng)
@@ -232,12 +239,15 @@ def telling_conversations(rng: random.Random, person: Person, num_groups: int,
 def episode(rng: random.Random, num_groups: int | None = None,
             num_conversations: int | None = None, summary_rate: float = 0.08,
             small_talk_rate: float = 0.1, slot_weights: dict[str, float] | None = None,
-            only: tuple[str, ...] | None = None) -> dict:
+            only: tuple[str, ...] | None = None, older_first: float = 0.0,
+            wrong_acks: float = 0.0) -> dict:
     """One person: earlier conversations, then a final conversation ending in a question turn.
 
     The question asks about a told slot, drawn uniformly or by `slot_weights` (missing slots
-    weigh 1), unless the final turn is a summary question or small talk. `only` limits what is
-    told to the fact groups of these slots.
+    weigh 1), unless the final turn is a summary question or small talk. `older_first` > 0
+    favours facts told long ago: of n told slots, the one with k slots told after it weighs
+    (1 + older_first·k) times more. `only` limits what is told to the fact groups of these slots;
+    `wrong_acks` is the share of acknowledgements naming someone else's fact.
 
     Returns {"history": [conversation, ...], "messages": final conversation, "slot": the slot
     asked (or "summary" / "small_talk"), "facts": the person's facts}.
@@ -245,7 +255,8 @@ def episode(rng: random.Random, num_groups: int | None = None,
     person = random_person(rng)
     num_groups = num_groups or rng.randint(1, len(GROUPS))
     num_conversations = num_conversations or rng.randint(1, 4)
-    history = telling_conversations(rng, person, num_groups, num_conversations, only=only)
+    history = telling_conversations(rng, person, num_groups, num_conversations, only=only,
+                                    wrong_acks=wrong_acks)
     final: list[dict] = []
     if rng.random() < 0.3:
         final += _small_talk(rng)
@@ -257,8 +268,11 @@ def episode(rng: random.Random, num_groups: int | None = None,
         slot = "summary"
         final += question_turn(rng, person, "summary")
     else:
-        if slot_weights:  # (rng.choice without weights keeps the older data sets identical)
-            slot = rng.choices(person.told, [slot_weights.get(s, 1.0) for s in person.told])[0]
+        if slot_weights or older_first:  # (rng.choice otherwise keeps older data identical)
+            n = len(person.told)
+            weights = [(slot_weights or {}).get(s, 1.0) * (1.0 + older_first * (n - 1 - i))
+                       for i, s in enumerate(person.told)]
+            slot = rng.choices(person.told, weights)[0]
         else:
             slot = rng.choice(person.told)
         final += question_turn(rng, person, slot)
