@@ -9,10 +9,12 @@ rule) is trained on it by `python -m dmem_mlx.train` with the paper's history re
 conversations are written into the δ state, the question turn is read in a fresh context with
 writes off, the loss is on the answer. A curriculum (CURRICULUM_DATA / CURRICULUM_TRAIN) goes
 from one fact in one conversation to seven over four, with four state heads per layer; the
-c4 stages widen the state to eight heads, and the last four stages teach food back.
+c4 stages widen the state to eight heads, the next four stages teach food back, the next
+seven ask more often about facts told long ago, and the last two make the assistant's
+acknowledgements in the histories unreliable, as the model's own are in a live chat.
 
 Stages (each can be run alone; `all` runs them in order):
-    data       synthetic chats → WORK/pretrain.jsonl, WORK/{c1..c7,food}/{train,valid}.jsonl
+    data       synthetic chats → WORK/pretrain.jsonl, WORK/{c1..c9,food}/{train,valid}.jsonl
     tokenizer  sentencepiece BPE trained on them → a tokenizer.json mlx-lm/transformers load
     backbone   the Qwen3 backbone trained from scratch with MLX → WORK/backbone
     adapter    the δ adapter on the frozen backbone (python -m dmem_mlx.train) → WORK/model
@@ -38,7 +40,22 @@ Trained on food alone (one fact told, the food question) the same adapter learns
 recover (names least: 42 %; a short stage weighted toward names and jobs then gives names
 60 %, food 69 %). The answers "Your name is …", "Your hobby is …" and "Your
 favorite food is …" end in the same token, and the first layer's query sees only that token:
-our best explanation of why those slots compete for one read-out.
+our first explanation of why those slots competed. The age of a fact turned out to matter more.
+Recall fell with the age of a fact (benchmarks/recall_eval.py reports it by the number of
+facts told after it): on 60 development people, 97 % for the newest fact, 77–81 % with one to
+three told after it, 62–70 % with four or more. The name, always told first, is the oldest fact
+whenever it is told. c8 draws its questions with weight 1 + k for a fact with k told after it
+(pets ×3, food ×2 on top). Seven 100-step stages of it took recall with the history only in δ memory (the README's
+(a)) from 77 % to 96 % (names
+60 → 94 %, food 69 → 100 %, pets 61 → 95 %); on the development people every stage did
+better than the one before (82.9, 83.6, 87.4, 87.7, 90.3, 91.4, 91.8 %), by less and less.
+Told in a live chat instead (the model's own acknowledgements written, as dmem-chat does),
+recall was only 75 % on the development people, names 8 of 29: the small backbone greets
+"Lena" as "Felix", and the memory took the later, wrong name. Two stages of c9, where half of
+the acknowledgements in the histories name someone else's fact, took it to 84 % (names 13 of
+29, food 14 → 24 of 31) while recall from the data set's histories held (92.2 %). On the
+held-out people of the recall evaluation that is live 77 → 82 % for (a) 96 → 92 % (jobs
+94 → 68 %): shipped, as the live chat is what users see.
 This backbone does not copy facts from its own context (in-context recall stays low), which
 the recall evaluation's condition (c) shows.
 
@@ -58,7 +75,9 @@ runs; tokens/s count every token of the written histories and read turns):
     δ c5 history, 100 steps           11 min, ~880 tokens/s, peak 10.5 GB
     δ c6 history, 300 steps           39 min, ~760 tokens/s, peak 10.7 GB
     δ c7 history, 100 steps           11 min, 943 tokens/s, peak 10.0 GB
-    in all                            ~4 h (δ stages ~220 min)
+    δ c8 history, 7 × 100 steps       75 min (9–13 min each), 740–1,140 tokens/s, peak 11.4 GB
+    δ c9 history, 2 × 100 steps       25 min (11–14 min each), 750–880 tokens/s, peak 10.8 GB
+    in all                            ~5.6 h (δ stages ~320 min)
 Recall of the shipped demo: see README.md ("The demo model"); benchmarks/recall_eval.py
 measures it.
 """
@@ -92,22 +111,28 @@ DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads
                 "state_update_mode": "no_lambda", "beta_bias_init": -2.0,
                 "output_init": "random", "online_gain": 0.05}
 # (directory, seed offset, train episodes, max fact groups, max conversations, share of
-#  "what do you know about me?" questions, share of small-talk final turns, question weights
-#  by slot, only these slots told). c4 asks more often about the slots the c3 stages left
-#  weakest (food, name, pet, city): on all seven groups the read-out had traded them for the
-#  others. "food" tells only the food; c5 to c7: see CURRICULUM_TRAIN.
+#  "what do you know about me?" questions, share of small-talk final turns, further
+#  persona.episode options: question weights by slot, only these slots told, ...). c4 asks
+#  more often about the slots the c3 stages left weakest (food, name, pet, city): on all seven
+#  groups the read-out had traded them for the others. "food" tells only the food; c5 to c9:
+#  see CURRICULUM_TRAIN.
 SLOW_SLOTS = {"food": 4.0, "name": 3.0, "pet": 3.0, "city": 3.0}
 FOOD_PET_SLOTS = {"food": 10.0, "pet": 6.0, "name": 2.0, "city": 2.0}
 SHARED_QUERY_SLOTS = {"food": 3.0, "name": 3.0, "hobby": 3.0, "pet": 3.0, "city": 2.0}
 NAME_JOB_SLOTS = {"name": 6.0, "job": 3.0, "food": 2.0, "pet": 2.0}
-CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0, None, None),
-                   ("c2", 22, 8000, 3, 2, 0.3, 0.03, None, None),
-                   ("c3", 23, 16000, 7, 4, 0.4, 0.05, None, None),
-                   ("c4", 24, 16000, 7, 4, 0.3, 0.05, SLOW_SLOTS, None),
-                   ("food", 26, 3000, 1, 1, 0.0, 0.0, None, ("food",)),
-                   ("c5", 25, 16000, 7, 4, 0.2, 0.05, FOOD_PET_SLOTS, None),
-                   ("c6", 27, 16000, 7, 4, 0.2, 0.05, SHARED_QUERY_SLOTS, None),
-                   ("c7", 28, 8000, 7, 4, 0.2, 0.05, NAME_JOB_SLOTS, None)]
+PET_FOOD_SLOTS = {"pet": 3.0, "food": 2.0}
+CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0, {}),
+                   ("c2", 22, 8000, 3, 2, 0.3, 0.03, {}),
+                   ("c3", 23, 16000, 7, 4, 0.4, 0.05, {}),
+                   ("c4", 24, 16000, 7, 4, 0.3, 0.05, {"slot_weights": SLOW_SLOTS}),
+                   ("food", 26, 3000, 1, 1, 0.0, 0.0, {"only": ("food",)}),
+                   ("c5", 25, 16000, 7, 4, 0.2, 0.05, {"slot_weights": FOOD_PET_SLOTS}),
+                   ("c6", 27, 16000, 7, 4, 0.2, 0.05, {"slot_weights": SHARED_QUERY_SLOTS}),
+                   ("c7", 28, 8000, 7, 4, 0.2, 0.05, {"slot_weights": NAME_JOB_SLOTS}),
+                   ("c8", 30, 8000, 7, 4, 0.2, 0.05, {"slot_weights": PET_FOOD_SLOTS,
+                                                      "older_first": 1.0}),
+                   ("c9", 31, 8000, 7, 4, 0.2, 0.05, {"slot_weights": PET_FOOD_SLOTS,
+                                                      "older_first": 1.0, "wrong_acks": 0.5})]
 # (data, --mode, steps, batch size, learning rate, --write-grad, --add-state-heads); each stage
 # continues the previous one. The token stage trains the chat regime itself (every assistant
 # message, writes on): without it, a memory full of facts made the model answer "Your name is …"
@@ -116,7 +141,11 @@ CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0, None, None),
 # more room) and train on questions weighted toward the slots the four heads had dropped. Food
 # never came back that way: the food stage learns it alone (and forgets the rest), c5 keeps it
 # while the others return, c6 balances the slots whose answers share the query token " is",
-# c7 (gentler) brings names and jobs back up.
+# c7 (gentler) brings names and jobs back up. Recall then fell with the number of facts told
+# after a fact (the name, always told first, most of all): c8 asks more often about older facts,
+# and seven short stages of it at 1e-3 kept improving every slot. In a live chat the model
+# writes its own acknowledgements, often naming the wrong value ("Great to meet you, Felix."),
+# and the memory believed them: c9 makes half of the acknowledgements wrong.
 CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full", 0),
                     ("c2", "history", 250, 32, 3e-3, "state", 0),
                     ("c3", "history", 250, 32, 3e-3, "state", 0),
@@ -127,7 +156,9 @@ CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full", 0),
                     ("food", "history", 60, 16, 2e-3, "state", 0),
                     ("c5", "history", 100, 32, 2e-3, "state", 0),
                     ("c6", "history", 300, 32, 2e-3, "state", 0),
-                    ("c7", "history", 100, 32, 1e-3, "state", 0)]
+                    ("c7", "history", 100, 32, 1e-3, "state", 0),
+                    *[("c8", "history", 100, 32, 1e-3, "state", 0)] * 7,
+                    *[("c9", "history", 100, 32, 1e-3, "state", 0)] * 2]
 
 
 def render(messages: list[dict]) -> str:
@@ -164,8 +195,7 @@ def stage_data(work: Path, seed: int, pretrain_episodes: int) -> None:
     # δ data, a curriculum (CURRICULUM_DATA): one fact group in one conversation first (the read-out
     # learns a code for each of the ~230 fact values), then longer and longer histories. Many
     # final turns ask "What do you know about me?": one read pass, a target for every fact.
-    for (name, offset, n, groups, conversations, summary, small_talk, weights,
-         only) in CURRICULUM_DATA:
+    for name, offset, n, groups, conversations, summary, small_talk, options in CURRICULUM_DATA:
         (work / name).mkdir(exist_ok=True)
         rng = random.Random(seed + offset)
         for split, count in (("train", n), ("valid", 96)):
@@ -175,7 +205,7 @@ def stage_data(work: Path, seed: int, pretrain_episodes: int) -> None:
                                          num_conversations=rng.randint(1, conversations),
                                          summary_rate=summary if split == "train" else 0.0,
                                          small_talk_rate=small_talk if split == "train" else 0.0,
-                                         slot_weights=weights, only=only)
+                                         **options)
                     f.write(json.dumps({"history": ep["history"], "messages": ep["messages"]})
                             + "\n")
     print(f"data: {pretrain_episodes} pretraining documents, δ curriculum "
