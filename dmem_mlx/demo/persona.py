@@ -156,9 +156,9 @@ def _group_of(slot: str) -> tuple[str, ...]:
 
 def _tell_turn(rng: random.Random, person: Person, groups: list[tuple[str, ...]],
                wrong_acks: float = 0.0) -> list[dict]:
-    """A user message telling one or two fact groups, and the assistant's acknowledgement,
-    which names someone else's fact with probability `wrong_acks` (as a small model's own
-    acknowledgements often do: the memory must trust what the user said)."""
+    """A user message telling one or two fact groups, and the assistant's acknowledgement.
+    With probability `wrong_acks` the acknowledgement is someone else's (naming their fact, as
+    a small model's own acknowledgements often do: the memory must trust what the user said)."""
     sentences = [person.fill(rng.choice(TELL[g[0]])) for g in groups]
     if rng.random() < 0.2:
         sentences.insert(0, rng.choice(["Hi!", "Hello again.", "Guess what?", "So,"]))
@@ -247,7 +247,7 @@ def episode(rng: random.Random, num_groups: int | None = None,
     weigh 1), unless the final turn is a summary question or small talk. `older_first` > 0
     favours facts told long ago: of n told slots, the one with k slots told after it weighs
     (1 + older_first·k) times more. `only` limits what is told to the fact groups of these slots;
-    `wrong_acks` is the share of acknowledgements naming someone else's fact.
+    `wrong_acks` is the share of acknowledgements drawn for someone else.
 
     Returns {"history": [conversation, ...], "messages": final conversation, "slot": the slot
     asked (or "summary" / "small_talk"), "facts": the person's facts}.
