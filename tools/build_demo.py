@@ -38,17 +38,17 @@ twelve).
 Trained on food alone (one fact told, the food question) the same adapter learns it in 60 steps
 (100 % on validation) and forgets the rest. Mixed back in, food stays (89 %) and the others
 recover (names least: 42 %; a short stage weighted toward names and jobs then gives names
-60 %, food 69 %). The answers "Your name is …", "Your hobby is …" and "Your
-favorite food is …" end in the same token, and the first layer's query sees only that token:
+60 %, food 69 %). The answers "Your name is …", "Your hobby is …" and "Your favorite food
+is …" end in the same token, and the first layer's query sees only that token:
 our first explanation of why those slots competed. The age of a fact turned out to matter more.
 Recall fell with the age of a fact (benchmarks/recall_eval.py reports it by the number of
 facts told after it): on 60 development people, 97 % for the newest fact, 77–81 % with one to
 three told after it, 62–70 % with four or more. The name, always told first, is the oldest fact
 whenever it is told. c8 draws its questions with weight 1 + k for a fact with k told after it
-(pets ×3, food ×2 on top). Seven 100-step stages of it took recall with the history only in δ memory (the README's
-(a)) from 77 % to 96 % (names
-60 → 94 %, food 69 → 100 %, pets 61 → 95 %); on the development people every stage did
-better than the one before (82.9, 83.6, 87.4, 87.7, 90.3, 91.4, 91.8 %), by less and less.
+(pets ×3, food ×2 on top). Seven 100-step stages of it took recall with the history only in
+δ memory (the README's (a)) from 77 % to 96 % (names 60 → 94 %, food 69 → 100 %, pets
+61 → 95 %); on the development people every stage did better than the one before (82.9,
+83.6, 87.4, 87.7, 90.3, 91.4, 91.8 %), by less and less.
 Told in a live chat instead (the model's own acknowledgements written, as dmem-chat does),
 recall was only 75 % on the development people, names 8 of 29: the small backbone greets
 "Lena" as "Felix", and the memory took the later, wrong name. Two stages of c9, where half of
