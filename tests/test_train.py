@@ -255,12 +255,17 @@ def test_message_mean_training_has_finite_gradients(backbone):
     assert any(np.abs(np.array(g)).max() > 0 for k, g in flat if "memory_k_proj" in k)
 
 
+def asked_share(slot: str, seed: int, count: int, **options) -> float:
+    """Share of `count` episodes (all seven groups told, always a question) asking about slot."""
+    rng = random.Random(seed)
+    eps = [persona.episode(rng, num_groups=7, summary_rate=0, small_talk_rate=0, **options)
+           for _ in range(count)]
+    return sum(e["slot"] == slot for e in eps) / len(eps)
+
+
 def test_persona_slot_weights_steer_the_question():
     def food_share(weights):
-        rng = random.Random(1)
-        eps = [persona.episode(rng, num_groups=7, summary_rate=0, small_talk_rate=0,
-                               slot_weights=weights) for _ in range(80)]
-        return sum(e["slot"] == "food" for e in eps) / len(eps)
+        return asked_share("food", 1, 80, slot_weights=weights)
 
     assert food_share({"food": 50.0}) > 0.7  # all seven groups told: food is always a choice
     assert food_share(None) < 0.3  # uniform over the eight told slots
@@ -279,11 +284,8 @@ def test_persona_only_limits_what_is_told():
 
 def test_persona_older_first_asks_about_early_facts():
     def oldest_share(older_first):
-        rng = random.Random(3)
-        eps = [persona.episode(rng, num_groups=7, summary_rate=0, small_talk_rate=0,
-                               older_first=older_first) for _ in range(400)]
         # the name is always told first when told (here: always, all seven groups are told)
-        return sum(e["slot"] == "name" for e in eps) / len(eps)
+        return asked_share("name", 3, 400, older_first=older_first)
 
     assert oldest_share(0.0) < 0.17  # uniform: 1 in 8
     assert oldest_share(3.0) > 0.2  # the oldest of 8 weighs 22 of 92 (the newest 1): 0.24
