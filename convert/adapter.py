@@ -1,4 +1,4 @@
-"""Validating an official δ-mem adapter (SPEC §4) against its config and the base model."""
+"""Validating an official δ-mem adapter (DESIGN §4) against its config and the base model."""
 
 from __future__ import annotations
 

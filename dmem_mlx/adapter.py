@@ -1,4 +1,4 @@
-"""The MLX adapter files: `delta_mem_config.json` + `delta_mem.safetensors` (SPEC §4 key names)."""
+"""The MLX adapter files: `delta_mem_config.json` + `delta_mem.safetensors` (DESIGN §4 key names)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def save_adapter(model: nn.Module, directory: str | Path, dtype: Optional[mx.Dty
 
 def read_adapter(directory: str | Path,
                  compute_dtype: mx.Dtype = mx.float32) -> tuple[DeltaMemConfig, dict]:
-    """The config and δ weights (SPEC §4 names, in `compute_dtype`) of the adapter in `directory`."""
+    """The config and δ weights (DESIGN §4 names, in `compute_dtype`) of the adapter in `directory`."""
     directory = Path(directory)
     config = DeltaMemConfig.load(directory)
     path = directory / WEIGHTS_NAME

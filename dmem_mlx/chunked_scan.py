@@ -1,4 +1,4 @@
-"""The token scan of SPEC §1 without a per-token loop: the chunked (WY / UT) form.
+"""The token scan of DESIGN §1 without a per-token loop: the chunked (WY / UT) form.
 
 Row i of a state head is a 1×r vector s with its own gates (keep a, erase b, write w) and the
 head's unit key k; each valid token applies the affine map

@@ -1,4 +1,4 @@
-"""The δ-mem adapter configuration (SPEC §4): what we implement, and what we refuse by name.
+"""The δ-mem adapter configuration (DESIGN §4): what we implement, and what we refuse by name.
 
 `delta_mem_config.json` written by the official code holds ~50 fields, most of them for archived
 experiments. Every field is classified here: implemented, init-only (training from scratch), or
@@ -20,7 +20,7 @@ UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
 GRANULARITIES = ("token", "message_mean", "sentence_mean")
 OUTPUT_INITS = ("zero", "random", "base_slice", "base_slice_fixed")
 
-# Archived options: they must hold exactly these values (SPEC §4).
+# Archived options: they must hold exactly these values (DESIGN §4).
 ARCHIVED_DEFAULTS: dict[str, Any] = {
     "num_memory_partitions": 1,
     "num_global_memory_partitions": 0,
@@ -63,7 +63,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DeltaMemConfig:
-    # Implemented (SPEC §1–2).
+    # Implemented (DESIGN §1–2).
     rank: int = 8
     alpha: float = 16.0
     normalize_qk: bool = True
@@ -121,7 +121,7 @@ class DeltaMemConfig:
         set_("rank", int(self.rank))
         set_("num_state_heads", int(self.num_state_heads))
 
-    # Derived sizes (SPEC §1 notation).
+    # Derived sizes (DESIGN §1 notation).
     @property
     def state_dim(self) -> int:
         """R = r·H: width of the memory projections and of the concatenated reads."""

@@ -1,7 +1,7 @@
-"""The δ-mem layer math, to be read line by line against SPEC §1–2.
+"""The δ-mem layer math, to be read line by line against DESIGN §1–2.
 
 Shapes: B batch, T tokens, D hidden size, H state heads, r rank, R = r·H, G gate width.
-All memory math runs in float32 whatever the backbone dtype (SPEC §6).
+All memory math runs in float32 whatever the backbone dtype (DESIGN §6).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def normalize_heads(x: mx.array) -> mx.array:
 def row_coefficients(
     config: DeltaMemConfig, beta: mx.array, lam: mx.array
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """(keep, erase, write) per state row from the gates (SPEC §1 table).  beta, lam: [..., H, r]."""
+    """(keep, erase, write) per state row from the gates (DESIGN §1 table).  beta, lam: [..., H, r]."""
     mode = config.state_update_mode
     if mode == "standard":
         return lam, beta, beta
@@ -72,7 +72,7 @@ def scan_step(
 def scan_reference(
     state: mx.array, inputs: MemoryInputs, valid: Optional[mx.array] = None
 ) -> tuple[mx.array, mx.array]:
-    """The per-token loop, written straight from SPEC §1: the oracle for every fast path.
+    """The per-token loop, written straight from DESIGN §1: the oracle for every fast path.
 
     state: [B, H, r, r]; inputs: [B, T, H, r] each; valid: [B, T] (1 = real token) or None.
     Returns (reads [B, T, H, r], final state [B, H, r, r]).
@@ -114,7 +114,7 @@ def group_means(
 
 
 class DeltaMemory(nn.Module):
-    """The δ parameters of one attention layer; names and shapes are those of SPEC §4."""
+    """The δ parameters of one attention layer; names and shapes are those of DESIGN §4."""
 
     def __init__(self, config: DeltaMemConfig, hidden_size: int, out_dims: dict[str, int]):
         super().__init__()
@@ -137,7 +137,7 @@ class DeltaMemory(nn.Module):
             self.delta_scale_raw = mx.zeros((n,))
 
     def project(self, h: mx.array) -> MemoryInputs:
-        """Memory projections and gates of hidden states h [B, T, D] (SPEC §1)."""
+        """Memory projections and gates of hidden states h [B, T, D] (DESIGN §1)."""
         cfg = self.config
         H = cfg.num_state_heads
         h = h.astype(mx.float32)

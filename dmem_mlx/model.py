@@ -1,7 +1,7 @@
 """Attaching δ-mem to mlx-lm's own model classes, and the controls of the memory.
 
 mlx-lm's attention code runs unchanged. `DeltaMemAttention` wraps a layer's `self_attn`:
-it computes the memory reads from the attention input h (SPEC §1 steps 1–2), hands Δq/Δk/Δv
+it computes the memory reads from the attention input h (DESIGN §1 steps 1–2), hands Δq/Δk/Δv
 to thin wrappers around q_proj/k_proj/v_proj (step 3, so they land before q_norm/k_norm and
 RoPE), lets the original attention run (steps 4–7), and adds Δo to its output (step 8).
 """
@@ -100,7 +100,7 @@ class DeltaMemAttention(nn.Module):
         return out
 
     def read_and_write(self, h: mx.array, padding: Optional[mx.array] = None) -> mx.array:
-        """Reads of this call and the state update (SPEC §1 token scan, §2 granularities).
+        """Reads of this call and the state update (DESIGN §1 token scan, §2 granularities).
 
         h: [B, T, D] attention input; padding: [B, T] validity from the KV cache (left padding).
         """
@@ -302,7 +302,7 @@ class DeltaMem:
         """Per-token inputs for the forward calls inside the block.
 
         valid: [B, T] (0 = padding: reads 0, never written); message_ids / sentence_ids: [B, T]
-        ints, -1 = never written (SPEC §2).
+        ints, -1 = never written (DESIGN §2).
         """
         box = self._inputs
         saved = (box.valid, box.message_ids, box.sentence_ids)
@@ -352,7 +352,7 @@ def attach_delta_mem(model: nn.Module, config: DeltaMemConfig) -> DeltaMem:
 
 
 def delta_parameters(model: nn.Module) -> dict[str, mx.array]:
-    """δ weights under SPEC §4 names: {"model.layers.{i}.self_attn.{param}": array}."""
+    """δ weights under DESIGN §4 names: {"model.layers.{i}.self_attn.{param}": array}."""
     out = {}
     for i, layer in model.delta_mem.layers.items():
         for name, value in layer.memory.parameters().items():
@@ -361,7 +361,7 @@ def delta_parameters(model: nn.Module) -> dict[str, mx.array]:
 
 
 def load_delta_parameters(model: nn.Module, weights: dict[str, mx.array]) -> None:
-    """Set δ weights from SPEC §4 names; every expected key must be present with its shape."""
+    """Set δ weights from DESIGN §4 names; every expected key must be present with its shape."""
     dm = model.delta_mem
     expected = delta_parameters(model)
     if missing := sorted(set(expected) - set(weights)):

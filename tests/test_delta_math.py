@@ -1,4 +1,4 @@
-"""The δ-mem layer math against SPEC §1, §7, and a naive NumPy loop written straight from SPEC §1."""
+"""The δ-mem layer math against DESIGN §1, §7, and a naive NumPy loop written straight from DESIGN §1."""
 
 import itertools
 
@@ -32,7 +32,7 @@ def test_worked_vector_spec_7():
     np.testing.assert_allclose(np.array(s1).reshape(-1), [0.2, 0, -1, 0], atol=1e-7)
 
 
-# ---- a naive NumPy implementation of SPEC §1, one token, one row at a time --------------
+# ---- a naive NumPy implementation of DESIGN §1, one token, one row at a time --------------
 
 def _sigmoid(x):
     return 1 / (1 + np.exp(-x))

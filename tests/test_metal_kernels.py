@@ -92,7 +92,7 @@ def make_decode_case(case):
     return (state, *(x.astype(DTYPES[dtype]) for x in vectors))
 
 
-# The SPEC §7 worked vector (r = 2, H = 1, rankwise, coupled λ, standard, S₀ = 0).
+# The DESIGN §7 worked vector (r = 2, H = 1, rankwise, coupled λ, standard, S₀ = 0).
 SPEC_RAW_Q = [[0.5, -1.0], [1.0, 0.2], [-0.3, 0.8]]
 SPEC_RAW_K = [[1.0, 0.0], [0.4, 0.9], [-0.7, 0.1]]
 SPEC_V = [[1.0, -2.0], [0.5, 0.5], [2.0, 1.0]]
@@ -171,7 +171,7 @@ def test_scan_kernel_matches_reference(shim, case):
 
 
 def test_scan_kernel_reproduces_spec_worked_vector(shim):
-    """SPEC §7 with r = 2: the template rank, the read-before-write order and a masked token."""
+    """DESIGN §7 with r = 2: the template rank, the read-before-write order and a masked token."""
     reads, new_state = shim.run(SCAN_KERNEL, scan_launch(*spec_vector_scan()))
     np.testing.assert_allclose(reads.reshape(3, 2), SPEC_READS, atol=2e-6)
     np.testing.assert_allclose(new_state.reshape(2, 2), SPEC_STATE, atol=2e-6)

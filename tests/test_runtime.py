@@ -1,4 +1,4 @@
-"""Chat session semantics (SPEC §2–3): suffix ingest, rollback/rebuild, EOS never written,
+"""Chat session semantics (DESIGN §2–3): suffix ingest, rollback/rebuild, EOS never written,
 closing tokens, stopping midway, message/sentence ids, context budget and eviction."""
 
 import threading

@@ -1,6 +1,6 @@
-"""Metal kernels for the δ-mem state update (SPEC §1), through `mx.fast.metal_kernel`.
+"""Metal kernels for the δ-mem state update (DESIGN §1), through `mx.fast.metal_kernel`.
 
-Both kernels give one thread to each state row S[b, h, i, :]: rows are independent (SPEC §1),
+Both kernels give one thread to each state row S[b, h, i, :]: rows are independent (DESIGN §1),
 so a row's r floats live in that thread's registers and no thread ever waits for another.
 Grid (r, H, B): thread_position_in_grid = (row i, head h, batch b).
 

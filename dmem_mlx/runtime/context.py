@@ -156,7 +156,7 @@ class Context:
 
     def _chunks(self, n: int, groups: Optional[Sequence[int]]) -> list[tuple[int, int]]:
         """Call boundaries: `prefill_step` tokens, or for group writes whole groups together
-        (all tokens of a call read the state of the call's start, SPEC §2) unless one is longer."""
+        (all tokens of a call read the state of the call's start, DESIGN §2) unless one is longer."""
         step = self.prefill_step
         if groups is None:
             return [(a, min(a + step, n)) for a in range(0, n, step)]

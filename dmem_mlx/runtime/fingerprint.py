@@ -22,7 +22,7 @@ SEMANTIC_FIELDS = ("rank", "alpha", "normalize_qk", "couple_lambda", "state_upda
 
 
 def adapter_sha256(model: nn.Module) -> str:
-    """sha256 of the loaded δ weights (float32, sorted by SPEC §4 name): the same adapter gives
+    """sha256 of the loaded δ weights (float32, sorted by DESIGN §4 name): the same adapter gives
     the same hash wherever its files live."""
     from ..model import delta_parameters
 

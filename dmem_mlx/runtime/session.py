@@ -1,5 +1,5 @@
 """A chat session over a δ-mem model: the conversation, its KV context, the δ memory and the
-memory file, kept consistent with each other (SPEC §3).
+memory file, kept consistent with each other (DESIGN §3).
 
 Each turn renders the whole conversation with the chat template and ingests only the tokens not
 yet processed; if the rendered tokens diverge inside what was processed (a reply re-tokenized
@@ -10,7 +10,7 @@ template's closing tokens of the assistant turn are ingested after the reply.
 
 Context budget: when a turn would not fit `max_kv_tokens`, the oldest turns leave the KV
 context. They were written into δ already, so the shortened context is ingested with writes
-off; they live on only in δ memory — the regime the adapter was trained for (SPEC §3).
+off; they live on only in δ memory — the regime the adapter was trained for (DESIGN §3).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class ChatSession:
         self._messages = [{"role": "system", "content": self.system}] if self.system else []
         self._incognito = [False] * len(self._messages)
         self._context_start = len(self._messages)
-        self._committed = 0  # the system prompt is written with the first turn (SPEC §2)
+        self._committed = 0  # the system prompt is written with the first turn (DESIGN §2)
         self._conversations += 1
         self._ctx.reset()
         self._save()
@@ -328,7 +328,7 @@ class ChatSession:
         self._messages = [{"role": "system", "content": self.system}] if self.system else []
         self._incognito = [False] * len(self._messages)
         self._context_start = len(self._messages)
-        self._committed = 0  # the system prompt is written with the first turn (SPEC §2)
+        self._committed = 0  # the system prompt is written with the first turn (DESIGN §2)
         self._ctx.reset()
 
     def _apply(self, data: MemoryData) -> None:
@@ -397,7 +397,7 @@ class ChatSession:
                                                 len(self._messages)))
 
     def _numbering(self) -> tuple[list[int], list[int]]:
-        """Message id and first sentence id of every message of the conversation (SPEC §2)."""
+        """Message id and first sentence id of every message of the conversation (DESIGN §2)."""
         numbers, sentence_starts, n, s = [], [], 0, 0
         for m in self._messages:
             written = m["role"] != "system"

@@ -1,5 +1,5 @@
 """A conversation rendered with the tokenizer's chat template, with per-token message and
-sentence ids (SPEC §2) for message_mean / sentence_mean adapters.
+sentence ids (DESIGN §2) for message_mean / sentence_mean adapters.
 
 A message's *block* is everything the template renders for it: role header, content, end of
 turn. Blocks are found by rendering growing prefixes of the conversation (the text added by
@@ -34,7 +34,7 @@ class Rendered:
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans of the sentences of `text` (SPEC §2 split), covering all of it: the
+    """Character spans of the sentences of `text` (DESIGN §2 split), covering all of it: the
     whitespace of a break starts the next sentence (as byte-level BPE tokens carry a leading
     space), whitespace-only pieces join a neighbour."""
     cuts = [0]

@@ -5,7 +5,7 @@ earlier conversations of the same user (each written in its own forward call, as
 writes a new conversation in a fresh KV context).
 
 An example becomes a list of segments, one forward call each, run in order on one δ state:
-- "history" mode (SPEC §3, the paper's recipe): every earlier conversation, then the earlier
+- "history" mode (DESIGN §3, the paper's recipe): every earlier conversation, then the earlier
   turns of the last conversation, are *write* segments (no loss); the latest turn (the last user
   message and the assistant reply) is the *read* segment: a fresh context, writes off, loss on
   the assistant tokens.
