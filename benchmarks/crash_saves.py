@@ -14,8 +14,8 @@ Prints a table and one JSON line. The test suite runs the same check with fewer 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import random
 import signal
 import subprocess
@@ -24,16 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-MODULE = Path(__file__).resolve().parents[1] / "dmem_mlx" / "runtime" / "memory_file.py"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-# The child imports memory_file.py on its own (no mlx import: it starts in a fraction of a second).
+from dmem_mlx.runtime import memory_file as mf  # noqa: E402
+
+# The child imports only the memory file module (no mlx: it starts in a fraction of a second).
 CHILD = r"""
-import importlib.util, sys
+import sys
 import numpy as np
-spec = importlib.util.spec_from_file_location("memory_file", sys.argv[1])
-mf = importlib.util.module_from_spec(spec); sys.modules["memory_file"] = mf
-spec.loader.exec_module(mf)
-path, layers, fingerprint = sys.argv[2], int(sys.argv[3]), eval(sys.argv[4])
+from dmem_mlx.runtime import memory_file as mf
+path, layers, fingerprint = sys.argv[1], int(sys.argv[2]), eval(sys.argv[3])
 mem = mf.MemoryFile.open(path, fingerprint=fingerprint)
 k = mem.data.tokens_written if mem.data else 0
 first = True
@@ -50,23 +51,13 @@ while True:
 """
 
 
-def load_module():
-    if "dmem_memory_file" in sys.modules:
-        return sys.modules["dmem_memory_file"]
-    spec = importlib.util.spec_from_file_location("dmem_memory_file", MODULE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def fingerprint(layers: int) -> dict:
     return {"base_model": "crash-test", "backbone": "test", "adapter_sha256": "0" * 64,
             "delta_config": {"rank": 8, "num_state_heads": 1, "layers": list(range(layers)),
                              "memory_write_granularity": "token"}}
 
 
-def check_version(mf, path: Path, fp: dict) -> int:
+def check_version(path: Path, fp: dict) -> int:
     """Load `path`; it must be a self-consistent version k. Returns k."""
     data = mf.read_memory(path, fp)  # raises MemoryFileError if damaged
     k = data.tokens_written
@@ -84,16 +75,18 @@ def expect(ok: bool, message: str) -> None:
 def run(kills: int = 100, layers: int = 36, directory: str | Path | None = None,
         seed: int = 0, max_delay: float = 0.05) -> dict:
     """Kill a saving child `kills` times; returns counts (raises AssertionError on corruption)."""
-    mf = load_module()
     rng = random.Random(seed)
     fp = fingerprint(layers)
+    # the child imports this checkout's dmem_mlx, as this process does
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
         path = Path(tmp) / "memory.safetensors"
         last, survived, mid_write, versions = 0, 0, 0, []
         for _ in range(kills):
             child = subprocess.Popen(
-                [sys.executable, "-c", CHILD, str(MODULE), str(path), str(layers), repr(fp)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                [sys.executable, "-c", CHILD, str(path), str(layers), repr(fp)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
             line = child.stdout.readline()
             if line.strip() != "ready":
                 child.kill()
@@ -105,12 +98,12 @@ def run(kills: int = 100, layers: int = 36, directory: str | Path | None = None,
             child.stderr.close()
             leftovers = list(path.parent.glob(f".{path.name}.*"))
             mid_write += bool(leftovers)
-            k = check_version(mf, path, fp)
+            k = check_version(path, fp)
             expect(k >= last, f"version went back from {last} to {k}")
             bak = path.with_name(path.name + ".bak")
             if bak.exists():
                 # older, or the same when killed between keeping the backup and the rename
-                expect(check_version(mf, bak, fp) <= k, ".bak newer than the file")
+                expect(check_version(bak, fp) <= k, ".bak newer than the file")
             with mf.MemoryFile.open(path, fingerprint=fp):  # lock free, leftovers cleaned
                 expect(not list(path.parent.glob(f".{path.name}.*")), "temporary files left")
             versions.append(k - last)
@@ -131,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         result = run(args.kills, args.layers, seed=args.seed)
-    except (AssertionError, load_module().MemoryFileError) as exc:
+    except (AssertionError, mf.MemoryFileError) as exc:
         print(f"CORRUPTION: {exc}", file=sys.stderr)
         return 1
     result["seconds"] = round(time.perf_counter() - start, 1)

@@ -1,9 +1,57 @@
-"""δ-mem on Apple MLX: an online r×r memory per attention layer for mlx-lm models."""
+"""δ-mem on Apple MLX: an online r×r memory per attention layer for mlx-lm models.
 
-from .config import ConfigError, DeltaMemConfig
-from .model import DeltaMem, attach_delta_mem
-from .utils import generate, load, stream_generate
+The public names are loaded on first use (PEP 562), so `import dmem_mlx.config` or the memory
+file module stays light: neither mlx-lm nor transformers is imported until a name needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "generate", "stream_generate", "attach_delta_mem", "DeltaMem",
-           "DeltaMemConfig", "ConfigError", "__version__"]
+
+# public name → the submodule defining it
+_EXPORTS = {
+    "load": "utils",
+    "generate": "generate",
+    "stream_generate": "generate",
+    "attach_delta_mem": "model",
+    "DeltaMem": "model",
+    "DeltaMemConfig": "config",
+    "ConfigError": "config",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(ModuleType):
+    """`dmem_mlx.generate` is the function, as `mlx_lm.generate` is.
+
+    Importing a submodule binds it on its package under its own name; the submodule
+    `dmem_mlx.generate` would then hide the function `generate`. The binding is skipped for the
+    names exported here (the submodule stays reachable through sys.modules, `from
+    dmem_mlx.generate import main` and `python -m dmem_mlx.generate`).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

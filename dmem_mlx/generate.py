@@ -1,10 +1,70 @@
-"""python -m dmem_mlx.generate: one prompt through a δ-mem model (mlx_lm.generate's flags)."""
+"""Text generation with a δ-mem model, as mlx-lm's `generate.py`: `generate`,
+`stream_generate` and the command line (`python -m dmem_mlx.generate`) in one module.
+
+`from dmem_mlx import generate` is the function, also after this module has been imported
+(the package keeps the function under that name, as mlx-lm does).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Generator, Union
 
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import stream_generate as _mlx_stream_generate
+from mlx_lm.models import cache as cache_lib
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer: Union[TokenizerWrapper, Any],
+    prompt: Union[str, mx.array, list[int]],
+    max_tokens: int = 256,
+    **kwargs: Any,
+) -> Generator[GenerationResponse, None, None]:
+    """`mlx_lm.stream_generate`, except that a sampled EOS is never written into the memory.
+
+    mlx-lm runs the model on each token before yielding it, so by the time the EOS is seen it
+    has been fed; here its δ write is undone (and it is trimmed from a caller's prompt_cache).
+    The δ state written by the prompt and the reply stays for the next call until reset.
+    """
+    prompt_cache = kwargs.get("prompt_cache")
+    for response in _mlx_stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        if response.finish_reason == "stop":
+            model.delta_mem.undo_last_call()
+            if prompt_cache is not None and cache_lib.can_trim_prompt_cache(prompt_cache):
+                cache_lib.trim_prompt_cache(prompt_cache, 1)
+        yield response
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: Union[TokenizerWrapper, Any],
+    prompt: Union[str, mx.array, list[int]],
+    verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """Generate a complete response (mlx_lm.generate's arguments); see `stream_generate`."""
+    text = ""
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(response.text, end="", flush=True)
+        text += response.text
+    if verbose and response is not None:
+        print()
+        print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {response.generation_tokens} tokens, "
+              f"{response.generation_tps:.3f} tokens-per-sec")
+        print(f"δ memory: {model.delta_mem.nbytes:,} bytes")
+    return text
+
+
+# -- command line ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -26,12 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import mlx.core as mx
     from mlx_lm.sample_utils import make_sampler
 
-    from . import generate, load
     from .config import ConfigError
     from .hub import HubError
+    from .utils import load
 
     try:
         model, tokenizer = load(args.model)

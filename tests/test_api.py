@@ -1,5 +1,11 @@
 """The mlx_lm-style API: load, generate, stream_generate, and drop-in use with mlx-lm."""
 
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import mlx_lm
 import numpy as np
@@ -9,6 +15,8 @@ from mlx_lm.models.cache import make_prompt_cache
 import dmem_mlx
 from dmem_mlx.hub import HubError
 from dmem_mlx.tiny import make_tiny_dmem
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +120,69 @@ def test_backbone_without_adapter_is_refused(tmp_path):
     path = make_tiny_backbone(tmp_path / "plain")
     with pytest.raises(FileNotFoundError, match="no δ-mem adapter"):
         dmem_mlx.load(str(path))
+
+
+# -- the package surface -----------------------------------------------------------------------
+def run_python(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_generate_is_the_function_after_its_module_is_imported():
+    """As in mlx-lm: the submodule generate.py holds the function and the CLI; the package name
+    `generate` stays the function whichever is imported first."""
+    code = ("import dmem_mlx.generate, sys, inspect\n"
+            "import dmem_mlx\n"
+            "from dmem_mlx import generate, stream_generate\n"
+            "module = sys.modules['dmem_mlx.generate']\n"
+            "assert inspect.isfunction(dmem_mlx.generate), dmem_mlx.generate\n"
+            "assert generate is module.generate and stream_generate is module.stream_generate\n"
+            "from dmem_mlx.generate import main\n"
+            "assert callable(main)\n"
+            "print('ok')")
+    assert run_python(code) == "ok"
+    assert inspect.isfunction(dmem_mlx.generate)  # in this process too (the tests imported it)
+    assert sys.modules["dmem_mlx.generate"].generate is dmem_mlx.generate
+
+
+def test_generate_cli_still_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-W", "error", "-m", "dmem_mlx.generate", "--help"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stderr == "" and "--prompt" in out.stdout
+
+
+def test_signatures_follow_mlx_lm():
+    """Every positional parameter of mlx-lm's load/generate/stream_generate is ours too, in the
+    same order and with the same default."""
+    import mlx_lm.utils
+
+    mlx_generate_module = sys.modules["mlx_lm.generate"]
+    pairs = [(dmem_mlx.load, mlx_lm.utils.load),
+             (dmem_mlx.generate, mlx_generate_module.generate),
+             (dmem_mlx.stream_generate, mlx_generate_module.stream_generate)]
+    for ours, theirs in pairs:
+        ours_p = list(inspect.signature(ours).parameters.values())
+        for i, p in enumerate(inspect.signature(theirs).parameters.values()):
+            if p.kind == p.VAR_KEYWORD or p.name in ("draft_model", "stream"):
+                continue  # passed through **kwargs
+            assert ours_p[i].name == p.name and ours_p[i].default == p.default, (ours, p)
+
+
+@pytest.mark.parametrize("module", ["dmem_mlx.config", "dmem_mlx.runtime.memory_file"])
+def test_light_modules_load_neither_mlx_lm_nor_transformers(module):
+    code = (f"import sys, {module}\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'mlx_lm', 'transformers', 'mlx'}))")
+    assert run_python(code) == "[]"
+
+
+def test_lazy_exports_resolve():
+    names = run_python("import dmem_mlx; print(sorted(dmem_mlx.__all__))")
+    assert "generate" in names and "DeltaMemConfig" in names
+    for name in dmem_mlx.__all__:
+        assert getattr(dmem_mlx, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dmem_mlx.nope  # noqa: B018

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,12 +246,10 @@ def test_another_models_memory_is_refused_by_the_session(tiny, tmp_path):
 
 # -- locking ----------------------------------------------------------------------------------
 LOCK_PROBE = r"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("memory_file", sys.argv[1])
-mf = importlib.util.module_from_spec(spec); sys.modules["memory_file"] = mf
-spec.loader.exec_module(mf)
+import sys
+from dmem_mlx.runtime import memory_file as mf
 try:
-    mf.MemoryFile.open(sys.argv[2], read_only=sys.argv[3] == "ro")
+    mf.MemoryFile.open(sys.argv[1], read_only=sys.argv[2] == "ro")
     print("opened")
 except mf.MemoryLockedError as exc:
     print("locked:", exc)
@@ -258,8 +257,8 @@ except mf.MemoryLockedError as exc:
 
 
 def probe(path, mode):
-    module = ROOT / "dmem_mlx" / "runtime" / "memory_file.py"
-    return subprocess.run([sys.executable, "-c", LOCK_PROBE, str(module), str(path), mode],
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's dmem_mlx
+    return subprocess.run([sys.executable, "-c", LOCK_PROBE, str(path), mode], env=env,
                           capture_output=True, text=True, timeout=60).stdout.strip()
 
 
@@ -280,7 +279,7 @@ def test_second_process_is_refused_and_may_open_read_only(tmp_path):
 
 def test_crash_during_saves_always_leaves_a_loadable_version(tmp_path):
     spec = importlib.util.spec_from_file_location("crash_saves", ROOT / "benchmarks" /
-                                                  "crash_saves.py")
+                                                  "crash_saves.py")  # a script, not a module
     crash = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(crash)
     result = crash.run(kills=10, layers=36, directory=tmp_path, seed=1)

@@ -327,3 +327,32 @@ def test_widened_adapter_is_the_same_model_until_trained(backbone, tmp_path):
     assert float(mx.abs(wide.delta_mem.snapshot()["layers.0"][:, 2:]).max()) > 0
     with pytest.raises(ConfigError):
         widen_state_heads(config, weights, extra=0)
+
+
+def test_detached_inputs_cut_the_backbone_out_of_the_write_gradient(backbone):
+    """Inside `detached_inputs` a write pass reaches the loss only through the δ state, never
+    back into the backbone: d(loss)/d(embeddings of the written tokens) is exactly zero there,
+    and not zero without the block (the memory projections see h otherwise)."""
+    model, tokenizer = dmem_model(backbone, seed=2)
+    embed = model.model.embed_tokens
+    fixed = embed.weight
+    written = mx.array([tokenizer.encode("My name is Ada and I live in Paris.")])
+    asked = mx.array([tokenizer.encode("What is my name?")])
+    probe = mx.random.normal((model.args.vocab_size,), key=mx.random.key(0))
+
+    def loss(write_embeddings, detached):
+        model.delta_mem.reset()
+        embed.weight = write_embeddings  # the written tokens see these embeddings ...
+        with model.delta_mem.detached_inputs(detached):
+            model(written)
+        embed.weight = fixed  # ... the read pass sees fixed ones
+        with model.delta_mem.read_only():
+            return (model(asked)[0, -1] * probe).sum()
+
+    try:
+        grads = {d: mx.grad(loss)(fixed, d) for d in (True, False)}
+    finally:
+        embed.weight = fixed
+        model.delta_mem.reset()
+    assert np.abs(np.array(grads[False])).max() > 1e-6
+    assert np.abs(np.array(grads[True])).max() == 0.0

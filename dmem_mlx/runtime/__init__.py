@@ -5,17 +5,36 @@
     session = ChatSession(model, tokenizer, memory=mem)
     for chunk in session.reply("Hi, I am Ada."):
         print(chunk.text, end="")
+
+Names are loaded on first use (PEP 562): `dmem_mlx.runtime.memory_file` imports neither mlx
+nor mlx-lm, so tools that only read or write memory files start fast.
 """
 
-from .fingerprint import model_fingerprint
-from .memory_file import (FORMAT_VERSION, MemoryData, MemoryFile, MemoryFileError,
-                          MemoryLockedError, default_memory_path, read_memory)
-from .session import (ChatSession, ContextTooLongError, ReplyChunk, ReplyStats, SessionBusyError,
-                      SessionInfo, default_kv_budget)
-from .template import Rendered, closing_tokens, render, sentence_spans
+from __future__ import annotations
 
-__all__ = ["ChatSession", "MemoryFile", "MemoryFileError", "MemoryLockedError",
-           "default_memory_path", "model_fingerprint", "MemoryData", "read_memory",
-           "FORMAT_VERSION", "ContextTooLongError", "SessionBusyError", "ReplyChunk", "ReplyStats",
-           "SessionInfo", "default_kv_budget", "Rendered", "render", "closing_tokens",
-           "sentence_spans"]
+import importlib
+from typing import Any
+
+# public name → the submodule defining it
+_EXPORTS = {
+    **dict.fromkeys(("ChatSession", "ContextTooLongError", "SessionBusyError", "ReplyChunk",
+                     "ReplyStats", "SessionInfo", "default_kv_budget"), "session"),
+    **dict.fromkeys(("MemoryFile", "MemoryFileError", "MemoryLockedError", "MemoryData",
+                     "read_memory", "default_memory_path", "FORMAT_VERSION"), "memory_file"),
+    "model_fingerprint": "fingerprint",
+    **dict.fromkeys(("Rendered", "render", "closing_tokens", "sentence_spans"), "template"),
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
