@@ -18,6 +18,8 @@ from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.models import cache as cache_lib
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .cache import state_of
+
 
 def stream_generate(
     model: nn.Module,
@@ -30,12 +32,15 @@ def stream_generate(
 
     mlx-lm runs the model on each token before yielding it, so by the time the EOS is seen it
     has been fed; here its δ write is undone (and it is trimmed from a caller's prompt_cache).
-    The δ state written by the prompt and the reply stays for the next call until reset.
+    The δ state written by the prompt and the reply stays for the next call until reset: the
+    state carried by `prompt_cache` (`dmem_mlx.cache.make_prompt_cache`), else the model's
+    default memory.
     """
     prompt_cache = kwargs.get("prompt_cache")
+    state = state_of(prompt_cache) or model.delta_mem.state
     for response in _mlx_stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
         if response.finish_reason == "stop":
-            model.delta_mem.undo_last_call()
+            state.undo_last_call()
             if prompt_cache is not None and cache_lib.can_trim_prompt_cache(prompt_cache):
                 cache_lib.trim_prompt_cache(prompt_cache, 1)
         yield response
@@ -60,7 +65,8 @@ def generate(
         print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
         print(f"Generation: {response.generation_tokens} tokens, "
               f"{response.generation_tps:.3f} tokens-per-sec")
-        print(f"δ memory: {model.delta_mem.nbytes:,} bytes")
+        state = state_of(kwargs.get("prompt_cache")) or model.delta_mem.state
+        print(f"δ memory: {state.nbytes:,} bytes")
     return text
 
 

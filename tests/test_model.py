@@ -125,7 +125,7 @@ def test_layer_reads_of_padding_are_zero():
     layer = model.delta_mem.layers[0]
     h = mx.random.normal((1, 5, 64))
     with model.delta_mem.inputs(valid=mx.array([[1, 0, 1, 0, 1]])):
-        reads = layer.read_and_write(h)
+        reads = layer.read_and_write(h, model.delta_mem.state)
     np.testing.assert_array_equal(np.array(reads[0, 1]), 0)
     np.testing.assert_array_equal(np.array(reads[0, 3]), 0)
 
@@ -143,16 +143,16 @@ def test_message_mean_writes_one_mean_per_message_in_id_order():
     h = mx.random.normal((1, 7, 64), key=mx.random.key(3))
     ids = np.array([[-1, 0, 0, 1, 1, 1, -1]])
     with model.delta_mem.inputs(message_ids=ids):
-        reads = layer.read_and_write(h)
+        reads = layer.read_and_write(h, model.delta_mem.state)
     # every token read the start state (zero) ...
     np.testing.assert_array_equal(np.array(reads), 0)
     # ... and the state got one write per message: the mean of its tokens, id 0 then id 1
     means = mx.stack([h[0, 1:3].mean(0), h[0, 3:6].mean(0)])[None]
     _, want = scan_reference(mx.zeros((1, 1, 8, 8)), layer.memory.project(means))
-    np.testing.assert_allclose(np.array(layer.delta_state), np.array(want), atol=1e-6)
+    np.testing.assert_allclose(np.array(model.delta_mem.state.layers[layer.index]), np.array(want), atol=1e-6)
     # the next call reads the written state
     with model.delta_mem.inputs(message_ids=np.array([[2, 2]])):
-        reads2 = layer.read_and_write(h[:, :2])
+        reads2 = layer.read_and_write(h[:, :2], model.delta_mem.state)
     np.testing.assert_allclose(np.array(reads2).reshape(1, 2, 1, 8),
                                np.array(read_state(want, layer.memory.project(h[:, :2]).q)),
                                atol=1e-6)
@@ -173,10 +173,10 @@ def test_sentence_mean_groups_by_sentence_ids():
     h = mx.random.normal((1, 6, 64), key=mx.random.key(4))
     with model.delta_mem.inputs(message_ids=np.array([[0, 0, 0, 0, 1, -1]]),
                                 sentence_ids=np.array([[-1, 0, 0, 1, 2, 3]])):
-        layer.read_and_write(h)
+        layer.read_and_write(h, model.delta_mem.state)
     means = mx.stack([h[0, 1:3].mean(0), h[0, 3], h[0, 4]])[None]
     _, want = scan_reference(mx.zeros((1, 1, 8, 8)), layer.memory.project(means))
-    np.testing.assert_allclose(np.array(layer.delta_state), np.array(want), atol=1e-6)
+    np.testing.assert_allclose(np.array(model.delta_mem.state.layers[layer.index]), np.array(want), atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

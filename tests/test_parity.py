@@ -32,7 +32,7 @@ def run_two_calls(model, expected):
                 logits = model(ids, cache=cache)
         else:
             logits = model(ids, cache=cache)
-        states = np.stack([np.array(model.delta_mem.layers[i].delta_state[0])
+        states = np.stack([np.array(model.delta_mem.state.layers[i][0])
                            for i in expected["layers"]])
         outs.append((np.array(logits.astype(mx.float32)), states))
     return outs

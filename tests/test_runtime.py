@@ -277,13 +277,12 @@ def test_stop_before_the_first_token_takes_the_turn_back(tiny):
 # -- message ids ------------------------------------------------------------------------------
 def test_message_mean_adapter_gets_template_ids(tiny_message_mean):
     model, tok = tiny_message_mean
-    inputs = model.delta_mem._inputs
     calls = []
     original = Context._call
 
     def spy(self, ids, write, message_ids, sentence_ids, logits, **kw):
         calls.append((list(ids), write, message_ids and list(message_ids),
-                      inputs.generation_message_id))
+                      self.state.generation_message_id))
         return original(self, ids, write, message_ids, sentence_ids, logits, **kw)
 
     Context._call = spy
@@ -306,7 +305,7 @@ def test_message_mean_adapter_gets_template_ids(tiny_message_mean):
     assert prefill[3] is None
     assert all(s[2] == [3] and s[3] == 3 for s in steps)  # generated: the assistant's id
     assert closing[2] == [3, 3]
-    assert model.delta_mem.generation_message_id is None  # put back after the reply
+    assert session.state.generation_message_id is None  # put back after the reply
 
 
 def test_message_mean_never_writes_system_tokens(tiny_message_mean):

@@ -82,10 +82,10 @@ def test_read_pass_never_writes(backbone, monkeypatch):
     calls = []
     original = DeltaMemAttention.read_and_write
 
-    def spy(self, h, *args):
-        before = self.delta_state
-        out = original(self, h, *args)
-        calls.append((h.shape[1], self._inputs.writes_enabled, before, self.delta_state))
+    def spy(self, h, state, *args):
+        before = state.layers[self.index]
+        out = original(self, h, state, *args)
+        calls.append((h.shape[1], state.writes_enabled, before, state.layers[self.index]))
         return out
 
     monkeypatch.setattr(DeltaMemAttention, "read_and_write", spy)

@@ -15,6 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import cache as cache_lib
 
+from ..cache import DeltaState, make_prompt_cache
+
 
 class Stopped(Exception):
     """Raised between prefill chunks when the caller asked to stop."""
@@ -47,16 +49,19 @@ def last_position_only(model: nn.Module) -> Iterator[None]:
 
 
 class Context:
-    """Token ids in the KV cache of `model`, with their δ writes.
+    """Token ids in the KV cache of `model`, with their δ writes into `state` (the sequence's
+    δ memory, carried by the cache; a new empty one when None).
 
     ids[t]: the token at position t; wrote[t]: whether it was written into δ (for message /
     sentence granularity: fed with writes on and part of a message / sentence); owners[t]: the
     caller's label for it (the session's message index). n_written = sum(wrote).
     """
 
-    def __init__(self, model: nn.Module, prefill_step: int = 512):
+    def __init__(self, model: nn.Module, prefill_step: int = 512,
+                 state: Optional[DeltaState] = None):
         self.model = model
         self.memory = model.delta_mem
+        self.state = state if state is not None else model.delta_mem.new_state()
         self.granularity = self.memory.config.memory_write_granularity
         self.prefill_step = prefill_step
         self.reset()
@@ -64,7 +69,7 @@ class Context:
     # -- state -----------------------------------------------------------------------------
     def reset(self) -> None:
         """Empty KV cache (the δ state is left as it is)."""
-        self.cache = cache_lib.make_prompt_cache(self.model)
+        self.cache = make_prompt_cache(self.model, self.state)
         self.ids: list[int] = []
         self.wrote: list[bool] = []
         self.owners: list[int] = []
@@ -72,11 +77,11 @@ class Context:
         self._marks: list[tuple[int, dict]] = []  # (position, δ state before it)
 
     def states(self) -> dict:
-        return {i: layer.delta_state for i, layer in self.memory.layers.items()}
+        """Layer index → δ state [B, H, r, r] (None = empty) of this context's memory."""
+        return dict(self.state.layers)
 
     def set_states(self, states: dict) -> None:
-        for i, layer in self.memory.layers.items():
-            layer.delta_state = states[i]
+        self.state.layers = dict(states)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -102,7 +107,7 @@ class Context:
         if cache_lib.can_trim_prompt_cache(self.cache):
             cache_lib.trim_prompt_cache(self.cache, len(self.ids) - n)
         else:
-            self.cache, n = cache_lib.make_prompt_cache(self.model), 0
+            self.cache, n = make_prompt_cache(self.model, self.state), 0
         self.n_written -= sum(self.wrote[n:])
         del self.ids[n:], self.wrote[n:], self.owners[n:]
         self._marks = [m for m in self._marks if m[0] <= n]
@@ -131,8 +136,8 @@ class Context:
             if message_ids is not None:
                 inputs = {"message_ids": [list(message_ids)],
                           "sentence_ids": None if sentence_ids is None else [list(sentence_ids)]}
-            with (nullcontext() if write else self.memory.read_only()), \
-                    self.memory.inputs(**inputs), \
+            with (nullcontext() if write else self.state.read_only()), \
+                    self.state.inputs(**inputs), \
                     (last_position_only(self.model) if logits and len(ids) > 1
                      else nullcontext()):
                 out = self.model(mx.array(ids)[None], cache=self.cache)
@@ -145,7 +150,7 @@ class Context:
             self.set_states(states)
             for c, offset in zip(self.cache, offsets):
                 if offset is None or not c.is_trimmable():
-                    self.cache = cache_lib.make_prompt_cache(self.model)
+                    self.cache = make_prompt_cache(self.model, self.state)
                     self.ids, self.wrote, self.owners, self._marks = [], [], [], []
                     self.n_written = 0
                     break

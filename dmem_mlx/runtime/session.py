@@ -100,8 +100,9 @@ def default_kv_budget(model: nn.Module) -> int:
 class ChatSession:
     """A conversation with a δ-mem model whose memory persists in an optional `MemoryFile`.
 
-    The session takes over the model's δ state: from the memory file, or empty without one.
-    A model serves one session at a time (sessions on one model share its δ state).
+    The session owns its δ memory (`state`, a `DeltaState`): from the memory file, or empty
+    without one. Any number of sessions can share one model; each reads and writes only its own
+    memory (the model's default memory, `model.delta_mem.state`, is not touched).
 
     system: system prompt of new conversations (a saved conversation with another one is not
     resumed). max_kv_tokens: KV context budget (default `default_kv_budget(model)`).
@@ -123,8 +124,9 @@ class ChatSession:
             memory.check_fingerprint(self.fingerprint)
         self.max_kv_tokens = max_kv_tokens or default_kv_budget(model)
         self._delta = model.delta_mem
+        self.state = self._delta.new_state()
         self._groups = self._delta.config.memory_write_granularity != "token"
-        self._ctx = Context(model, prefill_step)
+        self._ctx = Context(model, prefill_step, self.state)
         self._closing = closing_tokens(tokenizer)
         self._eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
         specials = set(getattr(tokenizer, "all_special_ids", None) or [])
@@ -139,7 +141,6 @@ class ChatSession:
         if memory is not None and memory.data is not None:
             self._apply(memory.data)
         else:
-            self._delta.reset()
             self._start_memory()
 
     # -- the conversation --------------------------------------------------------------------
@@ -229,7 +230,7 @@ class ChatSession:
         """Reset the δ memory, the counts and the transcript, and save (the file's previous
         version stays as its .bak)."""
         self._check_idle()
-        self._delta.reset()
+        self.state.reset()
         self._start_memory()
         self._save(force=True)
 
@@ -338,7 +339,7 @@ class ChatSession:
         if set(data.states) != set(self._delta.layers) or any(
                 s.shape != shape for s in data.states.values()):
             raise MemoryFileError("the memory's δ state does not fit this model's layers")
-        self._delta.restore({f"layers.{i}": mx.array(s[None]) for i, s in data.states.items()})
+        self.state.restore({f"layers.{i}": mx.array(s[None]) for i, s in data.states.items()})
         self._tokens_written, self._turns = data.tokens_written, data.turns
         self._conversations, self._created = data.conversations, data.created
         messages = [dict(m) for m in data.transcript]
@@ -515,8 +516,8 @@ class ChatSession:
         max_tokens = min(max_tokens, self.max_kv_tokens - len(self._ctx) - len(self._closing))
         numbers, sentence_starts = self._numbering()
         message_id = numbers[-1] + 1  # the user message just added has numbers[-1] >= 0
-        previous_id = self._delta.generation_message_id
-        self._delta.generation_message_id = message_id
+        previous_id = self.state.generation_message_id
+        self.state.generation_message_id = message_id
         if seed is not None:
             mx.random.seed(seed)
         detok = self.tokenizer.detokenizer
@@ -579,7 +580,7 @@ class ChatSession:
                 rebuilt=rolled, evicted_turns=evicted)
             self._save()
         finally:
-            self._delta.generation_message_id = previous_id
+            self.state.generation_message_id = previous_id
             self._busy = False
         if error is not None:
             raise error
