@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
+from dmem_mlx.errors import CommandError
+
 from .screens import ConfirmScreen
 
 if TYPE_CHECKING:
@@ -38,10 +40,6 @@ COMMANDS = [
     Command("quit", "Quit", "save and leave (the memory is saved after every turn)"),
 ]
 BY_NAME = {command.name: command for command in COMMANDS}
-
-
-class CommandError(ValueError):
-    """A slash command that cannot run as typed; the message is shown to the user."""
 
 
 def parse_command(text: str) -> tuple[Command, str]:

@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
+from dmem_mlx.errors import DmemError, UsageError, user_message
+
 PROG = "dmem-chat"
-
-
-class UsageError(Exception):
-    """A mistake on the command line or in the environment, reported as one line."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -81,13 +79,10 @@ def default_model() -> tuple[str, str]:
 def resolve_model(name: str) -> Path:
     """A local converted model directory (downloaded first if `name` is a hub repo)."""
     from dmem_mlx.adapter import is_adapter_dir
-    from dmem_mlx.hub import HubError, resolve_model_path
+    from dmem_mlx.hub import resolve_model_path
 
-    try:
-        path = resolve_model_path(name, extra_patterns=["delta_mem_config.json",
-                                                        "delta_mem.safetensors"])
-    except HubError as exc:
-        raise UsageError(str(exc)) from None
+    path = resolve_model_path(name, extra_patterns=["delta_mem_config.json",
+                                                    "delta_mem.safetensors"])
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} is not a model directory (no config.json)")
     if not is_adapter_dir(path):
@@ -119,9 +114,9 @@ def open_memory(path: Any, read_only: bool = False) -> Any:
     path = Path(path).expanduser()
     try:
         return MemoryFile.open(path, read_only=read_only)
-    except MemoryLockedError:
-        raise MemoryLockedError(f"{path}: this memory is open in another dmem-chat (or process); "
-                                "close it there, or chat without saving: --read-only") from None
+    except MemoryLockedError as exc:
+        raise MemoryLockedError(f"{str(exc).split(' (')[0]}: close the dmem-chat (or program) "
+                                "using it, or chat without saving: --read-only") from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -136,14 +131,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_numbers(args)
         model, model_id = (args.model, args.model) if args.model else default_model()
         model_path = resolve_model(model)
-        from dmem_mlx.runtime import MemoryFileError
-        try:
-            memory = open_memory(memory_location(args.memory, model_id),
-                                 read_only=args.read_only)
-        except MemoryFileError as exc:
-            raise UsageError(str(exc)) from None
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        memory = open_memory(memory_location(args.memory, model_id), read_only=args.read_only)
+    except (DmemError, OSError) as exc:
+        print(f"{PROG}: error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -40,22 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from dmem_mlx.config import ConfigError
-    from dmem_mlx.hub import HubError
+    from dmem_mlx.errors import DmemError, user_message
 
-    from .adapter import AdapterError
-    from .convert import ConvertError, convert
-    from .torch_pickle import CheckpointError
+    from .convert import convert
 
     try:
         convert(args.hf_repo, args.mlx_path, base_model=args.base_model, dtype=args.dtype,
                 quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
                 revision=args.revision)
-    except (ConvertError, ConfigError, AdapterError, CheckpointError, HubError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+    except (DmemError, OSError) as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)

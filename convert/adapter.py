@@ -6,11 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from dmem_mlx.config import DELTA_HEADS, DeltaMemConfig
+from dmem_mlx.errors import AdapterError
 from dmem_mlx.model import _out_dims
-
-
-class AdapterError(ValueError):
-    """The adapter does not fit its config or the base model."""
 
 
 def expected_shapes(config: DeltaMemConfig, model: nn.Module) -> dict[str, tuple[int, ...]]:

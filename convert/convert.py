@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from dmem_mlx.adapter import WEIGHTS_NAME
 from dmem_mlx.config import CONFIG_NAME, DeltaMemConfig
+from dmem_mlx.errors import ConvertError
 from dmem_mlx.hub import download, looks_like_path
 
 from .adapter import validate_adapter
@@ -19,10 +20,6 @@ from .torch_pickle import load_torch_checkpoint
 
 ADAPTER_PT = "delta_mem_adapter.pt"
 DTYPES = ("float16", "bfloat16", "float32")
-
-
-class ConvertError(RuntimeError):
-    """A conversion that cannot go on; the message is one line for the user."""
 
 
 def _log(message: str) -> None:

@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from dmem_mlx.errors import (CheckpointError, CorruptCheckpointError, UnsafeCheckpointError,
+                             UnsupportedCheckpointError)
+
 __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
@@ -38,22 +41,6 @@ __all__ = [
     "load_torch_checkpoint",
     "load_torch_checkpoint_numpy",
 ]
-
-
-class CheckpointError(Exception):
-    """Base class: the file is not a checkpoint this reader accepts."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The pickle names a global outside the allow-list (it would run arbitrary code)."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """The archive or pickle is malformed, truncated or inconsistent."""
-
-
-class UnsupportedCheckpointError(CheckpointError):
-    """A well-formed file in a format we deliberately do not read (legacy format, dtype)."""
 
 
 # torch storage class name -> (torch dtype name, little-endian numpy dtype of the raw bytes).

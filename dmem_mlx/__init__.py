@@ -22,6 +22,7 @@ _EXPORTS = {
     "DeltaMem": "model",
     "DeltaMemConfig": "config",
     "ConfigError": "config",
+    "DmemError": "errors",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

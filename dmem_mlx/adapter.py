@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import CONFIG_NAME, ConfigError, DeltaMemConfig
+from .errors import AdapterError, one_line
 from .model import DeltaMem, attach_delta_mem, delta_parameters, load_delta_parameters
 
 WEIGHTS_NAME = "delta_mem.safetensors"
@@ -42,14 +43,15 @@ def read_adapter(directory: str | Path,
     config = DeltaMemConfig.load(directory)
     path = directory / WEIGHTS_NAME
     if not path.is_file():
-        raise ConfigError(f"{path} not found")
+        raise AdapterError(f"{path} not found")
     try:
         weights = mx.load(str(path))
     except Exception as exc:  # mlx raises plain RuntimeError/ValueError on bad files
-        raise ConfigError(f"{path} cannot be read as safetensors: {exc}") from None
+        raise AdapterError(f"{path} cannot be read as safetensors: {one_line(exc)}") from None
     weights = {k: v.astype(compute_dtype) for k, v in weights.items()}
-    if not all(bool(mx.all(mx.isfinite(v))) for v in weights.values()):
-        raise ConfigError(f"{path} holds NaN or Inf values")
+    for key, value in weights.items():
+        if not bool(mx.all(mx.isfinite(value))):
+            raise AdapterError(f"{key} holds NaN or Inf values ({path})")
     return config, weights
 
 

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 CONFIG_NAME = "delta_mem_config.json"
 DELTA_HEADS = ("q", "k", "v", "o")
 UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
@@ -55,10 +57,6 @@ INERT_FIELDS = (
     "latent_memory_init_std",
     "latent_gate_init",
 )
-
-
-class ConfigError(ValueError):
-    """A δ-mem config that this project cannot run exactly as the reference would."""
 
 
 @dataclass(frozen=True)

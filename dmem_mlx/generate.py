@@ -94,14 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mlx_lm.sample_utils import make_sampler
 
-    from .config import ConfigError
-    from .hub import HubError
+    from .errors import DmemError, user_message
     from .utils import load
 
     try:
         model, tokenizer = load(args.model)
-    except (HubError, ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (DmemError, OSError) as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 1
     if args.seed is not None:
         mx.random.seed(args.seed)

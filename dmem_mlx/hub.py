@@ -7,9 +7,7 @@ from typing import Iterable, Optional
 
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
-
-class HubError(RuntimeError):
-    """A model or adapter could not be found locally nor downloaded."""
+from .errors import HubError
 
 
 def download(repo_id: str, allow_patterns: Iterable[str], revision: Optional[str] = None) -> Path:

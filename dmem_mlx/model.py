@@ -16,7 +16,8 @@ import numpy as np
 
 from . import fused
 from .cache import DeltaKVCache, DeltaState
-from .config import ConfigError, DeltaMemConfig
+from .config import DeltaMemConfig
+from .errors import AdapterError, ConfigError
 from .delta_mem import DeltaMemory, group_means, read_state
 from .scan import scan
 
@@ -294,13 +295,13 @@ def load_delta_parameters(model: nn.Module, weights: dict[str, mx.array]) -> Non
     dm = model.delta_mem
     expected = delta_parameters(model)
     if missing := sorted(set(expected) - set(weights)):
-        raise ConfigError(f"adapter is missing {len(missing)} tensor(s), e.g. {missing[0]}")
+        raise AdapterError(f"adapter is missing {len(missing)} tensor(s), first: {missing[0]}")
     if unknown := sorted(set(weights) - set(expected)):
-        raise ConfigError(f"adapter has {len(unknown)} unexpected tensor(s), e.g. {unknown[0]}")
+        raise AdapterError(f"adapter has {len(unknown)} unexpected tensor(s), first: {unknown[0]}")
     for key, value in weights.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise ConfigError(f"{key}: shape {tuple(value.shape)}, expected "
-                              f"{tuple(expected[key].shape)}")
+            raise AdapterError(f"{key} has shape {list(value.shape)}, expected "
+                               f"{list(expected[key].shape)}")
     for i, layer in dm.layers.items():
         prefix = f"model.layers.{i}.self_attn."
         layer.memory.update({n: weights[prefix + n] for n in layer.memory.parameters()})

@@ -14,6 +14,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from .errors import DmemError, TrainError
+
 MODES_HELP = (
     "history: the paper's recipe — earlier conversations/turns are written into the δ state, "
     "then only the latest turn is read in a fresh context with writes off; loss on its "
@@ -73,10 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-init", choices=["zero", "random", "base_slice", "base_slice_fixed"])
     g.add_argument("--online-gain", type=float, help="scale of the initial Δ projections")
     return p
-
-
-class TrainError(Exception):
-    """An expected mistake: shown as one line."""
 
 
 def delta_config_from_args(args: argparse.Namespace):
@@ -259,15 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .hub import HubError
-    from .training.data import DataError
+    from .errors import user_message
 
     try:
         run(args)
-    except (TrainError, DataError, ConfigError, HubError, FileNotFoundError,
-            FloatingPointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (DmemError, OSError) as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is in --adapter-path; continue with --resume",

@@ -14,6 +14,7 @@ from mlx_lm.utils import load as _mlx_load
 from .adapter import WEIGHTS_NAME, is_adapter_dir, load_adapter
 from .blas import raise_cpu_cache_limit
 from .config import CONFIG_NAME
+from .errors import AdapterError, ModelError, one_line
 from .hub import resolve_model_path
 
 
@@ -57,13 +58,16 @@ def load(
                                     extra_patterns=[CONFIG_NAME, WEIGHTS_NAME])
     adapter_dir = Path(adapter_path) if adapter_path else model_path
     if not is_adapter_dir(adapter_dir):
-        raise FileNotFoundError(
+        raise AdapterError(
             f"{adapter_dir} holds no δ-mem adapter ({CONFIG_NAME} + {WEIGHTS_NAME}); "
             "convert one with `python -m convert`")
     extra: dict[str, Any] = {"trust_remote_code": True} if trust_remote_code else {}
-    loaded = _mlx_load(str(model_path), tokenizer_config=tokenizer_config,
-                       model_config=model_config, lazy=lazy, return_config=return_config,
-                       **extra)
+    try:
+        loaded = _mlx_load(str(model_path), tokenizer_config=tokenizer_config,
+                           model_config=model_config, lazy=lazy, return_config=return_config,
+                           **extra)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # what mlx-lm raises on bad files
+        raise ModelError(f"{model_path}: mlx-lm cannot load this model: {one_line(exc)}") from None
     model, tokenizer = loaded[:2]
     if on_cpu():
         raise_cpu_cache_limit()  # reuse large prefill buffers (see blas.py)

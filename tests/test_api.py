@@ -13,7 +13,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 import dmem_mlx
-from dmem_mlx.hub import HubError
+from dmem_mlx.errors import AdapterError, HubError
 from dmem_mlx.tiny import make_tiny_dmem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_backbone_without_adapter_is_refused(tmp_path):
     from dmem_mlx.tiny import make_tiny_backbone
 
     path = make_tiny_backbone(tmp_path / "plain")
-    with pytest.raises(FileNotFoundError, match="no δ-mem adapter"):
+    with pytest.raises(AdapterError, match="no δ-mem adapter"):
         dmem_mlx.load(str(path))
 
 

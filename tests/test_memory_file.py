@@ -270,8 +270,8 @@ def test_second_process_is_refused_and_may_open_read_only(tmp_path):
     out = probe(path, "rw")
     assert out.startswith("locked:") and "another process" in out
     assert probe(path, "ro") == "opened"
-    with pytest.raises(MemoryLockedError):  # a second opener in this process too
-        MemoryFile.open(path, fingerprint=FP)
+    with pytest.raises(MemoryLockedError, match="already open in this process"):
+        MemoryFile.open(path, fingerprint=FP)  # a second opener in this process too
     assert path.read_bytes() == before
     mem.close()
     assert probe(path, "rw") == "opened"

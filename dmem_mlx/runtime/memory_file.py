@@ -29,6 +29,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from ..errors import MemoryFileError, MemoryLockedError
+
 FORMAT_NAME = "dmem-mlx.memory"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -36,14 +38,7 @@ MAX_HEADER = 1 << 30
 ROLES = ("system", "user", "assistant", "tool")
 SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")
 PathLike = Union[str, Path]
-
-
-class MemoryFileError(Exception):
-    """A memory file that cannot be used (message: one line naming the file and the reason)."""
-
-
-class MemoryLockedError(MemoryFileError):
-    """The memory is open for writing in another process (or another session of this one)."""
+_LOCKED_HERE: set[str] = set()  # lock files this process holds (to word a refusal rightly)
 
 
 def _now() -> str:
@@ -348,6 +343,12 @@ def atomic_write(path: PathLike, payload: bytes, backup: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------
 # The open memory
 # ---------------------------------------------------------------------------------------------
+def _release(lock: Any) -> None:
+    if lock is not None:
+        lock.release()
+        _LOCKED_HERE.discard(lock.lock_file)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
 
@@ -410,23 +411,25 @@ class MemoryFile:
             except OSError as exc:
                 raise MemoryFileError(f"{path}: cannot create its directory "
                                       f"({exc.strerror or exc})") from None
-            lock = FileLock(str(path) + ".lock", timeout=0)
+            lock_path = str(path.resolve()) + ".lock"
+            lock = FileLock(lock_path, timeout=0)
             try:
                 lock.acquire()
             except Timeout:
-                raise MemoryLockedError(
-                    f"{path}: this memory is open in another process (close it there, or open "
-                    "it read-only)") from None
+                where = "already open in this process" if lock_path in _LOCKED_HERE else \
+                    "open in another process"
+                raise MemoryLockedError(f"{path}: this memory is {where} (close it there, or "
+                                        "open it read-only)") from None
             except OSError as exc:
                 raise MemoryFileError(f"{path}: cannot lock ({exc.strerror or exc})") from None
+            _LOCKED_HERE.add(lock_path)
         try:
             data = read_memory(path, fingerprint) if path.exists() else None
             if lock is not None:  # we are the only writer: temporary files left by a crash go
                 for leftover in path.parent.glob(f".{glob.escape(path.name)}.*-*-*"):
                     leftover.unlink(missing_ok=True)
         except MemoryFileError as exc:
-            if lock is not None:
-                lock.release()
+            _release(lock)
             bak = path.with_name(path.name + ".bak")
             if bak.is_file() and path.exists():
                 try:
@@ -436,8 +439,7 @@ class MemoryFile:
                     pass
             raise exc from None
         except BaseException:
-            if lock is not None:
-                lock.release()
+            _release(lock)
             raise
         return cls(path, read_only, lock, data, fingerprint)
 
@@ -511,7 +513,7 @@ class MemoryFile:
     def close(self) -> None:
         """Release the lock (idempotent)."""
         if self._lock is not None:
-            self._lock.release()
+            _release(self._lock)
             self._lock = None
 
     @property

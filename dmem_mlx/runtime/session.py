@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
+from ..errors import ContextTooLongError, SessionBusyError
 from .context import Context, Stopped
 from .fingerprint import model_fingerprint
 from .memory_file import (MemoryData, MemoryFile, MemoryFileError, PathLike, atomic_write, encode,
@@ -34,14 +35,6 @@ from .memory_file import (MemoryData, MemoryFile, MemoryFileError, PathLike, ato
 from .template import closing_tokens, count_sentences, render, sentence_spans
 
 DEFAULT_KV_CAP = 8192
-
-
-class ContextTooLongError(ValueError):
-    """A message that does not fit the KV budget even with every earlier turn evicted."""
-
-
-class SessionBusyError(RuntimeError):
-    """Another operation was asked for while a reply is being generated."""
 
 
 @dataclass

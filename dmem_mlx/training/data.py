@@ -22,9 +22,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """Training data that cannot be used (message shown to the user as one line)."""
+from ..errors import DataError
 
 
 @dataclass

@@ -21,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..adapter import WEIGHTS_NAME, save_adapter
+from ..errors import TrainError
 from ..model import delta_parameters, load_delta_parameters
 from .data import Batch, Example, iterate_batches
 
@@ -157,7 +158,7 @@ def train(model: nn.Module, train_set: list[Example], val_set: list[Example],
         model.delta_mem.reset()
         value = loss.item()
         if not math.isfinite(value):
-            raise FloatingPointError(f"the loss is {value} at step {step}; lower --learning-rate")
+            raise TrainError(f"the loss is {value} at step {step}; lower --learning-rate")
         window_loss.append(value)
         window_tokens += batch.num_tokens
         train_tokens += batch.num_tokens
