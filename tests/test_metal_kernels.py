@@ -1,6 +1,7 @@
 """The Metal kernels, executed without a Mac: tests/metal_shim compiles the exact source strings
 of dmem_mlx/kernels/metal.py, in the signature MLX generates, as C++ and runs every thread of
-the grid; the outputs must match delta_mem.scan_reference / scan_step to ~1e-5.
+the grid; the outputs must match delta_mem.scan_reference / scan_step (and, for the whole-layer
+decode kernel, DeltaMemory.project → scan_reference → DeltaMemory.delta) to ~1e-5.
 On a Mac with Metal, the same kernels also run through MLX (test_on_metal_*)."""
 
 from __future__ import annotations
@@ -15,10 +16,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx.utils import tree_map
+
+from dmem_mlx import fused
+from dmem_mlx.config import DeltaMemConfig
 from dmem_mlx.delta_mem import (
-    MemoryInputs, normalize_heads, row_coefficients, scan_reference, scan_step)
+    DeltaMemory, MemoryInputs, normalize_heads, read_state, row_coefficients, scan_reference,
+    scan_step)
 from dmem_mlx.kernels import metal
-from dmem_mlx.kernels.metal import DECODE_KERNEL, SCAN_KERNEL, decode_step_launch, scan_launch
+from dmem_mlx.kernels.metal import (
+    DECODE_KERNEL, LAYER_DECODE_KERNEL, SCAN_KERNEL, decode_step_launch, layer_decode_launch,
+    scan_launch)
 from metal_shim.harness import compile_kernels, generate_source, mlx_generated_source
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -92,6 +100,83 @@ def make_decode_case(case):
     return (state, *(x.astype(DTYPES[dtype]) for x in vectors))
 
 
+# The whole-layer decode kernel, against DeltaMemory.project → scan_reference (or read_state)
+# → DeltaMemory.delta on random parameters.
+# (B, H, state_update_mode, couple_lambda, normalize_qk, rankwise_gates, delta_heads,
+#  delta_o_rmsnorm, trainable_delta_scale, masked rows, input dtype, write, threads)
+LAYER_CASES = [
+    (1, 1, "standard", True, True, True, "q,o", False, "", False, "f32", True, 256),
+    (2, 4, "lambda_outside", False, True, True, "q,k,v,o", True, "head", True, "f32", True, 256),
+    (2, 4, "no_lambda", True, False, False, "q,k,v,o", False, "layer", False, "f32", True, 16),
+    (2, 2, "standard", False, False, False, "o", True, "", True, "f32", True, 32),
+    (2, 4, "standard", False, True, True, "q,k,v,o", True, "", True, "bf16", True, 64),
+    (2, 4, "lambda_outside", True, True, True, "q,v", False, "", True, "f16", True, 64),
+    (2, 4, "standard", False, True, True, "q,k,v,o", True, "", True, "f32", False, 64),
+]
+HIDDEN, OUT_DIMS = 40, {"q": 48, "k": 24, "v": 24, "o": 40}
+
+
+def make_layer_case(case):
+    """(memory with random parameters, h [B, 1, D], state, valid [B, 1] or None)."""
+    B, H, mode, coupled, normalize, rankwise, heads, rmsnorm, scale, masked, dtype, _, _ = case
+    cfg = DeltaMemConfig.from_dict({
+        "rank": RANK, "num_state_heads": H, "state_update_mode": mode, "couple_lambda": coupled,
+        "normalize_qk": normalize, "rankwise_gates": rankwise, "delta_heads": heads,
+        "delta_o_rmsnorm": rmsnorm, "trainable_delta_scale": bool(scale),
+        "delta_scale_granularity": scale or "layer"})
+    rng = _rng(case)
+    memory = DeltaMemory(cfg, HIDDEN, OUT_DIMS)
+    memory.update(tree_map(
+        lambda p: mx.array(rng.normal(scale=0.3, size=p.shape), mx.float32), memory.parameters()))
+    if rmsnorm:
+        memory.delta_o_rmsnorm_weight = mx.array(rng.uniform(0.5, 1.5, OUT_DIMS["o"]), mx.float32)
+    h = mx.array(rng.normal(size=(B, 1, HIDDEN)), mx.float32).astype(DTYPES[dtype])
+    state = 0.5 * mx.array(rng.normal(size=(B, H, RANK, RANK)), mx.float32)
+    valid = mx.array([[True], [False]][:B]) if masked else None
+    return memory, h, state, valid
+
+
+def layer_launch(case, **overrides):
+    memory, h, state, valid = make_layer_case(case)
+    cfg = memory.config
+    weights = fused._weights(memory)
+    heads = cfg.delta_heads
+    kwargs = dict(
+        state_update_mode=cfg.state_update_mode,
+        separate_lambda=cfg.state_update_mode != "no_lambda" and not cfg.couple_lambda,
+        normalize_qk=cfg.normalize_qk,
+        norm_head=heads.index("o") if cfg.delta_o_rmsnorm else -1,
+        norm_weight=memory.delta_o_rmsnorm_weight if cfg.delta_o_rmsnorm else None,
+        norm_eps=cfg.delta_o_rmsnorm_eps, valid=valid, write=case[11], threads=case[12])
+    kwargs.update(overrides)
+    w_out = mx.concatenate([weights[x] for x in heads], axis=1)
+    return layer_decode_launch(h, state, weights["in"], weights["bias"], w_out,
+                               [OUT_DIMS[x] for x in heads], **kwargs)
+
+
+def layer_reference(case):
+    """{head: Δ [B, 1, out] fp32}, new state: the readable path, one token."""
+    memory, h, state, valid = make_layer_case(case)
+    inputs = memory.project(h)
+    if case[11]:
+        reads, new_state = scan_reference(state, inputs, valid)
+    else:
+        reads, new_state = read_state(state, inputs.q, valid), state
+    reads = reads.reshape(*reads.shape[:2], -1)
+    return {x: memory.delta(x, reads) for x in memory.config.delta_heads}, new_state
+
+
+def as_float(x: np.ndarray, dtype: str) -> np.ndarray:
+    """A shim output in float32 (bf16 comes back as its raw uint16 bits)."""
+    if dtype == "bf16":
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32)
+
+
+def rounded(x: mx.array, dtype: str) -> np.ndarray:
+    return np.array(x.astype(DTYPES[dtype]).astype(mx.float32))
+
+
 # The DESIGN §7 worked vector (r = 2, H = 1, rankwise, coupled λ, standard, S₀ = 0).
 SPEC_RAW_Q = [[0.5, -1.0], [1.0, 0.2], [-0.3, 0.8]]
 SPEC_RAW_K = [[1.0, 0.0], [0.4, 0.9], [-0.7, 0.1]]
@@ -131,7 +216,14 @@ SKIPS_LAST_ROW = mutant(DECODE_KERNEL, "mutant_skips_last_row",
                         ("uint row", "if (i == r - 1) return;\n    uint row"))
 READS_PAST_END = mutant(DECODE_KERNEL, "mutant_reads_past_end",
                         ("q[x + j]", "q[x + j + 1]"))
+# the reads of other threads used before they are all written
+NO_BARRIER_BEFORE_CORRECTIONS = mutant(
+    LAYER_DECODE_KERNEL, "mutant_no_barrier_before_corrections",
+    ("    threadgroup_barrier(mem_flags::mem_threadgroup);\n\n    // 3.", "\n    // 3."))
+ERASES_WITH_LAMBDA = mutant(LAYER_DECODE_KERNEL, "mutant_erases_with_lambda",
+                            ("Mode == 1 ? lam * beta : beta", "lam * beta"))
 MUTANT_SCAN_CASE, MUTANT_DECODE_CASE = SCAN_CASES[4], DECODE_CASES[1]
+MUTANT_LAYER_CASE = LAYER_CASES[3]
 
 
 def all_launches():
@@ -143,6 +235,9 @@ def all_launches():
               for m in (IGNORES_MASK, READS_AFTER_WRITE)]
     calls += [(m, decode_step_launch(*make_decode_case(MUTANT_DECODE_CASE)))
               for m in (SKIPS_LAST_ROW, READS_PAST_END)]
+    calls += [(LAYER_DECODE_KERNEL, layer_launch(c)) for c in LAYER_CASES]
+    calls += [(m, layer_launch(MUTANT_LAYER_CASE))
+              for m in (NO_BARRIER_BEFORE_CORRECTIONS, ERASES_WITH_LAMBDA)]
     return calls
 
 
@@ -191,6 +286,47 @@ def test_decode_kernel_matches_scan_step(shim, case):
     np.testing.assert_allclose(new_state, np.array(ref_state), **TOL)
 
 
+@pytest.mark.parametrize("case", LAYER_CASES, ids=case_id)
+def test_layer_decode_kernel_matches_the_readable_layer(shim, case):
+    """Projection, gates, read, write and every correction of one token, in one launch."""
+    launch = layer_launch(case)
+    deltas, new_state = shim.run(LAYER_DECODE_KERNEL, launch)
+    dtype = case[10]
+    deltas = as_float(deltas, dtype)
+    ref_deltas, ref_state = layer_reference(case)
+    tol = TOL if dtype == "f32" else dict(rtol=2 ** -7, atol=1e-3)  # one bf16/f16 rounding
+    start = 0
+    for head, ref in ref_deltas.items():
+        width = ref.shape[-1]
+        got = deltas[..., start:start + width]
+        np.testing.assert_allclose(got, rounded(ref, dtype), **tol, err_msg=head)
+        assert np.abs(got).max() > 0.01, head  # the memory was actually read
+        start += width
+    assert start == deltas.shape[-1]
+    np.testing.assert_allclose(new_state, np.array(ref_state), **TOL)
+    if case[9]:  # the padding row reads 0 and keeps its state exactly
+        assert np.all(deltas[1] == 0.0)
+        np.testing.assert_array_equal(new_state[1], np.array(make_layer_case(case)[2][1]))
+    if not case[11]:
+        np.testing.assert_array_equal(new_state, np.array(make_layer_case(case)[2]))
+
+
+def test_layer_decode_launch_checks_its_inputs():
+    case = LAYER_CASES[1]
+    with pytest.raises(ValueError, match="w_out has shape"):
+        memory, h, state, valid = make_layer_case(case)
+        w = fused._weights(memory)
+        layer_decode_launch(h, state, w["in"], w["bias"], w["q"], [48, 24, 24, 40],
+                            state_update_mode="standard", separate_lambda=True,
+                            normalize_qk=True)
+    with pytest.raises(ValueError, match="unknown state_update_mode"):
+        layer_launch(case, state_update_mode="sideways")
+    with pytest.raises(ValueError, match="RMSNorm weight"):
+        layer_launch(case, norm_weight=None)
+    with pytest.raises(ValueError, match="threadgroup memory"):
+        layer_launch(case, threads=16384)
+
+
 def test_harness_catches_wrong_kernels(shim):
     state, inputs, valid = make_scan_case(MUTANT_SCAN_CASE)
     ref_reads, ref_state = scan_reference(state, inputs, valid)
@@ -202,6 +338,12 @@ def test_harness_catches_wrong_kernels(shim):
         shim.run(SKIPS_LAST_ROW, decode)
     with pytest.raises(RuntimeError, match="AddressSanitizer: heap-buffer-overflow"):
         shim.run(READS_PAST_END, decode)
+    layer = layer_launch(MUTANT_LAYER_CASE)
+    with pytest.raises(RuntimeError, match="differs between the two runs"):
+        shim.run(NO_BARRIER_BEFORE_CORRECTIONS, layer)
+    _, ref_state = layer_reference(MUTANT_LAYER_CASE)
+    _, new_state = shim.run(ERASES_WITH_LAMBDA, layer)
+    assert not np.allclose(new_state, np.array(ref_state), **TOL)
 
 
 def test_harness_signature_is_the_one_mlx_generates(tmp_path):

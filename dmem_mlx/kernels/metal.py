@@ -1,8 +1,11 @@
 """Metal kernels for the δ-mem state update (DESIGN §1), through `mx.fast.metal_kernel`.
 
-Both kernels give one thread to each state row S[b, h, i, :]: rows are independent (DESIGN §1),
-so a row's r floats live in that thread's registers and no thread ever waits for another.
-Grid (r, H, B): thread_position_in_grid = (row i, head h, batch b).
+The scan and decode-step kernels give one thread to each state row S[b, h, i, :]: rows are
+independent (DESIGN §1), so a row's r floats live in that thread's registers and no thread ever
+waits for another. Grid (r, H, B): thread_position_in_grid = (row i, head h, batch b).
+The layer decode kernel does a whole decode token of a layer (projection, gates, read, write,
+corrections) in one launch; its threadgroups share the projection and the reads through
+threadgroup memory.
 
 The kernels are built on first use, so importing this module never needs Metal.  The harness in
 tests/metal_shim/ compiles the exact `source` strings below, wrapped in the signature MLX
@@ -14,7 +17,7 @@ Shapes: B batch, T tokens, H state heads, r rank.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 
@@ -108,6 +111,135 @@ _DECODE_SOURCE = """
     reads[x + i] = read;
 """
 
+_LAYER_DECODE_SOURCE = """
+    // One decode token through one δ layer (DESIGN §1): the fused input projection, q/k
+    // normalisation, gates, the read and the write of every state row, and the corrections.
+    // One threadgroup of Threads threads per (correction head g, batch row b); each group
+    // computes the projection and the reads itself (a few thousand FMAs), group 0 alone writes
+    // the state, group g writes the columns of head g.
+    // h: [B, D] attention input (InT); w_in: [D, P] fp32, P = H·K·r, column (head, vector, i)
+    // for the vectors q, k, v, β (, λ) of each head, gates given per state row; bias: [P];
+    // state_in: [B, H, r, r]; valid: [B] (false: a padding row, reads 0 and keeps its state);
+    // w_out: [R, O] fp32, the scaled δ weights of the active heads side by side, head g in
+    // columns head_start[g] .. head_start[g + 1] - 1; norm_weight, norm_eps: the RMSNorm of
+    // the Δ of group NormGroup when DeltaNorm (template ints must not be negative: MLX puts
+    // them in the kernel's name).
+    // Outputs: deltas [B, O] (InT), state_out [B, H, r, r] fp32.
+    constexpr int K = SeparateLambda ? 5 : 4;
+    constexpr int P = H * K * r;
+    constexpr int R = H * r;
+    uint t = thread_position_in_threadgroup.x;
+    uint g = threadgroup_position_in_grid.x;
+    uint b = threadgroup_position_in_grid.z;
+    threadgroup float partial[P * Slices];
+    threadgroup float proj[P];
+    threadgroup float reads[R];
+    threadgroup float sums[Threads];
+
+    // 1. proj = h·w_in + bias; Slices threads share each column's sum over D
+    for (uint n = t; n < P * Slices; n += Threads) {
+      uint c = n % P;
+      float acc = 0.0f;
+      for (uint d = n / P; d < D; d += Slices) {
+        acc += static_cast<float>(h[b * D + d]) * w_in[d * P + c];
+      }
+      partial[n] = acc;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (uint c = t; c < P; c += Threads) {
+      float acc = bias[c];
+      for (uint s = 0; s < Slices; ++s) {
+        acc += partial[s * P + c];
+      }
+      proj[c] = acc;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    // 2. state rows S[b, head, i, :]: read first, then the gated delta write
+    bool real = valid[b];
+    for (uint row = t; row < R; row += Threads) {
+      uint x = (row / r) * K * r;  // proj[x + m * r + j]: vector m (q, k, v, β, λ) of the head
+      uint i = row % r;
+      float qn[r], kn[r];
+      for (int j = 0; j < r; ++j) {
+        qn[j] = proj[x + j];
+        kn[j] = proj[x + r + j];
+      }
+      if (NormalizeQK) {  // tanh(x) / max(|tanh(x)|, 1e-6) per head
+        float qq = 0.0f, kk = 0.0f;
+        for (int j = 0; j < r; ++j) {
+          qn[j] = metal::precise::tanh(qn[j]);
+          kn[j] = metal::precise::tanh(kn[j]);
+          qq += qn[j] * qn[j];
+          kk += kn[j] * kn[j];
+        }
+        float q_norm = metal::max(metal::sqrt(qq), 1e-6f);
+        float k_norm = metal::max(metal::sqrt(kk), 1e-6f);
+        for (int j = 0; j < r; ++j) {
+          qn[j] = qn[j] / q_norm;
+          kn[j] = kn[j] / k_norm;
+        }
+      }
+      // gates β, λ and the row coefficients (keep, erase, write) of the update mode
+      float beta = 1.0f / (1.0f + metal::precise::exp(-proj[x + 3 * r + i]));
+      float lam = 1.0f - beta;  // coupled
+      if (Mode == 2) {
+        lam = 1.0f;  // no_lambda
+      } else if (SeparateLambda) {
+        lam = 1.0f / (1.0f + metal::precise::exp(-proj[x + 4 * r + i]));
+      }
+      float erase = Mode == 1 ? lam * beta : beta;  // lambda_outside: λβ
+      uint srow = (b * R + row) * r;  // S[b, head, i, :]
+      float s[r];
+      float read = 0.0f, p = 0.0f;
+      for (int j = 0; j < r; ++j) {
+        s[j] = state_in[srow + j];
+        read += s[j] * qn[j];  // read first: S before this write
+        p += s[j] * kn[j];
+      }
+      reads[row] = real ? read : 0.0f;
+      if (g == 0) {
+        // s <- keep_i s - erase_i (s.k) k + write_i v_i k, keep = λ, write = β
+        float c = beta * proj[x + 2 * r + i] - erase * p;
+        for (int j = 0; j < r; ++j) {
+          state_out[srow + j] = (Write && real) ? lam * s[j] + c * kn[j] : s[j];
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+
+    // 3. this group's correction: Δ = reads·W over its head's columns
+    uint start = head_start[g];
+    uint width = head_start[g + 1] - start;
+    float ss = 0.0f;
+    for (uint o = t; o < width; o += Threads) {
+      float acc = 0.0f;
+      for (int n = 0; n < R; ++n) {
+        acc += reads[n] * w_out[n * O + start + o];
+      }
+      ss += acc * acc;
+      if (!DeltaNorm || int(g) != NormGroup) {
+        deltas[b * O + start + o] = static_cast<InT>(acc);
+      }
+    }
+    if (DeltaNorm && int(g) == NormGroup) {  // Δ · rsqrt(mean(Δ²) + eps) · weight
+      sums[t] = ss;
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      float total = 0.0f;
+      for (int n = 0; n < Threads; ++n) {
+        total += sums[n];
+      }
+      float scale = metal::precise::rsqrt(total / float(width) + norm_eps);
+      for (uint o = t; o < width; o += Threads) {
+        float acc = 0.0f;
+        for (int n = 0; n < R; ++n) {
+          acc += reads[n] * w_out[n * O + start + o];
+        }
+        deltas[b * O + start + o] = static_cast<InT>(acc * scale * norm_weight[o]);
+      }
+    }
+"""
+
 # The arguments of mx.fast.metal_kernel, kept as data so the test harness builds the very same.
 SCAN_KERNEL = dict(
     name="dmem_scan",
@@ -122,7 +254,15 @@ DECODE_KERNEL = dict(
     source=_DECODE_SOURCE,
 )
 
-_SPECS = {spec["name"]: spec for spec in (SCAN_KERNEL, DECODE_KERNEL)}
+LAYER_DECODE_KERNEL = dict(
+    name="dmem_layer_decode",
+    input_names=["h", "w_in", "bias", "state_in", "valid", "w_out", "head_start", "norm_weight",
+                 "norm_eps"],
+    output_names=["deltas", "state_out"],
+    source=_LAYER_DECODE_SOURCE,
+)
+
+_SPECS = {spec["name"]: spec for spec in (SCAN_KERNEL, DECODE_KERNEL, LAYER_DECODE_KERNEL)}
 _FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
@@ -203,6 +343,80 @@ def decode_step_launch(
     )
 
 
+UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")  # the kernel's Mode 0, 1, 2
+THREADGROUP_MEMORY = 32768  # bytes per threadgroup on every Apple GPU
+
+
+def layer_decode_launch(
+    h: mx.array,
+    state: mx.array,
+    w_in: mx.array,
+    bias: mx.array,
+    w_out: mx.array,
+    head_widths: Sequence[int],
+    *,
+    state_update_mode: str,
+    separate_lambda: bool,
+    normalize_qk: bool,
+    norm_head: int = -1,
+    norm_weight: Optional[mx.array] = None,
+    norm_eps: float = 0.0,
+    valid: Optional[mx.array] = None,
+    write: bool = True,
+    threads: int = 256,
+) -> dict[str, Any]:
+    """The keyword arguments of the whole-layer decode kernel call (see `metal_layer_decode`)."""
+    B, D = h.shape[0], h.shape[-1]
+    if h.size != B * D:
+        raise ValueError(f"metal_layer_decode: h has shape {h.shape}, expected [B, 1, D]")
+    H, r = state.shape[1], state.shape[-1]
+    if tuple(state.shape) != (B, H, r, r):
+        raise ValueError(f"metal_layer_decode: state has shape {state.shape}, expected "
+                         f"{(B, H, r, r)}")
+    K = 5 if separate_lambda else 4
+    P, R, O = H * K * r, H * r, sum(head_widths)
+    expected = {"w_in": (w_in, (D, P)), "bias": (bias, (P,)), "w_out": (w_out, (R, O))}
+    for name, (x, shape) in expected.items():
+        if tuple(x.shape) != shape:
+            raise ValueError(f"metal_layer_decode: {name} has shape {x.shape}, expected {shape}")
+    if state_update_mode not in UPDATE_MODES:
+        raise ValueError(f"metal_layer_decode: unknown state_update_mode {state_update_mode!r}")
+    if not head_widths or min(head_widths) < 1:
+        raise ValueError("metal_layer_decode: every correction head needs a width >= 1")
+    if norm_head >= 0 and (norm_weight is None or norm_weight.size != head_widths[norm_head]):
+        raise ValueError("metal_layer_decode: the normalised head needs its RMSNorm weight")
+    slices = max(1, min(threads // P, D))
+    memory = 4 * (P * slices + P + R + threads)
+    if memory > THREADGROUP_MEMORY:
+        raise ValueError(f"metal_layer_decode: {memory} bytes of threadgroup memory "
+                         f"(H = {H}, r = {r}) exceed {THREADGROUP_MEMORY}")
+    if valid is None:
+        valid = mx.ones((B,), mx.bool_)
+    elif valid.size != B:
+        raise ValueError(f"metal_layer_decode: valid has shape {valid.shape}, expected [B, 1]")
+    starts = [0]
+    for width in head_widths:
+        starts.append(starts[-1] + width)
+    dtype = h.dtype if h.dtype in _FLOAT_TYPES else mx.float32
+    return dict(
+        inputs=[h.astype(dtype), w_in.astype(mx.float32), bias.astype(mx.float32),
+                state.astype(mx.float32), valid.astype(mx.bool_), w_out.astype(mx.float32),
+                mx.array(starts, mx.int32),
+                (mx.zeros((1,)) if norm_weight is None else norm_weight).astype(mx.float32),
+                mx.array(norm_eps, mx.float32)],
+        template=[("InT", dtype), ("D", D), ("H", H), ("r", r), ("O", O),
+                  ("Mode", UPDATE_MODES.index(state_update_mode)),
+                  ("SeparateLambda", bool(separate_lambda)), ("NormalizeQK", bool(normalize_qk)),
+                  ("Write", bool(write)), ("DeltaNorm", norm_head >= 0),
+                  ("NormGroup", max(norm_head, 0)), ("Threads", threads),
+                  ("Slices", slices)],
+        grid=(threads * len(head_widths), 1, B),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(*h.shape[:-1], O), (B, H, r, r)],
+        output_dtypes=[dtype, mx.float32],
+    )
+
+
 def metal_scan(
     state: mx.array, inputs: MemoryInputs, valid: Optional[mx.array] = None
 ) -> tuple[mx.array, mx.array]:
@@ -236,3 +450,19 @@ def metal_decode_step(
     launch = decode_step_launch(state, q_raw, k_raw, v, keep, erase, write, normalize_qk)
     read, new_state = _kernel(DECODE_KERNEL["name"])(**launch)
     return read, new_state
+
+
+def metal_layer_decode(*args: Any, **kwargs: Any) -> tuple[mx.array, mx.array]:
+    """One decode token through a δ layer in one launch: `DeltaMemory.project`, `scan_step`
+    (or a read only, write=False) and `DeltaMemory.delta` of every active head.
+
+    h: [B, 1, D] attention input; state: [B, H, r, r]; w_in: [D, H·K·r] and bias: the fused
+    input projection, columns [H, K, r] head-major with K = q, k, v, β (, λ) and per-row gates;
+    w_out: [R, O] the scaled δ weights of the active heads side by side (widths head_widths);
+    norm_head: index of the head whose Δ is RMS-normalised (Δo), or -1. Arguments as
+    `layer_decode_launch`.
+    Returns (Δ of every head side by side [B, 1, O] in h's dtype, new state [B, H, r, r] fp32).
+    """
+    launch = layer_decode_launch(*args, **kwargs)
+    deltas, new_state = _kernel(LAYER_DECODE_KERNEL["name"])(**launch)
+    return deltas, new_state

@@ -11,14 +11,25 @@
 // is its own exact-size allocation, so AddressSanitizer reports out-of-bounds accesses.
 // Modelled thread attributes: those in ThreadInfo.  Not modelled (the harness refuses kernels
 // that name them): the size/index of a partial threadgroup, SIMD- and quad-group attributes.
+//
+// Kernels with threadgroup_barrier run one threadgroup at a time, each thread of the group on
+// an OS thread of its own, but only one of them running at any moment: the threads take turns
+// in thread order (ascending in the first run, descending in the second) up to the next
+// barrier; once every thread of the group has arrived, all continue, again in turn.  The order
+// within each stretch between barriers is thus fixed and reversed between the runs, so a result
+// that depends on it (a missing barrier, two threads writing one element) differs between the
+// runs; a barrier that some threads of a group never reach is reported.
 #pragma once
 
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <condition_variable>
 #include <functional>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 struct ThreadInfo {
@@ -34,7 +45,89 @@ typedef std::function<void(void** bufs, const ThreadInfo& t)> ThreadFn;
 struct KernelEntry {
   const char* name;
   ThreadFn fn;
+  bool barriers;  // the source calls threadgroup_barrier: run its groups with GroupTurns
 };
+
+// The threads of one threadgroup, taking turns (see the top of this file).
+struct GroupTurns {
+  enum Phase { RUNNABLE, AT_BARRIER, FINISHED };
+  std::mutex m;
+  std::vector<std::condition_variable> turn;  // per slot: woken when its turn comes
+  std::vector<int> order;    // thread slots in the order they take turns
+  size_t pos = 0;            // order[pos] runs now
+  std::vector<Phase> phase;  // per slot
+
+  void wait_turn(int slot, std::unique_lock<std::mutex>& lock) {
+    turn[slot].wait(lock, [&] {
+      return pos < order.size() && order[pos] == slot && phase[slot] == RUNNABLE;
+    });
+  }
+  // The running thread stops (at a barrier or finished): the next runnable slot goes, or, when
+  // none is left, the barrier opens for all.
+  void pass_turn(std::unique_lock<std::mutex>&) {
+    size_t p = pos + 1;
+    while (p < order.size() && phase[order[p]] != RUNNABLE) ++p;
+    if (p == order.size()) {
+      bool waiting = false, finished = false;
+      for (Phase ph : phase) {
+        waiting |= ph == AT_BARRIER;
+        finished |= ph == FINISHED;
+      }
+      if (waiting && finished) {
+        std::fprintf(stderr, "threadgroup_barrier not reached by every thread of the group\n");
+        std::_Exit(4);
+      }
+      for (Phase& ph : phase)
+        if (ph == AT_BARRIER) ph = RUNNABLE;
+      p = 0;
+      while (p < order.size() && phase[order[p]] != RUNNABLE) ++p;
+    }
+    pos = p;
+    if (pos < order.size()) turn[order[pos]].notify_one();
+  }
+};
+
+static thread_local GroupTurns* current_group = nullptr;
+static thread_local int current_slot = -1;
+
+namespace metal {
+void threadgroup_barrier(mem_flags) {
+  if (current_group == nullptr) {
+    std::fprintf(stderr, "threadgroup_barrier outside a threadgroup run\n");
+    std::_Exit(4);
+  }
+  std::unique_lock<std::mutex> lock(current_group->m);
+  current_group->phase[current_slot] = GroupTurns::AT_BARRIER;
+  current_group->pass_turn(lock);
+  current_group->wait_turn(current_slot, lock);
+}
+}  // namespace metal
+
+// One threadgroup of a barrier kernel: its threads (infos[slot]) taking turns.
+static void run_group(const ThreadFn& fn, void** bufs, const std::vector<ThreadInfo>& infos,
+                      bool reverse) {
+  GroupTurns group;
+  int n = int(infos.size());
+  group.turn = std::vector<std::condition_variable>(n);
+  group.phase.assign(n, GroupTurns::RUNNABLE);
+  for (int k = 0; k < n; ++k) group.order.push_back(reverse ? n - 1 - k : k);
+  std::vector<OsThread> threads;
+  for (int slot = 0; slot < n; ++slot) {
+    threads.emplace_back([&, slot] {
+      current_group = &group;
+      current_slot = slot;
+      {
+        std::unique_lock<std::mutex> lock(group.m);
+        group.wait_turn(slot, lock);
+      }
+      fn(bufs, infos[slot]);
+      std::unique_lock<std::mutex> lock(group.m);
+      group.phase[slot] = GroupTurns::FINISHED;
+      group.pass_turn(lock);
+    });
+  }
+  for (OsThread& t : threads) t.join();
+}
 
 static std::vector<char> read_file(const std::string& path) {
   FILE* f = std::fopen(path.c_str(), "rb");
@@ -51,22 +144,41 @@ static std::vector<char> read_file(const std::string& path) {
   return data;
 }
 
-static void run_grid(const ThreadFn& fn, void** bufs, uint3 grid, uint3 tg, bool reverse) {
+static void run_grid(const ThreadFn& fn, void** bufs, uint3 grid, uint3 tg, bool reverse,
+                     bool barriers) {
   // MLX dispatches with threadgroup = min(requested, grid) on each axis.
   tg = {std::min(tg.x, grid.x), std::min(tg.y, grid.y), std::min(tg.z, grid.z)};
   uint3 groups = {(grid.x + tg.x - 1) / tg.x, (grid.y + tg.y - 1) / tg.y,
                   (grid.z + tg.z - 1) / tg.z};
-  uint64_t total = uint64_t(grid.x) * grid.y * grid.z;
-  for (uint64_t n = 0; n < total; ++n) {
-    uint64_t idx = reverse ? total - 1 - n : n;
-    uint3 pos = {uint(idx % grid.x), uint(idx / grid.x % grid.y), uint(idx / grid.x / grid.y)};
+  auto info = [&](uint3 pos) {
     ThreadInfo t;
     t.thread_position_in_grid = pos;
     t.thread_position_in_threadgroup = {pos.x % tg.x, pos.y % tg.y, pos.z % tg.z};
     t.threadgroup_position_in_grid = {pos.x / tg.x, pos.y / tg.y, pos.z / tg.z};
     t.threads_per_grid = grid;
     t.threadgroups_per_grid = groups;
-    fn(bufs, t);
+    return t;
+  };
+  if (barriers) {  // group by group, each group's threads taking turns
+    uint64_t n_groups = uint64_t(groups.x) * groups.y * groups.z;
+    for (uint64_t n = 0; n < n_groups; ++n) {
+      uint64_t g = reverse ? n_groups - 1 - n : n;
+      uint3 gp = {uint(g % groups.x), uint(g / groups.x % groups.y),
+                  uint(g / groups.x / groups.y)};
+      std::vector<ThreadInfo> infos;
+      for (uint z = gp.z * tg.z; z < std::min(grid.z, (gp.z + 1) * tg.z); ++z)
+        for (uint y = gp.y * tg.y; y < std::min(grid.y, (gp.y + 1) * tg.y); ++y)
+          for (uint x = gp.x * tg.x; x < std::min(grid.x, (gp.x + 1) * tg.x); ++x)
+            infos.push_back(info({x, y, z}));
+      run_group(fn, bufs, infos, reverse);
+    }
+    return;
+  }
+  uint64_t total = uint64_t(grid.x) * grid.y * grid.z;
+  for (uint64_t n = 0; n < total; ++n) {
+    uint64_t idx = reverse ? total - 1 - n : n;
+    uint3 pos = {uint(idx % grid.x), uint(idx / grid.x % grid.y), uint(idx / grid.x / grid.y)};
+    fn(bufs, info(pos));
   }
 }
 
@@ -103,7 +215,7 @@ static int driver_main(int argc, char** argv, const KernelEntry* entries, int n_
   for (int pass = 0; pass < 2; ++pass) {
     for (int j = 0; j < n_out; ++j)
       std::memset(bufs[n_in + j], pass == 0 ? 0xFF : 0x00, out_bytes[j]);
-    run_grid(entry->fn, bufs.data(), grid, tg, /*reverse=*/pass == 1);
+    run_grid(entry->fn, bufs.data(), grid, tg, /*reverse=*/pass == 1, entry->barriers);
     for (int j = 0; j < n_out; ++j) {
       const char* out = static_cast<const char*>(bufs[n_in + j]);
       if (pass == 0) {

@@ -210,7 +210,7 @@ def mlx_generated_source(kernel: dict, launch: dict, workdir: Path) -> str | Non
 
 
 def _launcher(kernel_name: str, template_def: str, buffers: list[Buffer],
-              attributes: list[str]) -> str:
+              attributes: list[str], barriers: bool) -> str:
     """C++ lambda calling the instantiated kernel for one thread with the driver's buffers."""
     args = []
     for i, b in enumerate(buffers):
@@ -223,7 +223,7 @@ def _launcher(kernel_name: str, template_def: str, buffers: list[Buffer],
     args += [f"t.{MODELLED_ATTRIBUTES[a]}" for a in attributes]
     call = f"{kernel_name}{template_def}(\n        " + ",\n        ".join(args) + ")"
     return (f'  {{"{kernel_name}", [](void** bufs, const ThreadInfo& t) {{\n'
-            f"      {call};\n    }}}},\n")
+            f"      {call};\n    }}, {'true' if barriers else 'false'}}},\n")
 
 
 class CompiledKernels:
@@ -278,7 +278,8 @@ def compile_kernels(calls: Iterable[tuple[dict, dict]], workdir: Path) -> Compil
         template = launch.get("template") or []
         template_def = ("<" + ", ".join(_template_value(a)[1] for _, a in template) + ">"
                         if template else "")
-        launchers.append(_launcher(kernel_name, template_def, buffers, attributes))
+        barriers = "threadgroup_barrier" in kernel["source"]
+        launchers.append(_launcher(kernel_name, template_def, buffers, attributes, barriers))
     program = ['#include "msl_shim.h"', '#include "driver.h"', ""]
     program += [f"// ---- {n} ----\n{t}" for n, t in kernels.items()]
     program += ["static const KernelEntry entries[] = {", *launchers, "};",
@@ -288,7 +289,7 @@ def compile_kernels(calls: Iterable[tuple[dict, dict]], workdir: Path) -> Compil
     workdir.mkdir(parents=True, exist_ok=True)
     cpp, binary = workdir / "kernels.cpp", workdir / "kernels"
     cpp.write_text("\n".join(program) + "\n")
-    cmd = [compiler, "-std=c++17", "-O1", "-g", "-Wall", "-Wno-attributes",
+    cmd = [compiler, "-std=c++17", "-pthread", "-O1", "-g", "-Wall", "-Wno-attributes",
            "-Wno-unused-variable", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
            "-I", str(SHIM_DIR), str(cpp), "-o", str(binary)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

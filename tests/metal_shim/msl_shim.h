@@ -2,17 +2,28 @@
 // mx.fast.metal_kernel on the CPU: one call of the kernel function per grid position.
 //
 // Modelled: the address-space qualifiers (device, constant, thread: dropped, they only matter
-// for where memory lives), `kernel`, uint/uint3, float16_t/half, bfloat16_t, and the scalar
-// float math of metal::, metal::precise:: and metal::fast::.  The [[...]] attributes of the
-// generated signature are ignored by g++ (-Wno-attributes); the driver passes the values.
+// for where memory lives), `kernel`, uint/uint3, float16_t/half, bfloat16_t, the scalar float
+// math of metal::, metal::precise:: and metal::fast::, and threadgroup memory with
+// threadgroup_barrier: an array declared `threadgroup` in the kernel body becomes one static
+// array shared by the threads of the group (the driver runs one group at a time, and its
+// threads one at a time between barriers, so the sharing is exact); threadgroup_barrier is the
+// driver's (driver.h).  The [[...]] attributes of the generated signature are ignored by g++
+// (-Wno-attributes); the driver passes the values.
 //
 // Deliberately NOT modelled, so a kernel using them fails to compile here instead of being
-// "verified" with the wrong semantics: threadgroup memory and threadgroup_barrier, SIMD-group
-// and quad-group functions (simd_sum, simd_shuffle...), atomics, textures, vector types.
+// "verified" with the wrong semantics: SIMD-group and quad-group functions (simd_sum,
+// simd_shuffle...), atomics, textures, vector types, threadgroup pointers (a `threadgroup T*`
+// variable would become a static pointer, initialised once: use indices into the arrays).
 #pragma once
 
+// Every standard header the shim and driver.h use comes first: the macros below (thread,
+// device, ...) would rewrite the library's own names.
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -20,10 +31,16 @@
 #include <string>
 #include <vector>
 
+// driver.h's name for std::thread, which the `thread` macro below would break.
+using OsThread = std::thread;
+
 #define kernel
 #define device
 #define constant
 #define thread
+// Kernel-scope threadgroup arrays: one shared array per kernel (see above).  Not re-initialised
+// between groups, as on a GPU, where threadgroup memory starts undefined.
+#define threadgroup static
 
 typedef unsigned int uint;
 
@@ -84,6 +101,10 @@ using metal::rsqrt;
 using metal::sqrt;
 using metal::tanh;
 }  // namespace fast
+
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+// Every thread of the group waits here until all have arrived (defined by the driver).
+void threadgroup_barrier(mem_flags flags);
 
 }  // namespace metal
 
