@@ -18,10 +18,12 @@ from typing import Any
 # public name → the submodule defining it
 _EXPORTS = {
     **dict.fromkeys(("ChatSession", "ContextTooLongError", "SessionBusyError", "ReplyChunk",
-                     "ReplyStats", "SessionInfo", "default_kv_budget"), "session"),
+                     "ReplyStats", "SessionInfo", "default_kv_budget", "NothingToUndoError"),
+                    "session"),
     **dict.fromkeys(("MemoryFile", "MemoryFileError", "MemoryLockedError", "MemoryData",
-                     "read_memory", "default_memory_path", "FORMAT_VERSION"), "memory_file"),
-    "model_fingerprint": "fingerprint",
+                     "read_memory", "default_memory_path", "FORMAT_VERSION", "UndoStep",
+                     "PastConversation"), "memory_file"),
+    **dict.fromkeys(("model_fingerprint", "fingerprint_from_files"), "fingerprint"),
     **dict.fromkeys(("Rendered", "render", "closing_tokens", "sentence_spans"), "template"),
 }
 __all__ = list(_EXPORTS)

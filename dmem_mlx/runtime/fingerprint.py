@@ -83,3 +83,40 @@ def model_fingerprint(model: nn.Module, tokenizer: Any = None,
             "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
         },
     }
+
+
+def fingerprint_from_files(model_dir: str | Path) -> Optional[dict[str, Any]]:
+    """`model_fingerprint` of the model in `model_dir`, read from its files without loading it
+    (config.json, the δ config and weights, the model card), so that a memory of another model
+    can be refused before anything heavy runs. None when the files do not say enough (the
+    session then checks once the model is loaded)."""
+    from ..config import ConfigError, DeltaMemConfig
+
+    model_dir = Path(model_dir)
+    try:
+        args = json.loads((model_dir / "config.json").read_text())
+        cfg = DeltaMemConfig.load(model_dir)
+        n_layers = int(args["num_hidden_layers"])
+        backbone = (f"{args['model_type']} · {n_layers} layers · hidden {args['hidden_size']} · "
+                    f"vocab {args['vocab_size']}")
+        layers = cfg.layer_indices(n_layers)
+        weights = mx.load(str(model_dir / "delta_mem.safetensors"))
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, ConfigError):
+        return None
+    h = hashlib.sha256()
+    for name, value in sorted(weights.items()):
+        h.update(f"{name}:{list(value.shape)}\n".encode())
+        h.update(np.asarray(value.astype(mx.float32)).tobytes())
+    semantics = {k: v for k, v in cfg.to_dict().items() if k in SEMANTIC_FIELDS}
+    return {
+        "base_model": base_model_name(model_dir),
+        "backbone": backbone,
+        "adapter_sha256": h.hexdigest(),
+        "delta_config": {
+            "rank": cfg.rank, "num_state_heads": cfg.num_state_heads, "layers": layers,
+            "memory_write_granularity": cfg.memory_write_granularity,
+            "delta_heads": list(cfg.delta_heads),
+            "config_sha256": hashlib.sha256(json.dumps(semantics, sort_keys=True).encode())
+            .hexdigest(),
+        },
+    }
