@@ -14,7 +14,8 @@
     │   └── MemoryLockedError  ... because it is open for writing elsewhere
     ├── SessionError           a chat session asked for something it cannot do
     │   ├── ContextTooLongError  a message longer than the whole KV budget (ValueError too)
-    │   └── SessionBusyError     an operation asked for while a reply streams (RuntimeError too)
+    │   ├── SessionBusyError     an operation asked for while a reply streams (RuntimeError too)
+    │   └── NothingToUndoError   undo or retry with no turn to take back (ValueError too)
     ├── DataError              training data that cannot be used (ValueError too)
     ├── TrainError             a training run that cannot start or go on
     └── UsageError             a command line that cannot run (flags, environment)
@@ -34,7 +35,7 @@ __all__ = [
     "DmemError", "ConfigError", "AdapterError", "CheckpointError", "UnsafeCheckpointError",
     "CorruptCheckpointError", "UnsupportedCheckpointError", "ConvertError", "HubError", "ModelError",
     "MemoryFileError", "MemoryLockedError", "SessionError", "ContextTooLongError",
-    "SessionBusyError", "DataError", "TrainError", "UsageError", "CommandError", "one_line", "user_message",
+    "SessionBusyError", "NothingToUndoError", "DataError", "TrainError", "UsageError", "CommandError", "one_line", "user_message",
 ]
 
 
@@ -96,6 +97,10 @@ class ContextTooLongError(SessionError, ValueError):
 
 class SessionBusyError(SessionError, RuntimeError):
     """Another operation was asked for while a reply is being generated."""
+
+
+class NothingToUndoError(SessionError, ValueError):
+    """undo() or retry() with no turn to take back in this conversation."""
 
 
 class DataError(DmemError, ValueError):

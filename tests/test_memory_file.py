@@ -14,7 +14,7 @@ import safetensors.numpy
 import dmem_mlx
 from dmem_mlx.runtime import (ChatSession, MemoryData, MemoryFile, MemoryFileError,
                               MemoryLockedError, default_memory_path, read_memory)
-from dmem_mlx.runtime.memory_file import FORMAT_NAME, _checksum, encode
+from dmem_mlx.runtime.memory_file import FORMAT_NAME, FORMAT_VERSION, _checksum, encode
 from dmem_mlx.tiny import make_tiny_dmem
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,8 @@ def bad_corpus():
     counts = dict(memory, counts=dict(memory["counts"], turns=-1))
     corpus.update({
         "nan": craft(nan, memory), "inf": craft(inf, memory),
-        "future version": craft(tensors, dict(memory, version=2), format_version="2"),
+        "future version": craft(tensors, dict(memory, version=FORMAT_VERSION + 1),
+                                 format_version=str(FORMAT_VERSION + 1)),
         "version zero": craft(tensors, memory, format_version="0"),
         "no checksum": safetensors.numpy.save(tensors, metadata={
             "format": FORMAT_NAME, "format_version": "1", "memory": json.dumps(memory)}),

@@ -4,6 +4,10 @@ Format: a single safetensors file. Tensors `layers.{i}` hold the δ state of eac
 float32. The safetensors metadata holds `format` ("dmem-mlx.memory"), `format_version`, `memory`
 (JSON: fingerprint of the model, transcript, counts, timestamps) and `checksum` (sha256 of the
 JSON and of every tensor's name, shape and bytes), so any damaged byte is detected.
+Version 2 adds the undo history (the state before each of the last UNDO_DEPTH turns: tensors
+`undo.{k}.layers.{i}` and an entry per step in the JSON) and the past conversations of this
+memory (their transcripts, bounded by PAST_CONVERSATIONS and PAST_CHARS); version 1 files
+(neither) are read as they are and written as version 2 at the next save.
 
 Saving writes a temporary file in the same directory, fsyncs it, keeps the previous version as
 `<file>.bak` (a hard link, or a copy where links are not supported), renames the new file over
@@ -32,7 +36,10 @@ import numpy as np
 from ..errors import MemoryFileError, MemoryLockedError
 
 FORMAT_NAME = "dmem-mlx.memory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+UNDO_DEPTH = 8  # turns that /undo can take back (a few KB of δ state each)
+PAST_CONVERSATIONS = 50  # past conversations kept for the history view, newest last
+PAST_CHARS = 1_000_000  # and at most this many characters of their transcripts
 SUFFIX = ".safetensors"
 MAX_HEADER = 1 << 30
 ROLES = ("system", "user", "assistant", "tool")
@@ -43,6 +50,40 @@ _LOCKED_HERE: set[str] = set()  # lock files this process holds (to word a refus
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class UndoStep:
+    """The memory as it was before a turn, enough to take the turn back: states (layer index →
+    δ state [H, r, r] float32), transcript length, context start and counts, and the user's
+    message of the turn (what a retry sends again)."""
+
+    states: dict[int, np.ndarray]
+    messages: int
+    context_start: int
+    tokens_written: int
+    turns: int
+    user_text: str
+
+
+@dataclass
+class PastConversation:
+    """An earlier conversation of this memory (read-only: its turns live on in δ)."""
+
+    transcript: list[dict[str, str]]
+    started: Optional[str] = None
+    ended: Optional[str] = None
+
+
+def bound_past(past: list[PastConversation]) -> list[PastConversation]:
+    """The newest PAST_CONVERSATIONS conversations, within PAST_CHARS characters in all."""
+    kept, chars = [], 0
+    for conversation in reversed(past[-PAST_CONVERSATIONS:]):
+        chars += sum(len(m["content"]) for m in conversation.transcript)
+        if chars > PAST_CHARS and kept:
+            break
+        kept.append(conversation)
+    return kept[::-1]
 
 
 @dataclass
@@ -63,6 +104,9 @@ class MemoryData:
     conversations: int = 1
     created: str = field(default_factory=_now)
     saved: Optional[str] = None
+    undo: list[UndoStep] = field(default_factory=list)
+    past: list[PastConversation] = field(default_factory=list)
+    started: Optional[str] = None  # when the current conversation started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +150,10 @@ def encode(data: MemoryData) -> bytes:
     """The bytes of a memory file (refuses a state that is not finite: it would not load)."""
     tensors = {f"layers.{i}": np.ascontiguousarray(s, dtype=np.float32)
                for i, s in sorted(data.states.items())}
+    undo = data.undo[-UNDO_DEPTH:]
+    for k, step in enumerate(undo):
+        tensors.update({f"undo.{k}.layers.{i}": np.ascontiguousarray(s, dtype=np.float32)
+                        for i, s in sorted(step.states.items())})
     for name, t in tensors.items():
         if not np.isfinite(t).all():
             raise MemoryFileError(f"the δ state of {name} holds NaN/Inf: not saved")
@@ -114,7 +162,13 @@ def encode(data: MemoryData) -> bytes:
         "saved": data.saved, "context_start": data.context_start,
         "counts": {"tokens_written": data.tokens_written, "turns": data.turns,
                    "conversations": data.conversations},
-        "transcript": [{"role": m["role"], "content": m["content"]} for m in data.transcript],
+        "transcript": _messages(data.transcript),
+        "started": data.started,
+        "undo": [{"messages": u.messages, "context_start": u.context_start,
+                  "tokens_written": u.tokens_written, "turns": u.turns, "user": u.user_text}
+                 for u in undo],
+        "past": [{"started": p.started, "ended": p.ended, "transcript": _messages(p.transcript)}
+                 for p in bound_past(data.past)],
     }
     memory_json = json.dumps(memory, ensure_ascii=False, separators=(",", ":"))
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
@@ -129,6 +183,10 @@ def encode(data: MemoryData) -> bytes:
     head += b" " * (-len(head) % 8)  # safetensors: the data starts 8-byte aligned
     body = b"".join(t.astype("<f4", copy=False).tobytes() for t in tensors.values())
     return len(head).to_bytes(8, "little") + head + body
+
+
+def _messages(transcript: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"]} for m in transcript]
 
 
 def decode(raw: bytes, where: str = "memory file",
@@ -237,14 +295,29 @@ def _memory_data(memory: Any, tensors: dict[str, np.ndarray], fail) -> MemoryDat
     need(isinstance(counts, dict) and all(count(counts.get(k)) for k in
                                           ("tokens_written", "turns", "conversations")),
          "counts must be non-negative integers")
-    transcript = memory.get("transcript")
-    need(isinstance(transcript, list), "transcript must be a list")
-    for m in transcript:
-        need(isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ROLES
-             and isinstance(m["content"], str), "transcript entries must be {role, content}")
+    def messages(value: Any) -> list:
+        need(isinstance(value, list), "transcript must be a list")
+        for m in value:
+            need(isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ROLES
+                 and isinstance(m["content"], str), "transcript entries must be {role, content}")
+        return list(value)
+
+    transcript = messages(memory.get("transcript"))
     start = memory.get("context_start")
     need(count(start) and start <= len(transcript), "bad context_start")
-    for key in ("created", "saved"):
+    undo, past = memory.get("undo", []), memory.get("past", [])  # both absent in version 1
+    need(isinstance(undo, list) and len(undo) <= UNDO_DEPTH, "bad undo history")
+    for u in undo:
+        need(isinstance(u, dict) and all(count(u.get(k)) for k in
+                                         ("messages", "context_start", "tokens_written", "turns"))
+             and u["context_start"] <= u["messages"] <= len(transcript)
+             and isinstance(u.get("user"), str), "bad undo step")
+    need(isinstance(past, list), "past conversations must be a list")
+    for p in past:
+        need(isinstance(p, dict) and all(p.get(k) is None or isinstance(p[k], str)
+                                         for k in ("started", "ended")), "bad past conversation")
+        messages(p.get("transcript"))
+    for key in ("created", "saved", "started"):
         value = memory.get(key)
         need(value is None or isinstance(value, str), f"{key} must be a timestamp")
         if isinstance(value, str):
@@ -252,23 +325,33 @@ def _memory_data(memory: Any, tensors: dict[str, np.ndarray], fail) -> MemoryDat
                 datetime.fromisoformat(value)
             except ValueError:
                 need(False, f"{key} is not an ISO timestamp")
-    want = {f"layers.{i}" for i in layers}
+    want = {f"{prefix}layers.{i}" for i in layers
+            for prefix in ["", *(f"undo.{k}." for k in range(len(undo)))]}
     if set(tensors) != want:
         missing, extra = sorted(want - set(tensors)), sorted(set(tensors) - want)
         raise fail(f"tensors do not match the model's layers (missing {missing[:3]}, "
                    f"unexpected {extra[:3]})")
-    states = {}
-    for i in layers:
-        t = tensors[f"layers.{i}"]
-        if t.shape != (heads, rank, rank):
-            raise fail(f"layers.{i} has shape {list(t.shape)}, expected {[heads, rank, rank]}")
-        if not np.isfinite(t).all():
-            raise fail(f"layers.{i} holds NaN/Inf values")
-        states[i] = t
-    return MemoryData(states=states, fingerprint=fp, transcript=list(transcript),
-                      context_start=start, tokens_written=counts["tokens_written"],
-                      turns=counts["turns"], conversations=counts["conversations"],
-                      created=memory.get("created") or _now(), saved=memory.get("saved"))
+    def states(prefix: str) -> dict[int, np.ndarray]:
+        out = {}
+        for i in layers:
+            t = tensors[f"{prefix}layers.{i}"]
+            if t.shape != (heads, rank, rank):
+                raise fail(f"{prefix}layers.{i} has shape {list(t.shape)}, expected "
+                           f"{[heads, rank, rank]}")
+            if not np.isfinite(t).all():
+                raise fail(f"{prefix}layers.{i} holds NaN/Inf values")
+            out[i] = t
+        return out
+
+    return MemoryData(
+        states=states(""), fingerprint=fp, transcript=transcript, context_start=start,
+        tokens_written=counts["tokens_written"], turns=counts["turns"],
+        conversations=counts["conversations"], created=memory.get("created") or _now(),
+        saved=memory.get("saved"), started=memory.get("started"),
+        undo=[UndoStep(states(f"undo.{k}."), u["messages"], u["context_start"],
+                       u["tokens_written"], u["turns"], u["user"]) for k, u in enumerate(undo)],
+        past=[PastConversation(list(p["transcript"]), p.get("started"), p.get("ended"))
+              for p in past])
 
 
 def read_memory(path: PathLike, expected: Optional[dict] = None) -> MemoryData:
@@ -451,13 +534,18 @@ class MemoryFile:
             raise MemoryFileError(f"{self.path}: refused: {why}")
         self.fingerprint = fingerprint
 
-    def save(self, data: MemoryData) -> datetime:
-        """Write `data` atomically (the previous version kept as `.bak`); returns the save time."""
+    def save(self, data: MemoryData, backup: bool = True) -> datetime:
+        """Write `data` atomically, the previous version kept as `.bak` (backup=False: no
+        previous version is left anywhere, e.g. after the memory was erased); returns the save
+        time."""
         self._writable()
         saved = datetime.now(timezone.utc)
         data.saved = saved.isoformat(timespec="milliseconds")
         try:
-            atomic_write(self.path, encode(data), backup=True)
+            atomic_write(self.path, encode(data), backup=backup)
+            if not backup:
+                self.path.with_name(self.path.name + ".bak").unlink(missing_ok=True)
+                _fsync_dir(self.path.parent)
         except OSError as exc:
             raise MemoryFileError(f"{self.path}: cannot save ({exc.strerror or exc}); "
                                   "the previous version is untouched") from None

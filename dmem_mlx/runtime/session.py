@@ -11,13 +11,24 @@ template's closing tokens of the assistant turn are ingested after the reply.
 Context budget: when a turn would not fit `max_kv_tokens`, the oldest turns leave the KV
 context. They were written into δ already, so the shortened context is ingested with writes
 off; they live on only in δ memory — the regime the adapter was trained for (DESIGN §3).
+A message too long for the budget by itself is written into δ in parts (each a user message
+of its own that then leaves the context); the reply sees its last part in context.
+
+Undo: before each turn the session keeps what it needs to take the turn back — the δ state (a
+few KB), the transcript length and the counts (`UndoStep`); the last UNDO_DEPTH are saved in
+the memory file. `undo()` takes the last turn back, `retry()` answers its message again.
+
+A reply that loops (the same span of at most REPEAT_PERIOD tokens repeated over its last
+REPEAT_SPAN or more tokens) is cut there (finish_reason "repetition"), so a degenerate reply
+writes at most a few dozen looping tokens into δ; `undo()` takes the whole turn back.
 """
 
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -27,14 +38,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
-from ..errors import ContextTooLongError, SessionBusyError
+from ..errors import ContextTooLongError, NothingToUndoError, SessionBusyError
 from .context import Context, Stopped
 from .fingerprint import model_fingerprint
-from .memory_file import (MemoryData, MemoryFile, MemoryFileError, PathLike, atomic_write, encode,
-                          read_memory)
+from .memory_file import (UNDO_DEPTH, MemoryData, MemoryFile, MemoryFileError, PastConversation,
+                          PathLike, UndoStep, atomic_write, bound_past, encode, read_memory)
 from .template import closing_tokens, count_sentences, render, sentence_spans
+from .template import encode as encode_text
 
 DEFAULT_KV_CAP = 8192
+REPEAT_PERIOD = 16  # longest repeated span (tokens) that counts as a loop
+REPEAT_SPAN = 32  # a loop is cut once it covers this many tokens (and at least 4 repetitions)
 
 
 @dataclass
@@ -60,6 +74,10 @@ class ReplyStats:
     prompt_tps: float = 0.0
     rebuilt: bool = False
     evicted_turns: int = 0
+    taken_back: bool = False  # stopped before the reply began: the turn was not kept at all
+    memory_only_parts: int = 0  # leading parts of a too-long message, written into δ only
+    memory_only_tokens: int = 0
+    memory_only_chars: int = 0
 
 
 @dataclass
@@ -82,6 +100,9 @@ class SessionInfo:
     conversations: int = 1
     memory_bytes: int = 0
     granularity: str = "token"
+    system: Optional[str] = None
+    undo_depth: int = 0
+    past_conversations: int = 0
 
 
 def default_kv_budget(model: nn.Module) -> int:
@@ -129,6 +150,10 @@ class ChatSession:
         self._busy = False
         self._closed = False
         self._ram_snapshots: dict[str, MemoryData] = {}
+        self._undo_steps: list[tuple[UndoStep, bool]] = []  # (step, incognito turn?)
+        self._past: list[PastConversation] = []
+        self._started: Optional[str] = None
+        self.stop_repetition = True
         self._last_end = 0  # committed part of the last rendered context, in tokens
         self.last_reply: Optional[ReplyStats] = None
         if memory is not None and memory.data is not None:
@@ -209,8 +234,10 @@ class ChatSession:
         self._messages[index] = {"role": self._messages[index]["role"], "content": str(content)}
 
     def new_conversation(self) -> None:
-        """Clear the transcript and the KV context; the δ memory is kept."""
+        """Clear the transcript and the KV context; the δ memory is kept. The conversation
+        joins the past conversations (`past_conversations`) and its undo history ends."""
         self._check_idle()
+        self._archive()
         self._messages = [{"role": "system", "content": self.system}] if self.system else []
         self._incognito = [False] * len(self._messages)
         self._context_start = len(self._messages)
@@ -220,12 +247,44 @@ class ChatSession:
         self._save()
 
     def forget(self) -> None:
-        """Reset the δ memory, the counts and the transcript, and save (the file's previous
-        version stays as its .bak)."""
+        """Reset the δ memory, the counts, the transcript, the undo history and the past
+        conversations, and save without keeping the previous version (no .bak is left; named
+        snapshots are kept)."""
         self._check_idle()
         self.state.reset()
         self._start_memory()
-        self._save(force=True)
+        self._save(force=True, backup=False)
+
+    # -- undo, retry, past conversations ---------------------------------------------------
+    @property
+    def undo_depth(self) -> int:
+        """How many turns `undo()` can take back (this conversation, at most UNDO_DEPTH)."""
+        return len(self._undo_steps)
+
+    def undo(self) -> UndoStep:
+        """Take back the last turn: δ state, transcript, counts and KV context as they were
+        before it; saved. Returns the step (its `user_text` is the message taken back).
+        Raises NothingToUndoError."""
+        self._check_idle()
+        if not self._undo_steps:
+            raise NothingToUndoError("nothing to undo in this conversation")
+        step, incognito = self._undo_steps.pop()
+        self._restore_step(step)
+        self._save(force=not incognito)
+        return step
+
+    def retry(self, max_tokens: int = 256, **kwargs: Any) -> Iterator[ReplyChunk]:
+        """Answer the last turn's message again from the state before it (`undo()`, then
+        `reply()` with the same text and the same keyword arguments)."""
+        self._check_idle()
+        if not self._undo_steps:
+            raise NothingToUndoError("nothing to retry in this conversation")
+        return self.reply(self.undo().user_text, max_tokens, **kwargs)
+
+    def past_conversations(self) -> list[PastConversation]:
+        """The earlier conversations of this memory, oldest first (bounded, see memory_file)."""
+        return [PastConversation([dict(m) for m in p.transcript], p.started, p.ended)
+                for p in self._past]
 
     # -- snapshots, export, import --------------------------------------------------------
     def snapshot(self, name: str) -> None:
@@ -300,7 +359,8 @@ class ChatSession:
             fingerprint=dict(self.fingerprint), read_only=self._read_only,
             conversations=self._conversations,
             memory_bytes=sum(s.nbytes for s in states.values()),
-            granularity=self._delta.config.memory_write_granularity)
+            granularity=self._delta.config.memory_write_granularity, system=self.system,
+            undo_depth=len(self._undo_steps), past_conversations=len(self._past))
 
     def close(self) -> None:
         """Release the memory file's lock (idempotent; the memory was saved after every turn)."""
@@ -319,6 +379,8 @@ class ChatSession:
         self._tokens_written = self._turns = 0
         self._conversations = 1
         self._created = datetime.now().astimezone().isoformat(timespec="milliseconds")
+        self._started = None
+        self._undo_steps, self._past = [], []
         self._messages = [{"role": "system", "content": self.system}] if self.system else []
         self._incognito = [False] * len(self._messages)
         self._context_start = len(self._messages)
@@ -332,43 +394,88 @@ class ChatSession:
         if set(data.states) != set(self._delta.layers) or any(
                 s.shape != shape for s in data.states.values()):
             raise MemoryFileError("the memory's δ state does not fit this model's layers")
-        self.state.restore({f"layers.{i}": mx.array(s[None]) for i, s in data.states.items()})
+        self._load_states(data.states)
         self._tokens_written, self._turns = data.tokens_written, data.turns
         self._conversations, self._created = data.conversations, data.created
+        self._past = list(data.past)
+        self._undo_steps = [(step, False) for step in data.undo]
+        self._started = data.started
         messages = [dict(m) for m in data.transcript]
         saved_system = messages[0]["content"] if messages and messages[0]["role"] == "system" \
             else None
         if self.system is None:
             self.system = saved_system
+        self._messages, self._incognito = messages, [False] * len(messages)
+        self._committed = len(messages)
         if self.system != saved_system:  # another system prompt: a new conversation starts
             self._conversations += any(m["role"] != "system" for m in messages)
+            self._archive()
             messages = [{"role": "system", "content": self.system}] if self.system else []
+            self._messages, self._incognito = messages, [False] * len(messages)
             self._context_start, self._committed = len(messages), 0
         else:  # the saved conversation goes on: all of it is in δ already
             self._context_start = min(data.context_start, len(messages))
-            self._committed = len(messages)
-        self._messages, self._incognito = messages, [False] * len(messages)
+        self._ctx.reset()
+
+    def _state_arrays(self) -> dict[int, np.ndarray]:
+        """The δ state of every layer as numpy [H, r, r] float32 (zeros before any write)."""
+        return {int(name.split(".")[1]): np.array(value[0], dtype=np.float32)
+                for name, value in self.state.snapshot().items()}
+
+    def _load_states(self, states: dict[int, np.ndarray]) -> None:
+        self.state.restore({f"layers.{i}": mx.array(s[None]) for i, s in states.items()})
+
+    def _archive(self) -> None:
+        """The current conversation (what was saved of it) joins the past conversations; its
+        undo history ends."""
+        transcript = [dict(self._messages[i]) for i in range(min(self._committed,
+                                                                 len(self._messages)))
+                      if not self._incognito[i]]
+        if any(m["role"] == "user" for m in transcript):
+            ended = datetime.now().astimezone().isoformat(timespec="milliseconds")
+            self._past = bound_past([*self._past,
+                                     PastConversation(transcript, self._started, ended)])
+        self._started = None
+        self._undo_steps = []
+
+    def _push_undo(self, user_text: str) -> None:
+        step = UndoStep(self._state_arrays(), len(self._messages), self._context_start,
+                        self._tokens_written, self._turns, user_text)
+        self._undo_steps = [*self._undo_steps, (step, self._read_only)][-UNDO_DEPTH:]
+
+    def _restore_step(self, step: UndoStep) -> None:
+        """δ state, transcript, counts as in `step`; the KV context restarts (the transcript
+        that stays is in δ already: it is re-read, not written again)."""
+        self._load_states(step.states)
+        del self._messages[step.messages:], self._incognito[step.messages:]
+        self._context_start = min(step.context_start, len(self._messages))
+        self._committed = len(self._messages)
+        self._tokens_written, self._turns = step.tokens_written, step.turns
         self._ctx.reset()
 
     def _data(self) -> MemoryData:
-        """The memory as saved: incognito messages are left out of the transcript."""
+        """The memory as saved: incognito messages (and their undo steps) are left out."""
         keep = [i for i in range(len(self._messages)) if not self._incognito[i]]
-        states = {i: np.array(s[0], dtype=np.float32) if s is not None else
-                  np.zeros((self._delta.config.num_state_heads, self._delta.config.rank,
-                            self._delta.config.rank), np.float32)
-                  for i, s in self._ctx.states().items()}
-        return MemoryData(
-            states=states, fingerprint=self.fingerprint,
-            transcript=[dict(self._messages[i]) for i in keep if i < self._committed],
-            context_start=sum(1 for i in keep if i < min(self._context_start, self._committed)),
-            tokens_written=self._tokens_written, turns=self._turns,
-            conversations=self._conversations, created=self._created)
 
-    def _save(self, force: bool = False) -> None:
+        def kept(n: int) -> int:  # index in the saved transcript of message index n
+            return sum(1 for i in keep if i < min(n, self._committed))
+
+        undo = [UndoStep(step.states, kept(step.messages), kept(step.context_start),
+                         step.tokens_written, step.turns, step.user_text)
+                for step, incognito in self._undo_steps if not incognito]
+        return MemoryData(
+            states=self._state_arrays(), fingerprint=self.fingerprint,
+            transcript=[dict(self._messages[i]) for i in keep if i < self._committed],
+            context_start=kept(self._context_start),
+            tokens_written=self._tokens_written, turns=self._turns,
+            conversations=self._conversations, created=self._created, undo=undo,
+            past=list(self._past), started=self._started)
+
+    def _save(self, force: bool = False, backup: bool = True) -> None:
         """Save after a change (not in incognito unless forced, never for a read-only file)."""
         if self.memory is None or self.memory.read_only or (self._read_only and not force):
             return
-        self.memory.save(self._data())
+        self.memory.save(self._data(), backup=backup)
 
     def _check_idle(self) -> None:
         if self._closed:
@@ -488,23 +595,36 @@ class ChatSession:
         self._check_idle()
         self._busy = True
         n, states, written = len(self._messages), self._ctx.states(), self._tokens_written
+        before = UndoStep(self._state_arrays(), n, self._context_start, written, self._turns,
+                          user_text)
         writing = not self._read_only
-        self._messages.append({"role": "user", "content": user_text})
-        self._incognito.append(not writing)
+        should_stop = stop.is_set if stop is not None else None
+        head: list[str] = []
         tic = time.perf_counter()
         try:
+            *head, in_context = self._parts(user_text, max_tokens)
+            head_tokens = 0
+            for part in head:  # too long for the context: the leading parts go to δ only
+                self._messages.append({"role": "user", "content": part})
+                self._incognito.append(not writing)
+                head_tokens += self._sync(False, stop=should_stop, strict=True)[1]
+                self._committed = len(self._messages)
+            self._messages.append({"role": "user", "content": in_context})
+            self._incognito.append(not writing)
             logits, prompt_tokens, rolled, evicted = self._sync(
-                True, max_tokens + len(self._closing), logits=True,
-                stop=stop.is_set if stop is not None else None, strict=True)
-        except Stopped:
-            self._undo(n, states, written)
+                True, max_tokens + len(self._closing), logits=True, stop=should_stop,
+                strict=True)
+        except BaseException as exc:
+            if head:
+                self._restore_step(before)
+            else:
+                self._undo(n, states, written)
             self._busy = False
-            self.last_reply = ReplyStats("", 0, 0.0, 0, True, "stopped")
+            if not isinstance(exc, Stopped):
+                raise
+            self.last_reply = ReplyStats("", 0, 0.0, 0, True, "stopped", taken_back=True)
             return
-        except BaseException:
-            self._undo(n, states, written)
-            self._busy = False
-            raise
+        prompt_tokens += head_tokens
         prompt_time = time.perf_counter() - tic
         max_tokens = min(max_tokens, self.max_kv_tokens - len(self._ctx) - len(self._closing))
         numbers, sentence_starts = self._numbering()
@@ -550,6 +670,9 @@ class ChatSession:
                     y = sample(logits)
                 detok.add_token(token)
                 yield ReplyChunk(detok.last_segment, token)
+                if self.stop_repetition and looping(tokens):
+                    finish = "repetition"
+                    break
         except GeneratorExit:  # the consumer closed the stream (or dropped it)
             finish, closed = "stopped", True
         except BaseException as exc:  # Ctrl-C or an error: what was fed so far stays consistent
@@ -564,13 +687,17 @@ class ChatSession:
             self._committed = len(self._messages)
             if writing:
                 self._turns += 1
+            self._undo_steps = [*self._undo_steps, (before, not writing)][-UNDO_DEPTH:]
+            if self._started is None:
+                self._started = datetime.now().astimezone().isoformat(timespec="milliseconds")
             self.last_reply = ReplyStats(
                 text=text, tokens=len(tokens),
                 tokens_per_sec=len(tokens) / decode_time if decode_time > 0 else 0.0,
                 prompt_tokens=prompt_tokens, stopped=finish in ("stopped", "interrupted"),
                 finish_reason=finish,
                 prompt_tps=prompt_tokens / prompt_time if prompt_time > 0 else 0.0,
-                rebuilt=rolled, evicted_turns=evicted)
+                rebuilt=rolled, evicted_turns=evicted, memory_only_parts=len(head),
+                memory_only_tokens=head_tokens, memory_only_chars=sum(map(len, head)))
             self._save()
         finally:
             self.state.generation_message_id = previous_id
@@ -581,6 +708,36 @@ class ChatSession:
         if tail and not closed:
             yield ReplyChunk(tail, -1)
 
+    def _parts(self, text: str, max_tokens: int) -> list[str]:
+        """`text` cut into parts that each fit the context budget with room for a reply (at
+        least a quarter of the budget, or max_tokens), at paragraph, sentence or word breaks;
+        a message that fits is one part. Joined, the parts are `text`."""
+        system = self._messages[:1] if self._messages and \
+            self._messages[0]["role"] == "system" else []
+        overhead = len(render(self.tokenizer, [*system, {"role": "user", "content": ""}],
+                              True).ids)
+        room = min(max_tokens, self.max_kv_tokens // 4) + len(self._closing) + 1
+        fits = self.max_kv_tokens - overhead - room
+        ids, starts = encode_text(self.tokenizer, text)
+        if len(ids) <= fits or fits < 16:
+            return [text]
+        target = max(8, int(fits * 0.9))  # parts are re-tokenized alone: keep a margin
+        parts, a, k = [], 0, 0
+        while len(ids) - k > target:
+            cut = starts[k + target]
+            window = text[a:cut]
+            for mark in ("\n\n", "\n", ". ", "? ", "! ", " "):
+                j = window.rfind(mark, len(window) // 2)
+                if j > 0:
+                    cut = a + j + len(mark)
+                    break
+            if cut <= a:
+                break
+            parts.append(text[a:cut])
+            a = cut
+            k = bisect_left(starts, cut)
+        return [*parts, text[a:]]
+
     def _sentence_id(self, tokens: list[int], token: int, first: int) -> int:
         """Sentence id of a generated token: the reply's sentence holding its first character."""
         before = self.tokenizer.decode(tokens)
@@ -589,6 +746,19 @@ class ChatSession:
         spans = sentence_spans(text)
         k = sum(1 for a, _ in spans if a <= at)
         return first + max(k - 1, 0)
+
+
+def looping(tokens: Sequence[int]) -> bool:
+    """True when the last REPEAT_SPAN or more tokens repeat one span of at most REPEAT_PERIOD
+    tokens (at least four times): a reply going round in circles."""
+    for period in range(1, REPEAT_PERIOD + 1):
+        span = max(REPEAT_SPAN, 4 * period)
+        if len(tokens) < span:
+            break
+        tail = tokens[-span:]
+        if tail[period:] == tail[:-period]:
+            return True
+    return False
 
 
 def _checked_message(m: Any) -> dict[str, str]:

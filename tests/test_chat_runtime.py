@@ -1,0 +1,207 @@
+"""The chat runtime's undo/retry history, past conversations, too-long messages, looping replies
+and erasure (issue 13), on a tiny random model and memory files in tmp."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from dmem_mlx.runtime import (ChatSession, MemoryFile, NothingToUndoError, read_memory)
+from dmem_mlx.runtime.memory_file import (FORMAT_VERSION, PAST_CONVERSATIONS, UNDO_DEPTH, decode,
+                                          encode)
+from dmem_mlx.runtime.session import looping
+
+V1_FILE = Path(__file__).parent / "fixtures" / "memory" / "v1.safetensors"
+
+
+def states(session):
+    return {i: np.array(a) for i, a in session.info().layer_states.items()}
+
+
+def same(a, b):
+    return all(np.array_equal(a[i], b[i]) for i in a)
+
+
+def say(session, text, **kwargs):
+    kwargs.setdefault("max_tokens", 6)
+    return "".join(chunk.text for chunk in session.reply(text, **kwargs))
+
+
+def test_undo_takes_back_the_last_turn_and_survives_a_restart(tiny, tmp_path):
+    model, tok = tiny
+    path = tmp_path / "m.safetensors"
+    with ChatSession(model, tok, memory=MemoryFile.open(path)) as session:
+        say(session, "My name is Ada.")
+        before, info = states(session), session.info()
+        say(session, "I live in Paris.")
+        assert not same(before, states(session))
+        assert session.undo_depth == 2
+    with ChatSession(model, tok, memory=MemoryFile.open(path)) as session:  # a restart
+        assert session.undo_depth == 2
+        step = session.undo()
+        assert step.user_text == "I live in Paris."
+        assert same(before, states(session))
+        after = session.info()
+        assert (after.tokens_written, after.turns) == (info.tokens_written, info.turns)
+        assert [m["content"] for m in session.messages][-2] == "My name is Ada."
+        say(session, "I live in Rome.")  # the conversation goes on from there
+    data = read_memory(path)
+    assert [m["content"] for m in data.transcript if m["role"] == "user"] == [
+        "My name is Ada.", "I live in Rome."]
+    assert len(data.undo) == 2
+
+
+def test_retry_answers_again_from_the_state_before(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok)
+    say(session, "My name is Ada.")
+    first, written = session.last_reply.text, states(session)
+    again = "".join(c.text for c in session.retry(max_tokens=6))
+    assert again == first  # greedy: the same reply from the same state
+    assert same(written, states(session))
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    session.undo()
+    with pytest.raises(NothingToUndoError):
+        session.undo()
+    with pytest.raises(NothingToUndoError):
+        session.retry()
+
+
+def test_undo_history_is_bounded_and_ends_with_the_conversation(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok)
+    for k in range(UNDO_DEPTH + 2):
+        say(session, f"Fact number {k}.", max_tokens=2)
+    assert session.undo_depth == UNDO_DEPTH
+    session.new_conversation()
+    assert session.undo_depth == 0
+    [past] = session.past_conversations()
+    assert sum(m["role"] == "user" for m in past.transcript) == UNDO_DEPTH + 2
+    assert past.ended is not None
+
+
+def test_past_conversations_are_kept_in_the_file(tiny, tmp_path):
+    model, tok = tiny
+    path = tmp_path / "m.safetensors"
+    with ChatSession(model, tok, memory=MemoryFile.open(path)) as session:
+        say(session, "My name is Ada.")
+        session.new_conversation()
+        say(session, "I have a cat.")
+        session.new_conversation()
+        session.new_conversation()  # an empty conversation is not kept
+    with ChatSession(model, tok, memory=MemoryFile.open(path)) as session:
+        past = session.past_conversations()
+        assert [p.transcript[0]["content"] for p in past] == ["My name is Ada.", "I have a cat."]
+        assert session.info().past_conversations == 2
+
+
+def test_forget_leaves_no_previous_version(tiny, tmp_path):
+    model, tok = tiny
+    path = tmp_path / "m.safetensors"
+    with ChatSession(model, tok, memory=MemoryFile.open(path)) as session:
+        say(session, "My secret is 4711.")
+        session.new_conversation()
+        say(session, "My other secret is 1234.")
+        assert path.with_name(path.name + ".bak").exists()
+        session.forget()
+        assert session.undo_depth == 0 and not session.past_conversations()
+    assert not path.with_name(path.name + ".bak").exists()
+    raw = path.read_bytes()
+    assert b"4711" not in raw and b"1234" not in raw
+    data = read_memory(path)
+    assert not data.transcript and not data.undo and not data.past
+    assert all(not s.any() for s in data.states.values())
+
+
+def test_a_message_longer_than_the_context_goes_into_memory_in_parts(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok, max_kv_tokens=64)
+    text = " ".join(f"Sentence {k} says that the river is long and calm." for k in range(30))
+    reply = say(session, text, max_tokens=4)
+    stats = session.last_reply
+    assert stats.memory_only_parts >= 2 and stats.tokens > 0 and reply == stats.text
+    users = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert "".join(users) == text and len(users) == stats.memory_only_parts + 1
+    assert stats.memory_only_chars == len(text) - len(users[-1])
+    info = session.info()
+    assert info.kv_tokens <= 64 and info.tokens_written > len(tok.encode(text))
+    session.undo()  # the whole message goes, parts and all
+    assert session.messages == [] and session.info().tokens_written == 0
+
+
+def test_stopping_during_the_parts_takes_the_turn_back(tiny):
+    import threading
+
+    model, tok = tiny
+    session = ChatSession(model, tok, max_kv_tokens=64)
+    say(session, "Hello.")
+    before, messages = states(session), session.messages
+    stop = threading.Event()
+    stop.set()
+    text = " ".join(f"Sentence {k} is long." for k in range(40))
+    assert list(session.reply(text, stop=stop)) == []
+    assert session.last_reply.taken_back
+    assert session.messages == messages and same(before, states(session))
+
+
+def test_looping_detects_repeated_spans():
+    assert looping([5] * 32)
+    assert not looping([5] * 31)
+    assert looping([1, 2, 3] * 11)
+    assert not looping(list(range(100)))
+    assert looping(list(range(40)) + list(range(10)) * 4)  # period 10, 40 tokens
+    assert not looping([1, 2] * 10 + list(range(20)))
+
+
+def test_a_looping_reply_is_cut(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok)
+    eos = sorted(tok.eos_token_ids)
+
+    def same_token(tokens, logits):  # a model stuck on one token
+        hot = mx.arange(logits.shape[-1]) == 100
+        return mx.where(hot, 1e9, -1e9)
+
+    say(session, "Hello.", max_tokens=200, logits_processors=[same_token])
+    stats = session.last_reply
+    assert stats.finish_reason == "repetition" and stats.tokens == 32
+    assert eos  # (EOS is masked out by the processor: only the loop check ended the reply)
+    session.stop_repetition = False
+    say(session, "Hello.", max_tokens=50, logits_processors=[same_token])
+    assert session.last_reply.finish_reason == "length"
+
+
+def test_a_version_1_file_is_read_and_written_as_version_2(tiny, tmp_path):
+    model, tok = tiny
+    path = tmp_path / "v1.safetensors"
+    shutil.copy(V1_FILE, path)
+    old = read_memory(path)
+    assert old.undo == [] and old.past == [] and old.turns == 3
+    assert [m["content"] for m in old.transcript if m["role"] == "user"] == [
+        "I have a cat called Milo."]
+    assert decode(encode(old)).transcript == old.transcript
+    with ChatSession(model, tok, memory=MemoryFile.open(path),
+                     fingerprint=old.fingerprint) as session:
+        assert same(old.states, states(session))
+        say(session, "What is my cat called?")
+        session.undo()
+        assert same(old.states, states(session))
+        say(session, "What is my cat called?")
+    new = read_memory(path)
+    assert new.transcript[:len(old.transcript)] == old.transcript and len(new.undo) == 1
+    assert f'"format_version":"{FORMAT_VERSION}"'.encode() in path.read_bytes()[:4000]
+
+
+def test_past_conversations_are_bounded(tiny):
+    model, tok = tiny
+    session = ChatSession(model, tok)
+    for k in range(PAST_CONVERSATIONS + 3):
+        session.feed([{"role": "user", "content": f"Conversation {k}."}])
+        session.new_conversation()
+    past = session.past_conversations()
+    assert len(past) == PAST_CONVERSATIONS
+    assert past[-1].transcript[0]["content"] == f"Conversation {PAST_CONVERSATIONS + 2}."
