@@ -7,6 +7,9 @@ buffer that the worker drains every FLUSH_SECONDS or more: each screen update (M
 layout, render) costs the UI thread milliseconds of CPU and the GIL, which the decoder would lose,
 so the interval stretches until the UI thread uses at most UI_CPU_SHARE of the time
 (`FlushPacer`). benchmarks/bench_app.py measures the result against the library alone.
+
+The conversation is a `ChatView`; a reply's lifecycle is told by `ReplyStarted` and
+`ReplyFinished` messages; the commands are slash commands and SystemCommands in the palette.
 """
 
 from __future__ import annotations
@@ -15,26 +18,31 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, TypeVar, Union
 
-from rich.text import Text
-from textual import on, work
-from textual.app import App, ComposeResult
+from textual import events, on, work
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
 from textual.widgets import Footer, Header, LoadingIndicator
 
-from .commands import (BY_NAME, CommandError, MemoryCommands, SessionCommands, help_markdown,
-                       parse_command)
-from .screens import HelpScreen
-from .widgets import AssistantMessage, ChatInput, MemoryPanel, Note, UserMessage
+from .commands import (BY_NAME, COMMANDS, CommandError, export_target, help_markdown,
+                       parse_command, transcript_json, transcript_markdown)
+from .screens import ConfirmScreen, HelpScreen, HistoryScreen
+from .widgets import (AssistantMessage, ChatInput, ChatView, MemoryPanel, Note, ReplyFinished,
+                      ReplyStarted, UserMessage)
+
+if TYPE_CHECKING:
+    from dmem_mlx.runtime import ChatSession, MemoryFile, ReplyStats, SessionInfo
 
 T = TypeVar("T")
-BUSY_OK = {"help", "panel", "quit"}  # commands that may run while a reply streams
+BUSY_OK = {"help", "panel", "quit", "copy", "history"}  # may run while a reply streams
+RETRY_TEMP = 0.7  # a retry under greedy decoding samples at this temperature (else: same reply)
 
 
 @dataclass
@@ -45,6 +53,15 @@ class Sampling:
     temp: float = 0.0
     top_p: float = 1.0
     seed: Optional[int] = None
+
+
+@dataclass
+class Notice:
+    """A notification shown to the user (kept in `DmemChatApp.notices`)."""
+
+    message: str
+    title: str
+    severity: str
 
 
 class ReplyBuffer:
@@ -88,20 +105,21 @@ class FlushPacer:
 
 @dataclass
 class Loaded:
-    session: Any
-    info: Any
-    snapshots: list[str] = field(default_factory=list)
-    messages: list[dict] = field(default_factory=list)
+    session: "ChatSession"
+    info: "SessionInfo"
+    snapshots: list[str]
+    messages: list[dict[str, str]]
 
 
-class DmemChatApp(SessionCommands, App[int]):
+class DmemChatApp(App[int]):
     """Chat with a δ-mem model; the memory panel shows what it has written."""
 
     CSS_PATH = Path(__file__).with_name("app.tcss")
     TITLE = "dmem-chat"
-    COMMANDS = App.COMMANDS | {MemoryCommands}
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
     BINDINGS = [
-        Binding("escape", "stop_reply", "Stop reply"),
+        Binding("escape", "escape", "Stop reply"),
+        Binding("ctrl+c", "interrupt", "Stop", show=False, priority=True),
         Binding("ctrl+b", "toggle_panel", "Memory"),
         Binding("ctrl+n", "new_conversation", "New chat"),
         Binding("ctrl+r", "toggle_read_only", "Read-only"),
@@ -114,17 +132,21 @@ class DmemChatApp(SessionCommands, App[int]):
     FLUSH_SECONDS = 0.05  # shortest interval between two screen updates of a streaming reply
     FLUSH_LONGEST = 1.0
     UI_CPU_SHARE = 0.03  # the UI thread's CPU share while streaming, at most (see FlushPacer)
+    WIDE = 100  # narrower terminals show the conversation only (Ctrl+B swaps in the panel)
 
-    def __init__(self, model_path: Union[str, Path], memory: Any = None, *,
-                 open_session: Optional[Callable[[], Any]] = None,
+    def __init__(self, model_path: Union[str, Path], memory: Union["MemoryFile", str, Path,
+                                                                   None] = None, *,
+                 open_session: Optional[Callable[[], "ChatSession"]] = None,
                  sampling: Optional[Sampling] = None, system: Optional[str] = None,
                  max_kv_tokens: Optional[int] = None, read_only: bool = False,
-                 startup_hint: Optional[str] = None, model_name: Optional[str] = None) -> None:
+                 startup_hint: Optional[str] = None, model_name: Optional[str] = None,
+                 blas: str = "") -> None:
         """model_path: a converted model directory. memory: an open `MemoryFile`, a path to open
         (a lock held elsewhere is then reported in the app), or None for no file.
         open_session: replaces the loading step (a callable returning a ChatSession).
         startup_hint: a warning shown once the model is loaded (e.g. the OpenBLAS hint).
-        model_name: shown in the header (default: the directory's name)."""
+        model_name: shown in the header (default: the directory's name). blas: the BLAS in use,
+        shown in the panel."""
         super().__init__()
         self.model_path = Path(model_path)
         self.model_name = model_name or self.model_path.name
@@ -134,13 +156,17 @@ class DmemChatApp(SessionCommands, App[int]):
         self.max_kv_tokens = max_kv_tokens
         self.start_read_only = read_only
         self.startup_hint = startup_hint
+        self.blas = blas
         self._open_session = open_session or self._load_session
-        self.session: Any = None
+        self.session: Optional["ChatSession"] = None
         self.snapshot_names: list[str] = []
         self.start_error: Optional[str] = None
         self.replies_finished = 0  # count of replies done (finished, stopped or failed)
-        self.last_reply: Any = None
-        self.last_info: Any = None
+        self.last_reply: Optional["ReplyStats"] = None
+        self.last_info: Optional["SessionInfo"] = None
+        self.notices: list[Notice] = []
+        self.panel_open: Optional[bool] = None  # None: shown when the terminal is wide
+        self.send_when_loaded = False
         self._stop = threading.Event()
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dmem-engine")
         self._session_closed = False
@@ -150,28 +176,68 @@ class DmemChatApp(SessionCommands, App[int]):
         yield Header()
         with Horizontal(id="main"):
             with Vertical(id="chat"):
-                with VerticalScroll(id="conversation"):
-                    yield Note(f"loading {self.model_name} …", id="loading-note")
+                with ChatView(id="conversation"):
+                    yield Note(f"loading {self.model_name} … (you can type already)",
+                               id="loading-note")
                     yield LoadingIndicator(id="loading")
-                yield ChatInput(id="input", disabled=True, show_line_numbers=False,
-                                placeholder="Message (Enter sends, Shift+Enter/Ctrl+J new line, "
-                                            "/help)")
-            yield MemoryPanel(id="memory-panel")
+                yield ChatInput(id="input", show_line_numbers=False,
+                                placeholder="Message — Enter sends, Ctrl+J new line, /help")
+            yield MemoryPanel(self.blas, id="memory-panel")
         yield Footer()
 
     def on_mount(self) -> None:
         self.sub_title = self.model_name
-        if self.size.width < 100:  # narrow terminal: the conversation first (Ctrl+B shows it)
-            self.query_one(MemoryPanel).display = False
-        self.query_one("#conversation", VerticalScroll).anchor()
+        self.layout_panel()
+        self.chat_input.focus()
         self.load()
 
+    def on_resize(self, event: events.Resize) -> None:
+        self.layout_panel()
+
+    @property
+    def chat_input(self) -> ChatInput:
+        return self.query_one(ChatInput)
+
+    @property
+    def chat_view(self) -> ChatView:
+        return self.query_one(ChatView)
+
+    @property
+    def narrow(self) -> bool:
+        return self.size.width < self.WIDE
+
+    def layout_panel(self) -> None:
+        """Wide: panel beside the chat unless hidden. Narrow: the chat, or the panel alone."""
+        shown = self.panel_open if self.panel_open is not None else not self.narrow
+        panel = self.query_one(MemoryPanel)
+        panel.display = shown
+        self.query_one("#chat").display = not (shown and self.narrow)
+        if not self.query_one("#chat").display:
+            panel.focus()
+        elif self.focused is None or self.focused is panel and not shown:
+            self.chat_input.focus()
+
+    def notify(self, message: str, *, title: str = "", severity: str = "information",
+               timeout: Optional[float] = None, markup: bool = True) -> None:
+        """Textual's notification, also kept in `notices`."""
+        self.notices.append(Notice(message, title, severity))
+        super().notify(message, title=title, severity=severity,  # type: ignore[arg-type]
+                       timeout=timeout, markup=markup)
+
+    def on_key(self, event: events.Key) -> None:
+        """Typing while the focus is elsewhere on the main screen (the panel …) goes to the input."""
+        if (event.is_printable and event.character and self.screen is self.screen_stack[0]
+                and self.focused is not self.chat_input and self.query_one("#chat").display):
+            event.stop()
+            self.chat_input.focus()
+            self.chat_input.insert(event.character)
+
     # ---------------------------------------------------------------- engine
-    async def on_engine(self, fn: Callable[..., T], *args: Any) -> T:
+    async def on_engine(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn(*args)` on the engine thread (the only thread that touches MLX)."""
         return await asyncio.get_running_loop().run_in_executor(self._engine, partial(fn, *args))
 
-    def _load_session(self) -> Any:
+    def _load_session(self) -> "ChatSession":
         import dmem_mlx
         from dmem_mlx.runtime import ChatSession
 
@@ -188,23 +254,25 @@ class DmemChatApp(SessionCommands, App[int]):
         self.session = session
         if self.start_read_only:
             session.read_only = True
-        return Loaded(session, session.info(), list(session.snapshots()), list(session.messages))
+        return Loaded(session, session.info(), list(session.snapshots()), session.messages)
 
     @work(group="load")
     async def load(self) -> None:
         try:
             loaded = await self.on_engine(self._start)
-        except Exception as exc:  # shown in the app; the UI stays up so the user can read it
+        except Exception as exc:  # shown in the app; dmem-chat repeats it on stderr, exit 1
+            self.session = None
             self.query_one("#loading").display = False
             self.start_error = str(exc)
             self.query_one("#loading-note", Note).update(
-                Text(f"Could not start: {exc}\nCtrl+Q quits.", "red"))
+                f"Could not start: {exc}\nCtrl+Q quits.")
+            self.query_one("#loading-note", Note).add_class("error")
             self.notify(str(exc), title="Could not start", severity="error", timeout=30)
             return
-        self.query_one("#loading").remove()
-        self.query_one("#loading-note").remove()
+        await self.query_one("#loading").remove()
+        await self.query_one("#loading-note").remove()
         self.snapshot_names = loaded.snapshots
-        await self.show_transcript(loaded.messages)
+        await self.chat_view.show_transcript(loaded.messages)
         self.show_info(loaded.info)
         info = loaded.info
         where = info.memory_path or "nowhere (this chat is not saved)"
@@ -220,16 +288,16 @@ class DmemChatApp(SessionCommands, App[int]):
             await self.add_note("read-only: nothing you say now is written or saved", "yellow")
         if self.startup_hint:
             self.notify(self.startup_hint, severity="warning", timeout=15)
-        chat_input = self.query_one(ChatInput)
-        chat_input.disabled = False
-        chat_input.focus()
+        if self.send_when_loaded and self.chat_input.text.strip():
+            self.submit_text(self.chat_input.text)
+        self.send_when_loaded = False
 
     def not_ready(self) -> str:
         if self.start_error:
             return f"could not start ({self.start_error}); Ctrl+Q quits"
         return "the model is still loading"
 
-    def show_info(self, info: Any) -> None:
+    def show_info(self, info: "SessionInfo") -> None:
         self.last_info = info
         self.query_one(MemoryPanel).show(info)
         memory = Path(info.memory_path).name if info.memory_path else "no memory file"
@@ -237,27 +305,20 @@ class DmemChatApp(SessionCommands, App[int]):
                                     (["read-only"] if info.read_only else []))
 
     async def refresh_info(self) -> None:
+        assert self.session is not None
         self.show_info(await self.on_engine(self.session.info))
 
     # ---------------------------------------------------------------- conversation
     async def add_note(self, text: str, style: str = "") -> None:
-        await self.query_one("#conversation").mount(Note(Text(text, style)))
-
-    async def show_transcript(self, messages: list[dict]) -> None:
-        conversation = self.query_one("#conversation")
-        await conversation.remove_children()
-        widgets = []
-        for message in messages:
-            if message["role"] == "user":
-                widgets.append(UserMessage(message["content"]))
-            elif message["role"] == "assistant":
-                widgets.append(AssistantMessage(message["content"]))
-        if widgets:
-            await conversation.mount_all(widgets)
+        await self.chat_view.add_note(text, style)
 
     @on(ChatInput.Submitted)
-    async def submit(self, event: ChatInput.Submitted) -> None:
-        text = event.text.strip()
+    def submitted(self, event: ChatInput.Submitted) -> None:
+        self.submit_text(event.text)
+
+    def submit_text(self, raw: str) -> None:
+        """A message or a command from the input; the input is cleared only when it runs."""
+        text = raw.strip()
         if not text:
             return
         if text.startswith("/"):
@@ -266,118 +327,363 @@ class DmemChatApp(SessionCommands, App[int]):
             except CommandError as exc:
                 self.notify(str(exc), severity="error")
                 return
-            event.chat_input.clear()
+            if command.name not in BUSY_OK and not self.can_run(command.name):
+                return
+            self.chat_input.clear()
             self.run_command(command.name, argument)
             return
         if self.session is None:
-            self.notify(self.not_ready(), severity="warning")
+            if self.start_error:
+                self.notify(self.not_ready(), severity="error")
+            else:
+                self.send_when_loaded = True
+                self.notify("the model is still loading: your message is sent as soon as it "
+                            "is ready")
             return
         if self.replying:
-            self.notify("a reply is streaming — Escape stops it", severity="warning")
+            self.notify("a reply is streaming — Escape or Ctrl+C stops it", severity="warning")
             return
-        event.chat_input.clear()
-        conversation = self.query_one("#conversation", VerticalScroll)
-        reply = AssistantMessage()
-        await conversation.mount_all([UserMessage(text), reply])
-        conversation.anchor()
+        self.chat_input.clear()
+        self.start_reply(text)
+
+    def start_reply(self, text: str, temp: Optional[float] = None) -> None:
         self.replying = True
         self._stop.clear()
-        self.call_after_refresh(self.generate, text, reply)  # draw the turn, then decode
+        self.generate(text, temp)
 
-    def _reply(self, text: str, buffer: ReplyBuffer) -> tuple[Any, Any]:
+    def _reply(self, text: str, buffer: ReplyBuffer,
+               temp: Optional[float]) -> tuple["ReplyStats", "SessionInfo"]:
         """Engine thread: stream the reply into `buffer`; the runtime saves the memory after it."""
+        assert self.session is not None
         s = self.sampling
-        for chunk in self.session.reply(text, max_tokens=s.max_tokens, temp=s.temp, top_p=s.top_p,
-                                        seed=s.seed, stop=self._stop):
+        seed = s.seed if temp is None else None
+        for chunk in self.session.reply(text, max_tokens=s.max_tokens,
+                                        temp=s.temp if temp is None else temp, top_p=s.top_p,
+                                        seed=seed, stop=self._stop):
             buffer.append(chunk.text)
+        assert self.session.last_reply is not None
         return self.session.last_reply, self.session.info()
 
     @work(group="reply")
-    async def generate(self, text: str, reply: AssistantMessage) -> None:
+    async def generate(self, text: str, temp: Optional[float] = None) -> None:
+        user, reply = await self.chat_view.add_turn(text)
+        self.post_message(ReplyStarted(text, user, reply))
+        await asyncio.sleep(0)  # draw the turn, then decode
         buffer = ReplyBuffer()
-        future = asyncio.ensure_future(self.on_engine(self._reply, text, buffer))
+        future = asyncio.ensure_future(self.on_engine(self._reply, text, buffer, temp))
         pacer = FlushPacer(self.FLUSH_SECONDS, self.FLUSH_LONGEST, self.UI_CPU_SHARE)
-        try:
-            while not future.done():
-                await asyncio.wait({future}, timeout=pacer.next_interval())
-                if piece := buffer.take():
-                    await reply.write(piece)
+        while not future.done():
+            await asyncio.wait({future}, timeout=pacer.next_interval())
             await reply.write(buffer.take())
-            try:
-                stats, info = future.result()
-            except Exception as exc:  # the runtime kept its state consistent; say what happened
-                await reply.finish("failed")
-                self.notify(f"reply failed: {exc}", title="Error", severity="error", timeout=15)
-                if self.session is not None:
-                    await self.refresh_info()
+        await reply.write(buffer.take())
+        try:
+            stats, info = future.result()
+        except Exception as exc:  # the runtime took the turn back; say what happened
+            self.post_message(ReplyFinished(text, user, reply, None, None, exc))
+            return
+        self.post_message(ReplyFinished(text, user, reply, stats, info))
+
+    @on(ReplyFinished)
+    async def reply_finished(self, event: ReplyFinished) -> None:
+        try:
+            if event.error is not None or (event.stats is not None and event.stats.taken_back):
+                await self.take_back_turn(event)
                 return
+            stats = event.stats
+            assert stats is not None and event.info is not None
             self.last_reply = stats
             note = f"{stats.tokens} tokens · {stats.tokens_per_sec:.1f} tok/s"
             if stats.stopped:
                 note += " · stopped"
-            if info.read_only:
+            if stats.finish_reason == "repetition":
+                note += " · cut: repeating"
+            if event.info.read_only:
                 note += " · read-only"
-            await reply.finish(note)
-            self.show_info(info)
+            await event.reply.finish(note)
+            if stats.memory_only_parts:
+                kept = len(event.text) - stats.memory_only_chars
+                event.user.border_subtitle = (f"first {stats.memory_only_chars:,} characters "
+                                              "in memory only")
+                await self.add_note(
+                    f"Your message ({len(event.text):,} characters) did not fit the context "
+                    f"budget of {event.info.kv_budget:,} tokens: its first "
+                    f"{stats.memory_only_chars:,} characters ({stats.memory_only_parts} parts, "
+                    f"{stats.memory_only_tokens:,} tokens) were written into the memory only; "
+                    f"the reply saw the last {kept:,} characters in context.", "yellow")
+            if stats.finish_reason == "repetition":
+                await self.add_note("The reply went round in circles and was cut there. "
+                                    "/undo takes this exchange back; /retry tries again.",
+                                    "yellow")
+            self.show_info(event.info)
         finally:
             self.replying = False
             self.replies_finished += 1
 
+    async def take_back_turn(self, event: ReplyFinished) -> None:
+        """The runtime kept nothing of this turn: remove it and give the text back."""
+        await event.user.remove()
+        await event.reply.remove()
+        if not self.chat_input.text.strip():
+            self.chat_input.text = event.text
+            self.chat_input.move_cursor(self.chat_input.document.end)
+        if event.error is not None:
+            self.notify(f"{event.error} — your message is back in the input",
+                        title="Not sent", severity="error", timeout=15)
+        else:
+            self.notify("stopped before the reply began: nothing was kept; your message is "
+                        "back in the input", title="Stopped", timeout=8)
+        self.chat_input.focus()
+        if self.session is not None:
+            await self.refresh_info()
+
     # ---------------------------------------------------------------- commands
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for command in COMMANDS:
+            if command.name in ("restore", "help", "quit", "panel"):
+                continue
+            yield SystemCommand(command.title, command.help,
+                                partial(self.palette_command, command.name))
+        for name in self.snapshot_names:
+            yield SystemCommand(f"Restore snapshot: {name}", "go back to this snapshot "
+                                "(asks first)", partial(self.run_command, "restore", name))
+
     def palette_command(self, name: str) -> None:
         """From the palette: run it, or for commands with an argument, type it for the user."""
-        command = BY_NAME[name]
-        if command.argument:
-            chat_input = self.query_one(ChatInput)
-            chat_input.text = f"/{name} "
-            chat_input.move_cursor(chat_input.document.end)
-            chat_input.focus()
-        else:
+        if BY_NAME[name].argument:
+            self.chat_input.text = f"/{name} "
+            self.chat_input.move_cursor(self.chat_input.document.end)
+            self.chat_input.focus()
+        elif name in BUSY_OK or self.can_run(name):
             self.run_command(name, "")
+
+    def can_run(self, name: str) -> bool:
+        if self.session is None:
+            self.notify(self.not_ready(), severity="warning")
+            return False
+        if self.replying:
+            self.notify(f"/{name} must wait: a reply is streaming (Escape stops it)",
+                        severity="warning")
+            return False
+        return True
 
     @work(group="command")
     async def run_command(self, name: str, argument: str = "") -> None:
-        if name not in BUSY_OK:
-            if self.session is None:
-                self.notify(self.not_ready(), severity="warning")
-                return
-            if self.replying:
-                self.notify(f"/{name} must wait: a reply is streaming (Escape stops it)",
-                            severity="warning")
-                return
         try:
-            await getattr(self, f"command_{name}")(argument)
+            await getattr(self, f"command_{name.replace('-', '_')}")(argument)
         except Exception as exc:  # runtime errors (missing snapshot, locked file …) → notification
             self.notify(str(exc), title=f"/{name} failed", severity="error", timeout=10)
+        finally:
+            if self.screen is self.screen_stack[0] and self.query_one("#chat").display:
+                self.chat_input.focus()
+
+    async def confirm(self, question: str, yes: str) -> bool:
+        return bool(await self.push_screen_wait(ConfirmScreen(question, yes=yes)))
+
+    @property
+    def live(self) -> "ChatSession":
+        assert self.session is not None
+        return self.session
+
+    async def command_new(self, _: str) -> None:
+        await self.on_engine(self.live.new_conversation)
+        await self.chat_view.show_transcript([])
+        await self.add_note("new conversation — the memory is kept (/history shows the "
+                            "earlier ones)")
+        await self.refresh_info()
+
+    async def command_undo(self, _: str) -> None:
+        step = await self.on_engine(self.live.undo)
+        await self.chat_view.show_transcript(self.live.messages)
+        first = " ".join(step.user_text.split())
+        await self.add_note(f"undone: “{first[:60]}{'…' if len(first) > 60 else ''}” — the "
+                            "memory, the conversation and the context are as before it")
+        await self.refresh_info()
+
+    async def command_edit(self, _: str) -> None:
+        if self.chat_input.text.strip():
+            raise CommandError("the input is not empty: send or clear it first")
+        step = await self.on_engine(self.live.undo)
+        await self.chat_view.show_transcript(self.live.messages)
+        self.chat_input.text = step.user_text
+        self.chat_input.move_cursor(self.chat_input.document.end)
+        await self.add_note("the last exchange was taken back; edit the message and press Enter")
+        await self.refresh_info()
+
+    async def command_retry(self, _: str) -> None:
+        step = await self.on_engine(self.live.undo)
+        await self.chat_view.show_transcript(self.live.messages)
+        temp = None
+        if self.sampling.temp == 0:
+            temp = RETRY_TEMP
+            await self.add_note(f"retry: greedy decoding would give the same reply, so this one "
+                                f"samples at temperature {RETRY_TEMP}")
+        self.start_reply(step.user_text, temp)
+
+    async def command_copy(self, _: str) -> None:
+        replies = [m for m in (self.session.messages if self.session else [])
+                   if m["role"] == "assistant"]
+        if not replies:
+            raise CommandError("no reply to copy yet")
+        self.copy_to_clipboard(replies[-1]["content"])
+        self.notify(f"last reply copied ({len(replies[-1]['content']):,} characters; through "
+                    "the terminal — in tmux this needs `set -g set-clipboard on`)")
+
+    async def command_history(self, _: str) -> None:
+        if self.session is None:
+            raise CommandError(self.not_ready())
+        past = self.session.past_conversations() if self.replying else \
+            await self.on_engine(self.session.past_conversations)
+        await self.push_screen_wait(HistoryScreen(past))
+
+    async def command_export(self, path: str) -> None:
+        target = export_target(path)
+        if target.exists() and not await self.confirm(f"{target} exists. Overwrite it?",
+                                                      "Overwrite"):
+            return
+        messages = self.live.messages
+        memory = self.last_info.memory_path if self.last_info else None
+        write = transcript_json if target.suffix.lower() == ".json" else transcript_markdown
+        target.write_text(write(messages, self.model_name, memory), encoding="utf-8")
+        self.notify(f"conversation written to {target}")
+
+    async def command_forget(self, _: str) -> None:
+        snapshots = len(self.snapshot_names)
+        if not await self.confirm(
+                "Forget everything? The δ memory, this conversation, the past conversations and "
+                "the undo history are erased; the memory file is overwritten and no backup is "
+                "kept." + (f" Named snapshots ({snapshots}) stay." if snapshots else ""),
+                "Forget"):
+            self.notify("nothing forgotten")
+            return
+        await self.on_engine(self.live.forget)
+        await self.chat_view.show_transcript([])
+        await self.add_note("memory erased")
+        await self.refresh_info()
+
+    async def command_readonly(self, _: str) -> None:
+        session = self.live
+
+        def toggle() -> bool:
+            session.read_only = not session.read_only
+            return session.read_only
+        read_only = await self.on_engine(toggle)
+        self.notify("read-only: turns are not written to memory" if read_only
+                    else "writing: turns are written to memory again")
+        await self.refresh_info()
+
+    async def command_snapshot(self, name: str) -> None:
+        if name in self.snapshot_names and not await self.confirm(
+                f"Snapshot {name!r} exists. Replace it?", "Replace"):
+            return
+        await self.on_engine(self.live.snapshot, name)
+        self.snapshot_names = list(await self.on_engine(self.live.snapshots))
+        self.notify(f"snapshot {name!r} saved")
+
+    async def command_restore(self, name: str) -> None:
+        if name not in self.snapshot_names:
+            listed = ", ".join(self.snapshot_names) or "none yet (/snapshot NAME)"
+            raise CommandError(f"no snapshot {name!r}; snapshots: {listed}")
+        if not await self.confirm(f"Restore snapshot {name!r}? The current memory is replaced "
+                                  "(take a /snapshot first to keep it).", "Restore"):
+            return
+        await self.on_engine(self.live.restore, name)
+        await self.chat_view.show_transcript(self.live.messages)
+        await self.add_note(f"restored snapshot {name!r}")
+        await self.refresh_info()
+
+    async def command_snapshots(self, _: str) -> None:
+        self.snapshot_names = list(await self.on_engine(self.live.snapshots))
+        await self.add_note("snapshots: " + (", ".join(self.snapshot_names) or "none"))
+
+    async def command_export_memory(self, path: str) -> None:
+        target = export_target(path)
+        if target.exists() and not await self.confirm(f"{target} exists. Overwrite it?",
+                                                      "Overwrite"):
+            return
+        await self.on_engine(self.live.export, target)
+        self.notify(f"memory exported to {target}")
+
+    async def command_import(self, path: str) -> None:
+        source = Path(path).expanduser()
+        if not source.is_file():
+            raise CommandError(f"{source}: no such file")
+        if not await self.confirm(f"Replace the current memory by {source}? (take a /snapshot "
+                                  "first to keep it)", "Import"):
+            return
+        await self.on_engine(self.live.import_, source)
+        await self.chat_view.show_transcript(self.live.messages)
+        await self.add_note(f"imported {source}")
+        await self.refresh_info()
+
+    async def command_info(self, _: str) -> None:
+        await self.refresh_info()
+        info = self.last_info
+        assert info is not None
+        budget = f"{info.kv_budget:,}" if info.kv_budget else "∞"
+        await self.add_note(
+            f"memory {info.memory_path or '(none)'} · {info.tokens_written:,} tokens written · "
+            f"{info.turns} turns ({info.turns_in_memory_only} only in memory) · context "
+            f"{info.kv_tokens:,}/{budget} tokens · {info.undo_depth} undo steps · "
+            f"{info.past_conversations} past conversations · "
+            f"{'read-only' if info.read_only else 'writing'}\n"
+            f"system prompt: {info.system or 'none'}" + (f"\nBLAS: {self.blas}" if self.blas
+                                                          else ""))
+
+    async def command_panel(self, _: str) -> None:
+        self.action_toggle_panel()
+
+    async def command_help(self, _: str) -> None:
+        self.action_help()
+
+    async def command_quit(self, _: str) -> None:
+        await self.action_quit()
 
     # ---------------------------------------------------------------- actions
     def check_action(self, action: str, parameters: tuple[object, ...]) -> Optional[bool]:
-        if action == "stop_reply":
-            return self.replying
+        if action == "escape":
+            return self.replying or (self.narrow and self.panel_open is True)
         return True
 
-    def action_stop_reply(self) -> None:
+    def action_escape(self) -> None:
         if self.replying:
             self._stop.set()
+        elif self.narrow and self.panel_open:
+            self.action_toggle_panel()
+
+    def action_interrupt(self) -> None:
+        """Ctrl+C: stop a streaming reply; otherwise copy a selection, or say how to quit."""
+        if self.replying:
+            self._stop.set()
+            return
+        if self.focused is self.chat_input and self.chat_input.selected_text:
+            self.chat_input.action_copy()
+            return
+        self.notify("Ctrl+Q quits (Ctrl+C stops a reply)")
 
     def action_toggle_panel(self) -> None:
-        panel = self.query_one(MemoryPanel)
-        panel.display = not panel.display
+        shown = self.query_one(MemoryPanel).display
+        self.panel_open = not shown
+        self.layout_panel()
+        if not self.panel_open:
+            self.chat_input.focus()
 
     def action_new_conversation(self) -> None:
-        self.run_command("new")
+        if self.can_run("new"):
+            self.run_command("new")
 
     def action_toggle_read_only(self) -> None:
-        self.run_command("readonly")
+        if self.can_run("readonly"):
+            self.run_command("readonly")
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(help_markdown()))
+        self.push_screen(HelpScreen(help_markdown()), callback=lambda _: self.chat_input.focus())
 
     async def action_quit(self) -> None:
         """Stop a streaming reply (the runtime keeps what was said consistent), close, exit."""
         self._stop.set()
         await self.close_session()
-        self.exit(0)
+        self.exit(return_code=1 if self.start_error else 0)
 
     async def close_session(self) -> None:
         """Release the memory lock after the engine finishes (saves happen after every turn)."""
@@ -385,12 +691,13 @@ class DmemChatApp(SessionCommands, App[int]):
             return
         self._session_closed = True
         self._stop.set()
+        session, memory = self.session, self.memory
 
         def close() -> None:
-            if self.session is not None:
-                self.session.close()
-            elif hasattr(self.memory, "close"):
-                self.memory.close()
+            if session is not None:
+                session.close()
+            elif memory is not None and not isinstance(memory, (str, Path)):
+                memory.close()
         try:
             await self.on_engine(close)
         finally:

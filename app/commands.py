@@ -1,20 +1,15 @@
-"""Slash commands (typed in the input) and the same commands in Textual's command palette."""
+"""Slash commands (typed in the input; also in Textual's command palette as SystemCommands)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from functools import partial
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
-
-from textual.command import DiscoveryHit, Hit, Hits, Provider
+from typing import Optional
 
 from dmem_mlx.errors import CommandError
-
-from .screens import ConfirmScreen
-
-if TYPE_CHECKING:
-    from .app import DmemChatApp
+from dmem_mlx.runtime.memory_file import UNDO_DEPTH
 
 
 @dataclass(frozen=True)
@@ -27,19 +22,47 @@ class Command:
 
 COMMANDS = [
     Command("new", "New conversation", "start a new conversation; the memory is kept"),
-    Command("forget", "Forget everything", "erase the memory and the conversation (asks first)"),
+    Command("undo", "Undo last exchange",
+            f"take back the last exchange: memory, conversation and context (up to "
+            f"{UNDO_DEPTH}; kept across restarts)"),
+    Command("retry", "Retry last reply", "answer the last message again from the memory "
+                                         "as it was before it"),
+    Command("edit", "Edit last message", "take back the last exchange and put its message "
+                                         "in the input"),
+    Command("copy", "Copy last reply", "copy the last reply to the clipboard"),
+    Command("history", "Past conversations", "read the past conversations of this memory"),
+    Command("export", "Export transcript", "write this conversation to PATH (Markdown; "
+                                           "JSON if PATH ends in .json)", "PATH"),
+    Command("forget", "Forget everything", "erase the memory, the conversations and the undo "
+                                           "history (asks first)"),
     Command("readonly", "Toggle read-only", "incognito turns: nothing is written to memory"),
     Command("snapshot", "Snapshot memory", "save the memory under a name", "NAME"),
     Command("restore", "Restore snapshot", "go back to a named snapshot (asks first)", "NAME"),
     Command("snapshots", "List snapshots", "list the named snapshots"),
-    Command("export", "Export memory", "copy the memory file to PATH", "PATH"),
-    Command("import", "Import memory", "replace the memory by the file at PATH (asks first)", "PATH"),
-    Command("info", "Memory info", "counts, context use, file and model of the memory"),
+    Command("export-memory", "Export memory file", "copy the memory (δ state, transcripts) "
+                                                   "to the memory file PATH", "PATH"),
+    Command("import", "Import memory", "replace the memory by the memory file at PATH "
+                                       "(asks first)", "PATH"),
+    Command("info", "Memory info", "counts, context use, system prompt, file and model"),
     Command("panel", "Toggle memory panel", "show or hide the memory panel"),
     Command("help", "Help", "commands and keys"),
-    Command("quit", "Quit", "save and leave (the memory is saved after every turn)"),
+    Command("quit", "Quit", "leave (the memory is saved after every turn)"),
 ]
 BY_NAME = {command.name: command for command in COMMANDS}
+KEYS = [
+    ("Enter", "send"),
+    ("Ctrl+J", "new line (every terminal)"),
+    ("\\ then Enter", "new line (a line ending in a backslash)"),
+    ("Shift+Enter, Alt+Enter", "new line where the terminal reports them (e.g. kitty, WezTerm, "
+                               "foot); most terminals and tmux send them as Enter"),
+    ("Escape, Ctrl+C", "stop the reply"),
+    ("Ctrl+B", "memory panel"),
+    ("Ctrl+N", "new conversation"),
+    ("Ctrl+R", "read-only toggle"),
+    ("Ctrl+P", "command palette"),
+    ("F1", "this help"),
+    ("Ctrl+Q", "quit"),
+]
 
 
 def parse_command(text: str) -> tuple[Command, str]:
@@ -57,145 +80,47 @@ def parse_command(text: str) -> tuple[Command, str]:
 
 
 def help_markdown() -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
     rows = "\n".join(
         f"| `/{c.name}{' ' + c.argument if c.argument else ''}` | {c.help} |" for c in COMMANDS)
+    keys = "\n".join(f"| `{cell(key)}` | {cell(what)} |" for key, what in KEYS)
     return (
         "# dmem-chat\n\nA local assistant whose δ memory lives in a file: what you tell it is "
         "written into a small state per layer and kept across restarts.\n\n"
         "## Commands\n\n| command | what it does |\n|---|---|\n" + rows + "\n\n"
-        "## Keys\n\n| key | |\n|---|---|\n"
-        "| `Enter` | send |\n| `Shift+Enter`, `Ctrl+J`, `Alt+Enter` | new line |\n"
-        "| `Escape` | stop the reply |\n| `Ctrl+B` | memory panel |\n"
-        "| `Ctrl+N` | new conversation |\n| `Ctrl+R` | read-only toggle |\n"
-        "| `Ctrl+P` | command palette |\n| `F1` | this help |\n| `Ctrl+Q` | quit |\n")
+        "## Keys\n\n| key | |\n|---|---|\n" + keys + "\n")
 
 
-class MemoryCommands(Provider):
-    """dmem-chat's commands in the command palette (plus one entry per snapshot to restore)."""
-
-    @property
-    def chat(self) -> "DmemChatApp":
-        return self.app  # type: ignore[return-value]
-
-    def _entries(self) -> list[tuple[str, str, object]]:
-        entries = []
-        for command in COMMANDS:
-            if command.name == "restore":
-                continue
-            entries.append((f"{command.title}", command.help,
-                            partial(self.chat.palette_command, command.name)))
-        for name in self.chat.snapshot_names:
-            entries.append((f"Restore snapshot: {name}", "go back to this snapshot (asks first)",
-                            partial(self.chat.run_command, "restore", name)))
-        return entries
-
-    async def discover(self) -> Hits:
-        for title, help_text, callback in self._entries():
-            yield DiscoveryHit(title, callback, help=help_text)  # type: ignore[arg-type]
-
-    async def search(self, query: str) -> Hits:
-        matcher = self.matcher(query)
-        for title, help_text, callback in self._entries():
-            score = matcher.match(title)
-            if score > 0:
-                yield Hit(score, matcher.highlight(title), callback,  # type: ignore[arg-type]
-                          help=help_text)
+def transcript_markdown(messages: list[dict[str, str]], model: str,
+                        memory: Optional[Path]) -> str:
+    """A conversation as readable Markdown (the user's text in quote blocks, kept literal)."""
+    lines = [f"# dmem-chat conversation", "",
+             f"- model: {model}", f"- memory: {memory or 'none'}",
+             f"- exported: {datetime.now().astimezone().isoformat(timespec='seconds')}", ""]
+    for m in messages:
+        if m["role"] == "system":
+            lines += ["**system prompt:**", "", *[f"> {line}" for line in
+                                                 m["content"].splitlines()], ""]
+        elif m["role"] == "user":
+            lines += ["## you", "", "````text", m["content"], "````", ""]
+        else:
+            lines += ["## assistant", "", m["content"], ""]
+    return "\n".join(lines)
 
 
-class SessionCommands:
-    """The commands' work, mixed into the app: `command_<name>(argument)`, run by its
-    `run_command` worker (which turns exceptions into notifications). Destructive ones ask first."""
+def transcript_json(messages: list[dict[str, str]], model: str, memory: Optional[Path]) -> str:
+    return json.dumps({"model": model, "memory": str(memory) if memory else None,
+                       "exported": datetime.now().astimezone().isoformat(timespec="seconds"),
+                       "messages": messages}, ensure_ascii=False, indent=2) + "\n"
 
-    session: Any
-    snapshot_names: list[str]
-    last_info: Any
 
-    async def command_new(self, _: str) -> None:
-        await self.on_engine(self.session.new_conversation)
-        await self.show_transcript([])
-        await self.add_note("new conversation — the memory is kept")
-        await self.refresh_info()
-
-    async def command_forget(self, _: str) -> None:
-        if not await self.push_screen_wait(ConfirmScreen(
-                "Forget everything? The memory and the conversation are erased, "
-                "and the memory file is overwritten.", yes="Forget")):
-            self.notify("nothing forgotten")
-            return
-        await self.on_engine(self.session.forget)
-        await self.show_transcript([])
-        await self.add_note("memory erased")
-        await self.refresh_info()
-
-    async def command_readonly(self, _: str) -> None:
-        def toggle() -> bool:
-            self.session.read_only = not self.session.read_only
-            return self.session.read_only
-        read_only = await self.on_engine(toggle)
-        self.notify("read-only: turns are not written to memory" if read_only
-                    else "writing: turns are written to memory again")
-        await self.refresh_info()
-
-    async def command_snapshot(self, name: str) -> None:
-        if name in self.snapshot_names and not await self.push_screen_wait(
-                ConfirmScreen(f"Snapshot {name!r} exists. Replace it?", yes="Replace")):
-            return
-        await self.on_engine(self.session.snapshot, name)
-        self.snapshot_names = list(await self.on_engine(self.session.snapshots))
-        self.notify(f"snapshot {name!r} saved")
-
-    async def command_restore(self, name: str) -> None:
-        if name not in self.snapshot_names:
-            listed = ", ".join(self.snapshot_names) or "none yet (/snapshot NAME)"
-            raise CommandError(f"no snapshot {name!r}; snapshots: {listed}")
-        if not await self.push_screen_wait(ConfirmScreen(
-                f"Restore snapshot {name!r}? The current memory is replaced "
-                "(take a /snapshot first to keep it).", yes="Restore")):
-            return
-        await self.on_engine(self.session.restore, name)
-        await self.show_transcript(list(self.session.messages))
-        await self.add_note(f"restored snapshot {name!r}")
-        await self.refresh_info()
-
-    async def command_snapshots(self, _: str) -> None:
-        self.snapshot_names = list(await self.on_engine(self.session.snapshots))
-        await self.add_note("snapshots: " + (", ".join(self.snapshot_names) or "none"))
-
-    async def command_export(self, path: str) -> None:
-        target = Path(path).expanduser()
-        if target.exists() and not await self.push_screen_wait(
-                ConfirmScreen(f"{target} exists. Overwrite it?", yes="Overwrite")):
-            return
-        await self.on_engine(self.session.export, target)
-        self.notify(f"memory exported to {target}")
-
-    async def command_import(self, path: str) -> None:
-        source = Path(path).expanduser()
-        if not source.exists():
-            raise CommandError(f"{source}: no such file")
-        if not await self.push_screen_wait(ConfirmScreen(
-                f"Replace the current memory by {source}? (take a /snapshot first to keep it)",
-                yes="Import")):
-            return
-        await self.on_engine(self.session.import_, source)
-        await self.show_transcript(list(self.session.messages))
-        await self.add_note(f"imported {source}")
-        await self.refresh_info()
-
-    async def command_info(self, _: str) -> None:
-        await self.refresh_info()
-        info = self.last_info
-        budget = f"{info.kv_budget:,}" if info.kv_budget else "∞"
-        await self.add_note(
-            f"memory {info.memory_path or '(none)'} · {info.tokens_written:,} tokens written · "
-            f"{info.turns} turns ({info.turns_in_memory_only} only in memory) · context "
-            f"{info.kv_tokens:,}/{budget} tokens · {'read-only' if info.read_only else 'writing'}")
-
-    async def command_panel(self, _: str) -> None:
-        self.action_toggle_panel()
-
-    async def command_help(self, _: str) -> None:
-        self.action_help()
-
-    async def command_quit(self, _: str) -> None:
-        await self.action_quit()
+def export_target(path: str) -> Path:
+    """Where an export goes: its directory must exist (none is created)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise CommandError(f"{target} is a directory: give a file name")
+    if not target.parent.is_dir():
+        raise CommandError(f"{target.parent}: no such directory")
+    return target

@@ -1,15 +1,28 @@
-"""The `dmem-chat` command: check the model and the memory, then start the app."""
+"""The `dmem-chat` command: check the command line, the model and the memory, then start the app.
+
+Everything that can be refused is checked before the UI starts (one line on stderr, exit 1),
+without importing mlx-lm and without creating any file or directory for a refused path; the
+OpenBLAS re-exec (dmem_mlx.blas) happens before any heavy import. The model itself loads in the
+app, which is usable (you can type) while it does.
+"""
 
 from __future__ import annotations
 
 import argparse
+import platform
+import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, NoReturn, Optional, Sequence
 
 from dmem_mlx.errors import DmemError, UsageError, user_message
 
+if TYPE_CHECKING:
+    from dmem_mlx.runtime import MemoryFile
+
 PROG = "dmem-chat"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")  # a memory NAME (no directory)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class Parser(argparse.ArgumentParser):
@@ -17,10 +30,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def memory_directory() -> str:
+def memory_directory() -> Path:
     from platformdirs import user_data_dir
 
-    return str(Path(user_data_dir("dmem-mlx", appauthor=False)) / "memories")
+    return Path(user_data_dir("dmem-mlx", appauthor=False)) / "memories"
+
+
+def version() -> str:
+    from dmem_mlx import __version__
+
+    return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,14 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chat in the terminal with a δ-mem model whose memory lives in a file: "
                     "what you tell it is written into a small state per layer, saved after "
                     "every turn and loaded again next time.",
-        epilog="Keys: Enter sends, Shift+Enter or Ctrl+J adds a line, Escape stops a reply, "
-               "Ctrl+B shows the memory panel, Ctrl+P the command palette, F1 help, Ctrl+Q "
-               "quits. Type /help in the app for the slash commands.")
+        epilog="Keys: Enter sends; Ctrl+J adds a line (Shift+Enter too, where the terminal "
+               "reports it: not in tmux or most terminals); Escape or Ctrl+C stops a reply; "
+               "Ctrl+B memory panel, Ctrl+P command palette, F1 help, Ctrl+Q quits. /help in "
+               "the app lists the slash commands (/undo, /retry, /history, /export …).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     parser.add_argument("--model", help="converted δ-mem model: a directory or a Hugging Face "
                                         "repo (default: the bundled demo model)")
-    parser.add_argument("--memory", help="memory file: a path, or a bare name kept in "
-                                         f"{memory_directory()} (default: one memory per model "
-                                         "there)")
+    parser.add_argument("--memory", help="memory file: a NAME (no '/') kept in "
+                                         f"{memory_directory()}, or a path such as "
+                                         "./me.safetensors in an existing directory (default: "
+                                         "one memory per model in that directory)")
     parser.add_argument("--temp", type=float, default=0.0,
                         help="sampling temperature; 0 = greedy (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0,
@@ -46,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--max-kv-tokens", type=int, default=None,
-                        help="context budget in tokens; older turns then live only in the δ "
-                             "memory (default: from the model)")
+                        help="context budget in tokens; older turns (and the start of longer "
+                             "messages) then live only in the δ memory (default: from the "
+                             "model)")
     parser.add_argument("--read-only", action="store_true",
                         help="incognito: the memory is read but nothing is written or saved; "
                              "also opens a memory another dmem-chat has open")
@@ -65,51 +88,78 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-kv-tokens must be ≥ 16, got {args.max_kv_tokens}")
 
 
-def default_model() -> tuple[str, str]:
+def default_model() -> tuple[Path, str]:
     """(directory, name) of the bundled demo model."""
     try:
         from dmem_mlx.demo import DEMO_NAME, demo_model_path
 
-        return str(demo_model_path()), DEMO_NAME
+        return demo_model_path(), DEMO_NAME
     except (ImportError, FileNotFoundError):
         raise UsageError("no bundled demo model in this install: pass --model "
                          "(a converted δ-mem model directory or hub repo)") from None
 
 
 def resolve_model(name: str) -> Path:
-    """A local converted model directory (downloaded first if `name` is a hub repo)."""
-    from dmem_mlx.adapter import is_adapter_dir
-    from dmem_mlx.hub import resolve_model_path
+    """A local converted model directory; a hub repo id ("org/name") is downloaded first."""
+    from dmem_mlx.config import CONFIG_NAME
 
-    path = resolve_model_path(name, extra_patterns=["delta_mem_config.json",
-                                                    "delta_mem.safetensors"])
+    path = Path(name).expanduser()
+    if not path.exists():
+        if not HUB_ID.fullmatch(name) or name.startswith((".", "~")):
+            raise UsageError(f"{name}: no such model directory")
+        from dmem_mlx.hub import resolve_model_path  # imports mlx-lm: hub repos only
+
+        path = resolve_model_path(name, extra_patterns=[CONFIG_NAME, "delta_mem.safetensors"])
+    if not path.is_dir():
+        raise UsageError(f"{path}: is a file, not a model directory")
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} is not a model directory (no config.json)")
-    if not is_adapter_dir(path):
+    if not ((path / CONFIG_NAME).is_file() and (path / "delta_mem.safetensors").is_file()):
         raise UsageError(f"{path} holds no δ-mem adapter; convert one with `dmem-convert`")
     return path
 
 
 def memory_location(memory: Optional[str], model_id: str) -> Path:
-    """--memory as given: a path, or a bare name (no directory, no suffix) in the data directory;
+    """--memory as given: a NAME (no directory part) always in the data directory, else a path;
     by default the one memory of `model_id` (a hub repo id, a directory or the demo's name)."""
-    from dmem_mlx.runtime import default_memory_path
+    from dmem_mlx.runtime.memory_file import SUFFIX, default_memory_path
 
-    default = Path(default_memory_path(model_id))
     if memory is None:
-        return default
-    path = Path(memory).expanduser()
-    if len(path.parts) == 1 and not path.suffix and not path.exists():
-        return default.with_name(path.name + default.suffix)
-    return path
+        return default_memory_path(model_id)
+    if "/" not in memory and "\\" not in memory and not memory.startswith("~") \
+            and memory not in (".", ".."):
+        if not NAME.fullmatch(memory):
+            raise UsageError(f"--memory {memory!r}: a NAME is up to 64 letters, digits, spaces, "
+                             "'.', '_' or '-'; give a path with a '/' for a file elsewhere")
+        return memory_directory() / (memory if memory.endswith(SUFFIX) else memory + SUFFIX)
+    return Path(memory).expanduser()
 
 
-def open_memory(path: Any, read_only: bool = False) -> Any:
+def check_memory_path(path: Path) -> None:
+    """Refuse a memory path that cannot be a memory file (cheap: no import, nothing created)."""
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, not a memory file")
+    if not path.exists() and path.parent != memory_directory() and not path.parent.is_dir():
+        raise UsageError(f"{path.parent}: no such directory (dmem-chat creates none; a "
+                         f"--memory NAME without '/' lives in {memory_directory()})")
+
+
+def check_memory_contents(path: Path, model_path: Path) -> None:
+    """Refuse an existing memory file that is damaged, not a memory, or another model's —
+    before it is locked (no lock file appears next to a refused file)."""
+    from dmem_mlx.runtime.fingerprint import fingerprint_from_files
+    from dmem_mlx.runtime.memory_file import read_memory
+
+    if path.exists():
+        read_memory(path, fingerprint_from_files(model_path))
+
+
+def open_memory(path: Path | str, read_only: bool = False) -> "MemoryFile":
     """Open (and lock, unless read-only) a memory file, checking its format and contents.
 
     Raises MemoryLockedError if another process holds it. Whether it belongs to this model is
-    checked when the session starts (the model's fingerprint needs the loaded weights)."""
-    from dmem_mlx.runtime import MemoryFile, MemoryLockedError
+    checked again when the session starts (with the loaded weights)."""
+    from dmem_mlx.runtime.memory_file import MemoryFile, MemoryLockedError
 
     path = Path(path).expanduser()
     try:
@@ -119,39 +169,58 @@ def open_memory(path: Any, read_only: bool = False) -> Any:
                                 "using it, or chat without saving: --read-only") from None
 
 
+def blas_description() -> str:
+    """Which BLAS the matmuls run on, for the panel and /info."""
+    from dmem_mlx.blas import openblas_hint, openblas_preloaded
+
+    if platform.system() != "Linux":
+        return "MLX (Metal / Accelerate)" if platform.system() == "Darwin" else "MLX built-in"
+    if openblas_preloaded():
+        return "OpenBLAS (preloaded)"
+    if openblas_hint():
+        return "MLX's built-in BLAS (slow; apt install libopenblas0-pthread)"
+    return "MLX's built-in BLAS (OpenBLAS installed, not used)"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        from dmem_mlx.blas import reexec_with_openblas
-    except ImportError:
-        pass
-    else:
-        reexec_with_openblas()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and --version end here, before any import
     try:
         check_numbers(args)
-        model, model_id = (args.model, args.model) if args.model else default_model()
-        model_path = resolve_model(model)
-        memory = open_memory(memory_location(args.memory, model_id), read_only=args.read_only)
+        local = (args.model is None or not HUB_ID.fullmatch(args.model)
+                 or Path(args.model).expanduser().exists())
+        if local:  # cheap checks first: a bad path is refused before anything is imported
+            model_path, model_id = (resolve_model(args.model), args.model) if args.model \
+                else default_model()
+            memory_path = memory_location(args.memory, model_id)
+            check_memory_path(memory_path)
+        from dmem_mlx.blas import reexec_with_openblas
+
+        reexec_with_openblas(hint=False)  # before any heavy import (it restarts the process)
+        if not local:  # a hub repo id: resolving it imports mlx-lm (and may download)
+            model_path, model_id = resolve_model(args.model), args.model
+            memory_path = memory_location(args.memory, model_id)
+            check_memory_path(memory_path)
+        check_memory_contents(memory_path, model_path)
+        memory = open_memory(memory_path, read_only=args.read_only)
     except (DmemError, OSError) as exc:
         print(f"{PROG}: error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
+    from dmem_mlx.blas import openblas_hint
+
     from .app import DmemChatApp, Sampling
 
-    try:
-        from dmem_mlx.blas import openblas_hint
-        hint = openblas_hint()
-    except ImportError:
-        hint = None
-
     app = DmemChatApp(model_path, memory, system=args.system, max_kv_tokens=args.max_kv_tokens,
-                      read_only=args.read_only, startup_hint=hint,
-                      model_name=Path(model_id).name or model_id,
+                      read_only=args.read_only, startup_hint=openblas_hint(),
+                      model_name=Path(model_id).name or model_id, blas=blas_description(),
                       sampling=Sampling(max_tokens=args.max_tokens, temp=args.temp,
                                         top_p=args.top_p, seed=args.seed))
     app.run()  # the app releases the memory when it closes
+    if app.start_error:
+        print(f"{PROG}: error: {app.start_error}", file=sys.stderr)
+        return 1
     return app.return_code or 0
 
 

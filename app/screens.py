@@ -1,19 +1,31 @@
-"""Modal screens: a yes/no confirmation and the help page."""
+"""Modal screens: a confirmation for destructive commands, help, and past conversations."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, VerticalScroll
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, Markdown
+from textual.widgets import Button, Label, Markdown, OptionList, Static
+from textual.widgets.option_list import Option
+
+if TYPE_CHECKING:
+    from dmem_mlx.runtime import PastConversation
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    """Ask before something is destroyed; dismisses with True only for an explicit yes."""
+    """Ask before something is destroyed; dismisses with True only when the destructive button
+    is pressed. No letter answers it: Cancel has the focus, the other button takes Tab (or ←/→)
+    then Enter, and it cannot be pressed during its first ARM_SECONDS — so keys typed ahead
+    while the dialog was on its way (Enter included) can only cancel."""
 
-    BINDINGS = [Binding("escape,n", "dismiss(False)", "Cancel"),
-                Binding("y", "dismiss(True)", "Yes")]
+    ARM_SECONDS = 0.6
+    BINDINGS = [Binding("escape", "dismiss(False)", "Cancel"),
+                Binding("left,right", "app.focus_next", "Other button", show=False)]
 
     def __init__(self, question: str, yes: str = "Yes") -> None:
         super().__init__()
@@ -24,20 +36,25 @@ class ConfirmScreen(ModalScreen[bool]):
         with Grid(id="confirm-dialog"):
             yield Label(self.question, id="confirm-question")
             with Horizontal(id="confirm-buttons"):
-                yield Button(self.yes, variant="error", id="confirm-yes")
+                yield Button(self.yes, variant="error", id="confirm-yes", disabled=True)
                 yield Button("Cancel", variant="primary", id="confirm-no")
 
     def on_mount(self) -> None:
         self.query_one("#confirm-no", Button).focus()
+        self.set_timer(self.ARM_SECONDS, self.arm)
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
+    def arm(self) -> None:
+        self.query_one("#confirm-yes", Button).disabled = False
+
+    @on(Button.Pressed)
+    def answer(self, event: Button.Pressed) -> None:
         self.dismiss(event.button.id == "confirm-yes")
 
 
 class HelpScreen(ModalScreen[None]):
     """Commands and keys."""
 
-    BINDINGS = [Binding("escape,q,f1", "dismiss(None)", "Close")]
+    BINDINGS = [Binding("escape,f1", "dismiss(None)", "Close")]
 
     def __init__(self, markdown: str) -> None:
         super().__init__()
@@ -46,3 +63,51 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help-dialog"):
             yield Markdown(self.markdown)
+
+
+def conversation_title(k: int, conversation: "PastConversation") -> str:
+    first = next((m["content"] for m in conversation.transcript if m["role"] == "user"), "")
+    first = " ".join(first.split())
+    when = (conversation.started or conversation.ended or "")[:16].replace("T", " ")
+    turns = sum(m["role"] == "user" for m in conversation.transcript)
+    return f"{k}. {when}  {turns} turn{'s' if turns != 1 else ''} · {first[:48]}"
+
+
+class HistoryScreen(ModalScreen[None]):
+    """The past conversations of this memory, newest first, read-only: pick one to read it.
+    (They live on in the δ memory; only the current conversation is in the context.)"""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Close")]
+
+    def __init__(self, past: list["PastConversation"]) -> None:
+        super().__init__()
+        self.past = past
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="history-dialog"):
+            yield Label(f"past conversations of this memory ({len(self.past)}) — "
+                        "read-only; Escape closes", id="history-title")
+            options = [Option(conversation_title(k + 1, c), id=str(k))
+                       for k, c in reversed(list(enumerate(self.past)))]
+            yield OptionList(*options, id="history-list")
+            with VerticalScroll(id="history-view"):
+                yield Static(id="history-transcript")
+
+    def on_mount(self) -> None:
+        if not self.past:
+            self.query_one("#history-transcript", Static).update(
+                "No past conversations yet: Ctrl+N (/new) files the current one here.")
+        self.query_one(OptionList).focus()
+
+    @on(OptionList.OptionHighlighted)
+    def show_conversation(self, event: OptionList.OptionHighlighted) -> None:
+        conversation = self.past[int(event.option.id or 0)]
+        text = Text()
+        for m in conversation.transcript:
+            if m["role"] == "system":
+                text.append(f"system: {m['content']}\n\n", "italic dim")
+                continue
+            text.append("you\n" if m["role"] == "user" else "assistant\n",
+                        "bold blue" if m["role"] == "user" else "bold green")
+            text.append(m["content"] + "\n\n")
+        self.query_one("#history-transcript", Static).update(text)

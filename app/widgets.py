@@ -1,63 +1,123 @@
-"""The widgets of dmem-chat: messages, the input box and the memory panel."""
+"""The widgets of dmem-chat: the conversation, the input box and the memory panel."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 from rich.text import Text
-from textual import events
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Label, Markdown, ProgressBar, Static, TextArea
-from textual.widgets.markdown import MarkdownStream
 
 from .heatmap import layer_norms, state_heatmap
 
+if TYPE_CHECKING:
+    from dmem_mlx.runtime import ReplyStats, SessionInfo
 
-class UserMessage(Markdown):
-    """A user turn."""
+
+class UserMessage(Static):
+    """A user turn, shown exactly as typed (never parsed as Markdown or markup)."""
 
     BORDER_TITLE = "you"
 
+    def __init__(self, text: str, **kwargs: object) -> None:
+        super().__init__(Text(text), **kwargs)  # type: ignore[arg-type]
+        self.text = text
+
 
 class AssistantMessage(Markdown):
-    """An assistant turn; its text streams in through `stream`."""
+    """An assistant turn (Markdown); its text streams in through `write`."""
 
     BORDER_TITLE = "assistant"
 
-    def __init__(self, markdown: str = "", **kwargs: Any) -> None:
-        super().__init__(markdown, **kwargs)
-        self._stream: Optional[MarkdownStream] = None
+    def __init__(self, markdown: str = "", **kwargs: object) -> None:
+        super().__init__(markdown, **kwargs)  # type: ignore[arg-type]
         self.text = markdown
 
     async def write(self, fragment: str) -> None:
-        """Append a fragment of the reply (fragments are coalesced when rendering lags)."""
-        if self._stream is None:
-            self._stream = self.get_stream(self)
-        self.text += fragment
-        await self._stream.write(fragment)
+        """Append a fragment of the reply (the app batches fragments between screen updates)."""
+        if fragment:
+            self.text += fragment
+            await self.append(fragment)
 
     async def finish(self, stats: str) -> None:
-        """Flush the stream and show the reply's statistics under it."""
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+        """Show the reply's statistics under it."""
         if not self.text.strip():
             await self.update("*(empty reply)*")
         self.border_subtitle = stats
 
 
 class Note(Static):
-    """A one-line system note in the conversation (command results, loaded memory …)."""
+    """A system note in the conversation (command results, loaded memory …)."""
+
+
+class ChatView(VerticalScroll):
+    """The conversation: user and assistant turns and notes, kept scrolled to the newest."""
+
+    can_focus = False
+
+    def on_mount(self) -> None:
+        self.anchor()
+
+    async def add_note(self, text: str, style: str = "") -> Note:
+        note = Note(Text(text, style))
+        await self.mount(note)
+        return note
+
+    async def add_turn(self, text: str) -> tuple[UserMessage, AssistantMessage]:
+        """A user turn and the (empty) reply box that its reply streams into."""
+        user, reply = UserMessage(text), AssistantMessage()
+        await self.mount_all([user, reply])
+        self.anchor()
+        return user, reply
+
+    async def show_transcript(self, messages: list[dict[str, str]]) -> None:
+        """Replace the conversation by `messages` ({"role", "content"}; system prompts skipped)."""
+        await self.remove_children()
+        widgets: list[Union[UserMessage, AssistantMessage]] = []
+        for message in messages:
+            if message["role"] == "user":
+                widgets.append(UserMessage(message["content"]))
+            elif message["role"] == "assistant":
+                widgets.append(AssistantMessage(message["content"]))
+        if widgets:
+            await self.mount_all(widgets)
+
+
+class ReplyStarted(Message):
+    """A reply began streaming into `reply` (the answer to `text`)."""
+
+    def __init__(self, text: str, user: UserMessage, reply: AssistantMessage) -> None:
+        super().__init__()
+        self.text, self.user, self.reply = text, user, reply
+
+
+class ReplyFinished(Message):
+    """A reply ended: `stats` (finished, stopped, cut or taken back) and the session's `info`,
+    or the `error` that ended it (the runtime then took the turn back)."""
+
+    def __init__(self, text: str, user: UserMessage, reply: AssistantMessage,
+                 stats: Optional["ReplyStats"], info: Optional["SessionInfo"],
+                 error: Optional[BaseException] = None) -> None:
+        super().__init__()
+        self.text, self.user, self.reply = text, user, reply
+        self.stats, self.info, self.error = stats, info, error
 
 
 class ChatInput(TextArea):
-    """Multi-line input: Enter sends, Shift+Enter / Ctrl+J / Alt+Enter insert a newline."""
+    """Multi-line input. Enter sends; Ctrl+J adds a line in every terminal, and so do
+    Shift+Enter and Alt+Enter where the terminal reports them as such (most send plain Enter);
+    a line ending in a backslash followed by Enter also becomes a new line."""
 
-    NEWLINE_KEYS = ("shift+enter", "ctrl+j", "alt+enter")
+    BINDINGS = [
+        Binding("enter", "submit", "Send", show=False, priority=True),
+        Binding("ctrl+j,shift+enter,alt+enter", "newline", "New line", show=False,
+                priority=True),
+    ]
 
     @dataclass
     class Submitted(Message):
@@ -66,21 +126,21 @@ class ChatInput(TextArea):
         chat_input: "ChatInput"
         text: str
 
-    async def _on_key(self, event: events.Key) -> None:
+    def action_submit(self) -> None:
         if self.read_only:
             return
-        if event.key == "enter":
-            event.stop()
-            event.prevent_default()
-            self.post_message(self.Submitted(self, self.text))
+        row, column = self.cursor_location
+        line = self.document.get_line(row)
+        if column > 0 and line[column - 1] == "\\" and self.selection.is_empty:
+            self.replace("\n", (row, column - 1), (row, column), maintain_selection_offset=False)
             return
-        if event.key in self.NEWLINE_KEYS:
-            event.stop()
-            event.prevent_default()
-            start, end = self.selection
-            self._replace_via_keyboard("\n", start, end)
+        self.post_message(self.Submitted(self, self.text))
+
+    def action_newline(self) -> None:
+        if self.read_only:
             return
-        await super()._on_key(event)
+        start, end = self.selection
+        self.replace("\n", start, end, maintain_selection_offset=False)
 
 
 def saved_when(when: Optional[datetime]) -> str:
@@ -89,12 +149,10 @@ def saved_when(when: Optional[datetime]) -> str:
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def fingerprint_lines(fingerprint: Any) -> str:
+def fingerprint_lines(fingerprint: dict) -> str:
     """The model a memory belongs to, readable: base model, backbone, adapter hash, δ config."""
     if not fingerprint:
         return "—"
-    if not isinstance(fingerprint, dict):
-        return str(fingerprint)
     lines = []
     for key, value in fingerprint.items():
         if key == "adapter_sha256" and isinstance(value, str):
@@ -117,6 +175,10 @@ class MemoryPanel(VerticalScroll):
 
     BORDER_TITLE = "δ memory"
 
+    def __init__(self, blas: str = "", **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.blas = blas
+
     def compose(self) -> ComposeResult:
         yield Static("loading …", id="memory-counts")
         yield Label("context (KV tokens / budget)", classes="panel-heading")
@@ -126,21 +188,24 @@ class MemoryPanel(VerticalScroll):
         yield Static(id="layer-norms")
         yield Label("state per layer (r×r)", classes="panel-heading")
         yield Static(id="state-heatmap")
+        yield Label("system prompt", classes="panel-heading")
+        yield Static(id="system-prompt")
         yield Label("memory file", classes="panel-heading")
         yield Static(id="memory-file")
         yield Label("model", classes="panel-heading")
         yield Static(id="fingerprint")
 
-    def show(self, info: Any) -> None:
+    def show(self, info: "SessionInfo") -> None:
         """Redraw from a runtime `SessionInfo`."""
         mode = "[b red]read-only (incognito)[/]" if info.read_only else "[green]writing[/]"
-        size = getattr(info, "memory_bytes", 0)
         self.query_one("#memory-counts", Static).update(
             f"tokens written  [b]{info.tokens_written:,}[/]\n"
             f"turns           [b]{info.turns:,}[/]\n"
             f"only in memory  [b]{info.turns_in_memory_only:,}[/] turns\n"
-            + (f"δ state         [b]{size:,}[/] bytes\n" if size else "")
-            + f"mode            {mode}")
+            + (f"δ state         [b]{info.memory_bytes:,}[/] bytes\n" if info.memory_bytes else "")
+            + f"undo steps      [b]{info.undo_depth}[/]\n"
+            f"past chats      [b]{info.past_conversations}[/]\n"
+            f"mode            {mode}")
         bar = self.query_one("#context-bar", ProgressBar)
         budget = info.kv_budget or 0
         bar.update(total=budget or None, progress=min(info.kv_tokens, budget or info.kv_tokens))
@@ -152,7 +217,9 @@ class MemoryPanel(VerticalScroll):
         heatmap = self.query_one("#state-heatmap", Static)
         width = heatmap.size.width or 36
         heatmap.update(state_heatmap(info.layer_states, width))
+        self.query_one("#system-prompt", Static).update(Text(info.system or "none", "italic"))
         self.query_one("#memory-file", Static).update(Text(
             f"{info.memory_path or 'none (not saved)'}\n"
             f"saved {saved_when(info.last_saved)}"))
-        self.query_one("#fingerprint", Static).update(Text(fingerprint_lines(info.fingerprint)))
+        self.query_one("#fingerprint", Static).update(Text(
+            fingerprint_lines(info.fingerprint) + (f"\nBLAS: {self.blas}" if self.blas else "")))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import pytest
 
 from app.app import DmemChatApp, Sampling
-from app.screens import ConfirmScreen
+from app.screens import ConfirmScreen, HelpScreen, HistoryScreen
 from app.widgets import AssistantMessage, ChatInput, MemoryPanel, Note, UserMessage
 
 pytestmark = pytest.mark.asyncio
@@ -35,7 +37,12 @@ async def wait_until(pilot, condition, timeout: float = 60.0) -> None:
 
 async def wait_loaded(pilot) -> None:
     app = pilot.app
-    await wait_until(pilot, lambda: app.session is not None and not app.query_one(ChatInput).disabled)
+    await wait_until(pilot, lambda: app.last_info is not None)
+
+
+def idle(app) -> bool:
+    return not app.replying and not any(w.is_running for w in app.workers
+                                        if w.group in ("command", "reply"))
 
 
 async def send(pilot, text: str) -> None:
@@ -45,8 +52,7 @@ async def send(pilot, text: str) -> None:
     app.query_one(ChatInput).text = text
     await pilot.press("enter")
     await pilot.pause()
-    await wait_until(pilot, lambda: not app.replying and not any(
-        w.is_running for w in app.workers if w.group == "command"))
+    await wait_until(pilot, lambda: idle(app))
     await pilot.pause()
 
 
@@ -54,8 +60,29 @@ def notes(app) -> str:
     return "\n".join(str(note.render()) for note in app.query(Note))
 
 
+def notices(app, severity=None) -> list:
+    return [n for n in app.notices if severity is None or n.severity == severity]
+
+
 def counts(app) -> str:
     return str(app.query_one("#memory-counts").render())
+
+
+async def open_dialog(pilot, command: str) -> ConfirmScreen:
+    app = pilot.app
+    app.query_one(ChatInput).text = command
+    await pilot.press("enter")
+    await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+    return app.screen
+
+
+async def confirm(pilot) -> None:
+    """The deliberate way: wait until the dialog is armed, Tab to its button, Enter."""
+    app = pilot.app
+    await wait_until(pilot, lambda: not app.screen.query_one("#confirm-yes").disabled)
+    await pilot.press("tab")
+    assert app.focused.id == "confirm-yes"
+    await pilot.press("enter")
 
 
 async def test_reply_streams_saves_and_updates_panel(tiny_model, tmp_path):
@@ -79,7 +106,7 @@ async def test_reply_streams_saves_and_updates_panel(tiny_model, tmp_path):
             AssistantMessage.write = original
         [user] = app.query(UserMessage)
         [reply] = app.query(AssistantMessage)
-        assert "Ada" in user.source
+        assert "Ada" in user.text
         stats = app.last_reply
         assert stats is not None and stats.tokens > 0
         assert reply.text == stats.text and "".join(chunks_seen) == stats.text
@@ -108,11 +135,11 @@ async def test_memory_survives_a_restart(tiny_model, tmp_path):
         await wait_loaded(pilot)
         assert app.last_info.tokens_written == written
         assert "memory loaded" in notes(app)
-        assert any("Milo" in m.source for m in app.query(UserMessage))
+        assert any("Milo" in m.text for m in app.query(UserMessage))
         assert f"tokens written  {written:,}" in counts(app)
 
 
-async def test_locked_memory_is_reported_in_the_app(tiny_model, tmp_path):
+async def test_a_start_up_failure_is_shown_and_exits_1(tiny_model, tmp_path):
     from dmem_mlx.runtime import MemoryFile
 
     memory = tmp_path / "chat.memory"
@@ -120,12 +147,13 @@ async def test_locked_memory_is_reported_in_the_app(tiny_model, tmp_path):
     try:
         app = make_app(tiny_model, memory)
         async with app.run_test(size=SIZE) as pilot:
-            await wait_until(pilot, lambda: not app.query_one("#loading").display
-                             if app.query("#loading") else True)
+            await wait_until(pilot, lambda: app.start_error is not None)
             await pilot.pause()
-            errors = [n for n in app._notifications if n.severity == "error"]
-            assert errors and "Could not start" == errors[0].title
-            assert app.session is None and app.query_one(ChatInput).disabled
+            errors = notices(app, "error")
+            assert errors and errors[0].title == "Could not start"
+            assert app.session is None
+            await pilot.press("ctrl+q")
+        assert app.return_code == 1
     finally:
         holder.close()
 
@@ -152,39 +180,34 @@ async def test_commands(tiny_model, tmp_path):
         await send(pilot, "/readonly")
         assert not app.last_info.read_only
 
-        app.query_one(ChatInput).text = "/forget"  # asks; cancel keeps everything
-        await pilot.press("enter")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await open_dialog(pilot, "/forget")  # asks; Escape keeps everything
         await pilot.press("escape")
         await send(pilot, "/info")
         assert app.last_info.tokens_written == written
 
-        app.query_one(ChatInput).text = "/forget"
-        await pilot.press("enter")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
-        await pilot.press("y")
+        await open_dialog(pilot, "/forget")
+        await confirm(pilot)
         await wait_until(pilot, lambda: app.last_info.tokens_written == 0)
         assert "tokens written  0" in counts(app)
 
-        app.query_one(ChatInput).text = "/restore tea"
-        await pilot.press("enter")
-        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await open_dialog(pilot, "/restore tea")
+        await wait_until(pilot, lambda: not app.screen.query_one("#confirm-yes").disabled)
         await pilot.click("#confirm-yes")
         await wait_until(pilot, lambda: app.last_info.tokens_written == written)
 
         export = tmp_path / "exported.memory"
-        await send(pilot, f"/export {export}")
+        await send(pilot, f"/export-memory {export}")
         assert export.exists()
-        await send(pilot, "/export /proc/no-such-dir/x.memory")  # fails: shown in the app
-        assert any(n.title == "/export failed" for n in app._notifications)
+        await send(pilot, "/export-memory /proc/no-such-dir/x.memory")  # shown in the app
+        assert any(n.title == "/export-memory failed" for n in notices(app))
         await send(pilot, "/restore nothing-by-that-name")
-        assert any(n.title == "/restore failed" and "tea" in n.message for n in app._notifications)
+        assert any(n.title == "/restore failed" and "tea" in n.message for n in notices(app))
 
         await send(pilot, "/info")
-        assert str(memory) in notes(app) or memory.name in notes(app)
+        assert memory.name in notes(app) and "system prompt: none" in notes(app)
 
         await send(pilot, "/nonsense")
-        assert any("unknown command" in n.message for n in app._notifications)
+        assert any("unknown command" in n.message for n in notices(app))
 
         panel = app.query_one(MemoryPanel)
         await pilot.press("ctrl+b")
@@ -193,7 +216,7 @@ async def test_commands(tiny_model, tmp_path):
         assert panel.display
 
         await pilot.press("f1")
-        assert type(app.screen).__name__ == "HelpScreen"
+        assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
 
         await send(pilot, "/quit")
@@ -215,106 +238,289 @@ async def test_palette_runs_commands(tiny_model, tmp_path):
         await pilot.pause(0.3)
         await pilot.press("enter")
         await wait_until(pilot, lambda: app.query_one(ChatInput).text == "/snapshot ")
+        assert app.focused is app.query_one(ChatInput)
 
 
-def session_without_eos(model_dir, memory):
-    """open_session for the app: a ChatSession whose replies never sample end-of-sequence."""
+def wrapped_session(model_dir, memory, ban_eos=False, before_reply=None, block=None, **kwargs):
+    """open_session for the app: a ChatSession (optionally: replies never sample end-of-sequence,
+    `before_reply(session)` runs before each reply, loading waits for the event `block`)."""
     import mlx.core as mx
 
     import dmem_mlx
     from dmem_mlx.runtime import ChatSession, MemoryFile
 
     def open_session():
+        if block is not None:
+            block.wait(30)
         model, tokenizer = dmem_mlx.load(str(model_dir))
-        session = ChatSession(model, tokenizer, memory=MemoryFile.open(memory))
+        session = ChatSession(model, tokenizer, memory=MemoryFile.open(memory), **kwargs)
         banned = mx.array(sorted(tokenizer.eos_token_ids))
         reply = session.reply
 
-        def ban_eos(tokens, logits):
+        def no_eos(tokens, logits):
             logits[..., banned] = -1e9
             return logits
 
-        session.reply = lambda *a, **k: reply(*a, logits_processors=[ban_eos], **k)
+        def wrapped(*a, **k):
+            if before_reply is not None:
+                before_reply(session, k)
+            return reply(*a, logits_processors=[no_eos] if ban_eos else [], **k)
+
+        session.reply = wrapped
         return session
     return open_session
 
 
-async def test_input_newline_and_escape_stops_a_reply(tiny_model, tmp_path):
-    app = make_app(tiny_model, None, open_session=session_without_eos(tiny_model, tmp_path / "m"),
-                   sampling=Sampling(max_tokens=5000))
+async def stream_then(pilot, key: str) -> None:
+    """Send the input's text, wait until the reply streams, press `key`."""
+    app = pilot.app
+    writes = []
+    original = AssistantMessage.write
+
+    async def spy(self, fragment):
+        writes.append(fragment)
+        await original(self, fragment)
+
+    AssistantMessage.write = spy
+    try:
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len([w for w in writes if w]) >= 2)  # streaming
+        assert app.replying
+        await pilot.press(key)
+    finally:
+        AssistantMessage.write = original
+    await wait_until(pilot, lambda: not app.replying)
+
+
+@pytest.mark.parametrize("key", ["escape", "ctrl+c"])
+async def test_escape_and_ctrl_c_stop_a_reply(tiny_model, tmp_path, key):
+    app = make_app(tiny_model, None, sampling=Sampling(max_tokens=5000),
+                   open_session=wrapped_session(tiny_model, tmp_path / "m", ban_eos=True))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        app.query_one(ChatInput).focus()
+        await pilot.press(*"hi")
+        await stream_then(pilot, key)
+        stats = app.last_reply
+        assert stats.stopped and 0 < stats.tokens < 5000
+        assert "stopped" in str(app.query_one(AssistantMessage).border_subtitle)
+        assert app.session.messages[-1]["content"] == stats.text  # transcript consistent
+        assert app.is_running  # Ctrl+C stopped the reply, not the app
+
+
+async def test_newline_keys(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path / "m")
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot)
         chat_input = app.query_one(ChatInput)
         chat_input.focus()
-        await pilot.press("a", "ctrl+j", "b")
-        assert chat_input.text == "a\nb"
-        writes = []
-        original = AssistantMessage.write
+        await pilot.press("a", "ctrl+j", "b", "shift+enter", "c", "backslash", "enter", "d")
+        assert chat_input.text == "a\nb\nc\nd"
+        assert not app.query(UserMessage)  # nothing was sent
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: idle(app) and app.query(UserMessage))
+        assert app.query_one(UserMessage).text == "a\nb\nc\nd"
 
-        async def spy(self, fragment):
-            writes.append(fragment)
-            await original(self, fragment)
 
-        AssistantMessage.write = spy
-        try:
-            await pilot.press("enter")
-            await wait_until(pilot, lambda: len([w for w in writes if w]) >= 2)  # streaming
-            assert app.replying
-            await pilot.press("escape")
-        finally:
-            AssistantMessage.write = original
-        await wait_until(pilot, lambda: not app.replying)
+async def test_the_users_text_is_shown_literally(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path / "m")
+    text = "line one\nline two\n# not a heading\n2*3*4 [b]x[/b] _y_"
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, text)
+        shown = str(app.query_one(UserMessage).render())
+        assert shown.splitlines() == text.splitlines()
+
+
+async def test_a_failed_turn_is_reported_and_the_message_given_back(tiny_model, tmp_path):
+    # the system prompt alone is longer than the context budget: the runtime refuses the turn
+    app = make_app(tiny_model, None, open_session=wrapped_session(
+        tiny_model, tmp_path / "m", system="Be brief and kind. " * 20, max_kv_tokens=16))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "Hello there, my name is Ada.")
+        [error] = notices(app, "error")
+        assert error.title == "Not sent" and "budget" in error.message
+        assert app.query_one(ChatInput).text == "Hello there, my name is Ada."
+        assert not app.query(UserMessage) and not app.query(AssistantMessage)
+        assert app.session.messages[-1]["role"] == "system" and app.replies_finished == 1
+
+
+async def test_a_turn_stopped_before_the_reply_is_given_back(tiny_model, tmp_path):
+    def stop_at_once(session, kwargs):  # Escape pressed while the message is still being read
+        kwargs["stop"].set()
+
+    app = make_app(tiny_model, None, open_session=wrapped_session(
+        tiny_model, tmp_path / "m", before_reply=stop_at_once))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "A long paste.")
+        assert any(n.title == "Stopped" for n in notices(app))
+        assert app.query_one(ChatInput).text == "A long paste."
+        assert not app.query(UserMessage) and app.session.messages == []
+
+
+async def test_a_long_message_goes_into_memory_and_the_user_is_told(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path / "m", max_kv_tokens=64)
+    text = " ".join(f"Sentence {k} says that the river is long and calm." for k in range(20))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, text)
         stats = app.last_reply
-        assert stats.stopped and 0 < stats.tokens < 5000
-        assert "stopped" in str(app.query_one(AssistantMessage).border_subtitle)
-        assert app.query_one(UserMessage).source == "a\nb"
-        assert app.session.messages[-1]["content"] == stats.text  # transcript kept consistent
+        assert stats.memory_only_parts >= 1 and stats.tokens > 0
+        assert "did not fit the context budget of 64 tokens" in notes(app)
+        [user] = app.query(UserMessage)
+        assert user.text == text and "memory only" in str(user.border_subtitle)
 
 
-async def test_read_only_opens_a_locked_memory_and_saves_nothing(tiny_model, tmp_path):
-    from dmem_mlx.runtime import MemoryFile
+async def test_a_looping_reply_is_cut_and_undone(tiny_model, tmp_path):
+    import mlx.core as mx
 
+    def loop(session, kwargs):
+        session.stop_repetition = True
+
+    app = make_app(tiny_model, tmp_path / "m", sampling=Sampling(max_tokens=300))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        before = app.last_info.tokens_written
+        stuck = app.session.reply
+
+        def stuck_reply(*a, **k):  # the model stuck on one token
+            hot = mx.arange(2048) == 100
+            return stuck(*a, logits_processors=[lambda t, l: mx.where(hot, 1e9, -1e9)], **k)
+        app.session.reply = stuck_reply
+        await send(pilot, "Tell me a story.")
+        assert app.last_reply.finish_reason == "repetition" and app.last_reply.tokens < 300
+        assert "went round in circles" in notes(app)
+        await send(pilot, "/undo")
+        assert app.last_info.tokens_written == before and not app.query(UserMessage)
+
+
+async def test_typing_ahead_never_confirms_a_dialog(tiny_model, tmp_path):
     memory = tmp_path / "chat.memory"
     app = make_app(tiny_model, memory)
-    async with app.run_test(size=SIZE) as pilot:  # a first chat, so that the file exists
+    async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot)
         await send(pilot, "I like tea.")
         written = app.last_info.tokens_written
-        await pilot.press("ctrl+q")
-    before = memory.read_bytes()
-    holder = MemoryFile.open(memory)  # another dmem-chat has it open for writing
-    try:
-        app = make_app(tiny_model, memory, read_only=True)
-        async with app.run_test(size=SIZE) as pilot:
-            await wait_loaded(pilot)
-            assert app.last_info.read_only and "read-only" in notes(app)
-            await send(pilot, "Do you remember what I like?")
-            assert app.last_reply.tokens > 0
-            assert app.last_info.tokens_written == written
-            await send(pilot, "/readonly")  # cannot start writing into a file opened read-only
-            assert any(n.severity == "error" for n in app._notifications)
-            assert app.last_info.read_only
-    finally:
-        holder.close()
-    assert memory.read_bytes() == before
+        app.query_one(ChatInput).text = "/forget"
+        await pilot.press("enter", *"Maybe later, yes", "enter")  # typed on, dialog or not
+        await wait_until(pilot, lambda: idle(app) and not isinstance(app.screen, ConfirmScreen))
+        await pilot.pause(ConfirmScreen.ARM_SECONDS + 0.2)
+        assert app.last_info.tokens_written == written and app.query(UserMessage)
+        assert any(n.message == "nothing forgotten" for n in notices(app))
+        for key in ("y", "n", "enter"):  # no letter answers; Enter presses the focused Cancel
+            await open_dialog(pilot, "/forget")
+            await pilot.pause(ConfirmScreen.ARM_SECONDS + 0.2)
+            await pilot.press(key)
+            if key != "enter":
+                assert isinstance(app.screen, ConfirmScreen)
+                await pilot.press("escape")
+            await wait_until(pilot, lambda: idle(app))
+        assert app.last_info.tokens_written == written
+        assert app.focused is app.query_one(ChatInput)  # focus back where it was
 
 
-async def test_memory_of_another_model_is_refused_in_the_app(tiny_model, tmp_path):
-    from dmem_mlx.tiny import make_tiny_dmem
+async def test_focus_comes_back_to_the_input(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path / "m")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        chat_input = app.query_one(ChatInput)
+        app.query_one(MemoryPanel).focus()
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        await pilot.press(*"abc")
+        assert chat_input.text == "abc" and app.focused is chat_input
+        await pilot.press("tab")  # into the panel
+        await pilot.press("d")
+        assert chat_input.text == "abcd" and app.focused is chat_input
 
+
+async def test_narrow_terminal_gives_the_chat_the_width(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path / "m")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "Hello, I am Ada.")
+        panel, chat = app.query_one(MemoryPanel), app.query_one("#chat")
+        assert not panel.display and chat.size.width >= 78
+        assert app.query_one(UserMessage).size.width >= 70
+        await pilot.press("ctrl+b")  # the panel replaces the chat, full width
+        await pilot.pause()
+        assert panel.display and not chat.display and panel.outer_size.width == 80
+        await pilot.press("ctrl+b")
+        await pilot.pause()
+        assert chat.display and not panel.display and app.focused is app.query_one(ChatInput)
+
+
+async def test_typing_during_start_up_is_kept_and_sent(tiny_model, tmp_path):
+    loaded = threading.Event()
+    app = make_app(tiny_model, None, open_session=wrapped_session(tiny_model, tmp_path / "m",
+                                                                  block=loaded))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press(*"my name is ada")
+        assert app.query_one(ChatInput).text == "my name is ada"
+        await pilot.press("enter")
+        assert app.query_one(ChatInput).text == "my name is ada"  # kept until sent
+        loaded.set()
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        assert app.query_one(UserMessage).text == "my name is ada"
+        assert app.query_one(ChatInput).text == ""
+
+
+async def test_undo_retry_edit_survive_a_restart(tiny_model, tmp_path):
     memory = tmp_path / "chat.memory"
     app = make_app(tiny_model, memory)
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot)
-        await send(pilot, "I like tea.")
+        await send(pilot, "My name is Ada.")
+        first = app.last_info.tokens_written
+        await send(pilot, "I live in Paris.")
         await pilot.press("ctrl+q")
-    before = memory.read_bytes()
-    other = make_tiny_dmem(tmp_path / "other", seed=7)
-    app = make_app(other, memory)
+    app = make_app(tiny_model, memory)
     async with app.run_test(size=SIZE) as pilot:
-        await wait_until(pilot, lambda: any(n.severity == "error" for n in app._notifications))
-        [error] = [n for n in app._notifications if n.severity == "error"]
-        assert error.title == "Could not start" and "refused" in error.message
-        assert app.session is None and app.query_one(ChatInput).disabled
-        await pilot.press("ctrl+q")
-    assert memory.read_bytes() == before
+        await wait_loaded(pilot)
+        assert "undo steps      2" in counts(app)
+        await send(pilot, "/undo")
+        assert app.last_info.tokens_written == first
+        assert [m.text for m in app.query(UserMessage)] == ["My name is Ada."]
+        assert "undone" in notes(app)
+        await send(pilot, "/retry")
+        assert "temperature" in notes(app)
+        assert [m.text for m in app.query(UserMessage)] == ["My name is Ada."]
+        assert len(app.query(AssistantMessage)) == 1 and app.last_info.turns == 1
+        await send(pilot, "/edit")
+        assert app.query_one(ChatInput).text == "My name is Ada."
+        assert not app.query(UserMessage) and app.last_info.tokens_written == 0
+
+
+async def test_history_export_and_copy(tiny_model, tmp_path):
+    memory = tmp_path / "chat.memory"
+    app = make_app(tiny_model, memory, system="Be brief.")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "My cat is called *Milo*.")
+        reply = app.last_reply.text
+        await send(pilot, f"/export {tmp_path / 'chat.md'}")
+        await send(pilot, f"/export {tmp_path / 'chat.json'}")
+        markdown = (tmp_path / "chat.md").read_text()
+        assert "My cat is called *Milo*." in markdown and "Be brief." in markdown
+        data = json.loads((tmp_path / "chat.json").read_text())
+        assert [m["role"] for m in data["messages"]] == ["system", "user", "assistant"]
+        await send(pilot, f"/export {tmp_path / 'no-such-dir' / 'chat.md'}")
+        assert not (tmp_path / "no-such-dir").exists()
+        assert any(n.title == "/export failed" for n in notices(app))
+        await send(pilot, "/copy")
+        assert app.clipboard == reply
+        await send(pilot, "/new")
+        await send(pilot, "I like tea.")
+        app.query_one(ChatInput).text = "/history"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, HistoryScreen))
+        await pilot.pause()
+        shown = str(app.screen.query_one("#history-transcript").render())
+        assert "My cat is called *Milo*." in shown
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: idle(app))
+        assert app.focused is app.query_one(ChatInput)

@@ -69,15 +69,163 @@ def test_without_demo_model_asks_for_model(capsys, monkeypatch):
     assert "--model" in one_line_error(capsys.readouterr())
 
 
-def test_memory_names_live_in_the_data_directory(tmp_path):
+@pytest.fixture
+def data_home(tmp_path, monkeypatch):
+    """The user data directory, in tmp."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_memory_names_live_in_the_data_directory(tmp_path, data_home, monkeypatch):
     from dmem_mlx.runtime import default_memory_path
 
-    from app.main import memory_location
+    from app.main import memory_directory, memory_location
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()  # a directory of that name here changes nothing
     default = default_memory_path("dmem-demo")
     assert memory_location(None, "dmem-demo") == default
-    assert memory_location("work", "dmem-demo") == default.with_name("work" + default.suffix)
+    assert default.parent == memory_directory() == data_home / "dmem-mlx" / "memories"
+    assert memory_location("work", "dmem-demo") == memory_directory() / "work.safetensors"
+    assert memory_location("notes.txt", "dmem-demo") == memory_directory() / \
+        "notes.txt.safetensors"
+    assert memory_location("me.safetensors", "x") == memory_directory() / "me.safetensors"
     assert memory_location(str(tmp_path / "x.mem"), "dmem-demo") == tmp_path / "x.mem"
+    assert memory_location("./work", "dmem-demo") == __import__("pathlib").Path("work")
+
+
+class NoUI:
+    """Stands in for the app's run(): records that the UI would have started."""
+
+    started = 0
+
+    def __call__(self, app):
+        NoUI.started += 1
+
+
+@pytest.fixture
+def no_ui(monkeypatch):
+    from app.app import DmemChatApp
+
+    NoUI.started = 0
+    monkeypatch.setattr(DmemChatApp, "run", lambda self: NoUI()(self))
+    return NoUI
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("dmem-chat 0.")
+
+
+@pytest.mark.parametrize("where", ["text file", "missing directory", "directory", "bad name"])
+def test_refused_memory_paths_create_nothing(where, tiny_model, tmp_path, data_home, capsys,
+                                              monkeypatch, no_ui):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    (tmp_path / "folder").mkdir()
+    memory = {"text file": "./notes.txt", "missing directory": "missing_dir/x.safetensors",
+              "directory": "./folder", "bad name": "a*b"}[where]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["--model", str(tiny_model), "--memory", memory]) == 1
+    one_line_error(capsys.readouterr())
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no lock, no directory
+    assert (tmp_path / "notes.txt").read_text() == "my notes\n" and no_ui.started == 0
+
+
+def test_a_bare_name_is_created_in_the_data_directory(tiny_model, tmp_path, data_home,
+                                                      monkeypatch, no_ui):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    assert main(["--model", str(tiny_model), "--memory", "work"]) == 0
+    assert no_ui.started == 1
+    assert list((tmp_path / "work").iterdir()) == []
+    assert (data_home / "dmem-mlx" / "memories" / "work.safetensors.lock").exists()
+
+
+def test_memory_of_another_model_is_refused_before_the_ui(tiny_model, tmp_path, capsys,
+                                                         no_ui):
+    import dmem_mlx
+    from dmem_mlx.runtime import ChatSession, MemoryFile
+    from dmem_mlx.tiny import make_tiny_dmem
+
+    path = tmp_path / "chat.safetensors"
+    with ChatSession(*dmem_mlx.load(str(tiny_model)), memory=MemoryFile.open(path)) as session:
+        for _ in session.reply("I like tea.", max_tokens=3):
+            pass
+    other = make_tiny_dmem(tmp_path / "other", seed=7)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["--model", str(other), "--memory", str(path)]) == 1
+    assert "another model" in one_line_error(capsys.readouterr())
+    assert no_ui.started == 0 and sorted(p.name for p in tmp_path.iterdir()) == before
+    assert main(["--model", str(tiny_model), "--memory", str(path)]) == 0  # its own model
+    assert no_ui.started == 1
+
+
+def test_fingerprint_from_files_matches_the_loaded_model(tiny_model, tmp_path):
+    import dmem_mlx
+    from dmem_mlx.demo import demo_model_path
+    from dmem_mlx.runtime import fingerprint_from_files, model_fingerprint
+    from dmem_mlx.tiny import make_tiny_dmem
+
+    mm = make_tiny_dmem(tmp_path / "mm", seed=3, delta_config={
+        "delta_heads": ["q", "o"], "memory_write_granularity": "message_mean",
+        "target_layers": [1, 2]})
+    for directory in (tiny_model, demo_model_path(), mm):
+        model, tokenizer = dmem_mlx.load(str(directory))
+        assert fingerprint_from_files(directory) == model_fingerprint(model, tokenizer)
+    assert fingerprint_from_files(tmp_path) is None  # not a model: the session checks later
+
+
+def test_a_start_up_failure_in_the_app_exits_1(tiny_model, tmp_path, capsys, monkeypatch):
+    from app.app import DmemChatApp
+
+    def failed_run(self):
+        self.start_error = "the model could not be loaded"
+    monkeypatch.setattr(DmemChatApp, "run", failed_run)
+    assert main(["--model", str(tiny_model), "--memory", str(tmp_path / "m.safetensors")]) == 1
+    assert "could not be loaded" in one_line_error(capsys.readouterr())
+
+
+def run_cli(*argv, env=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    probe = ("import sys, runpy; sys.argv = ['dmem-chat', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('app.main', run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    heavy = sorted(m for m in ('mlx_lm', 'mlx.core', 'textual', 'transformers')"
+             " if m in sys.modules)\n"
+             "    print('HEAVY', heavy, file=sys.stderr); raise\n")
+    env = {**os.environ, "PYTHONPATH": str(root), "DMEM_NO_OPENBLAS": "1", **(env or {})}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"],
+                                  ["--memory", "/no/such/dir/x.safetensors"],
+                                  ["--model", "/no/such/model"]])
+def test_help_and_refusals_import_nothing_heavy(argv):
+    result = run_cli(*argv)
+    assert "HEAVY []" in result.stderr, result.stderr
+    assert result.returncode in (0, 1) and "Traceback" not in result.stderr
+
+
+def test_the_blas_module_is_light():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys, dmem_mlx.blas; print('mlx_lm' in sys.modules, 'mlx.core' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(root), "PATH": ""}, timeout=120).stdout
+    assert out.split() == ["False", "False"]
 
 
 def test_locked_memory_is_refused_before_the_ui(tiny_model, tmp_path, capsys):
