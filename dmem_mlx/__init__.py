@@ -23,6 +23,8 @@ _EXPORTS = {
     "DeltaMemConfig": "config",
     "ConfigError": "config",
     "DmemError": "errors",
+    "sharded_load": "distributed",
+    "pipeline_load": "distributed",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

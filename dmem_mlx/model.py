@@ -20,6 +20,7 @@ from .config import DeltaMemConfig
 from .errors import AdapterError, ConfigError
 from .delta_mem import DeltaMemory, group_means, read_state
 from .scan import scan
+from .sharding import full_out_dim, rank_slice
 
 
 class _Pending:
@@ -45,7 +46,7 @@ class CorrectedProjection(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         out = self.base(x)
         delta, self._pending.delta = self._pending.delta, None
-        return out if delta is None else fused.add_correction(out, delta)
+        return out if delta is None else fused.add_correction(out, rank_slice(self.base, delta))
 
 
 class DeltaMemAttention(nn.Module):
@@ -68,6 +69,29 @@ class DeltaMemAttention(nn.Module):
                 wrapper = CorrectedProjection(getattr(attention, f"{head}_proj"))
                 setattr(attention, f"{head}_proj", wrapper)
                 self._slots[head] = wrapper._pending
+
+    # mlx-lm's `model.shard(group)` reaches through this wrapper (q_proj, n_heads ...): it sees
+    # the attention it wraps, projections unwrapped, so sharding works before or after attaching
+    # (sharding.py).
+    def __getattr__(self, key: str) -> Any:
+        if not self._wrapped_has(key):
+            return super().__getattr__(key)
+        value = getattr(self["attention"], key)
+        return value.base if isinstance(value, CorrectedProjection) else value
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if not self._wrapped_has(key):
+            return super().__setattr__(key, value)
+        current = getattr(self["attention"], key)
+        if isinstance(current, CorrectedProjection):
+            current.base = value
+        else:
+            setattr(self["attention"], key, value)
+
+    def _wrapped_has(self, key: str) -> bool:
+        return ("attention" in self and key not in ("attention", "memory", "index")
+                and key not in self and key not in self.__dict__ and not key.startswith("_")
+                and hasattr(self["attention"], key))
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         if isinstance(cache, DeltaKVCache):
@@ -257,7 +281,7 @@ def _out_dims(attention: nn.Module) -> dict[str, int]:
         raise ConfigError(
             f"{type(attention).__module__}.{type(attention).__name__} has no {', '.join(missing)}:"
             " δ-mem needs separate q/k/v/o projections")
-    return {h: attention[f"{h}_proj"].weight.shape[0] for h in ("q", "k", "v", "o")}
+    return {h: full_out_dim(attention[f"{h}_proj"]) for h in ("q", "k", "v", "o")}
 
 
 def attach_delta_mem(model: nn.Module, config: DeltaMemConfig) -> DeltaMem:
