@@ -90,15 +90,17 @@ class PipelineStage(nn.Module):
         self.receive, self.send, self.gather = receive and local, send and local, gather
 
     def __getattr__(self, key: str) -> Any:
+        if key == "self_attn":  # attach_delta_mem, model.shard
+            raise ConfigError(f"layer {self.index} is a pipeline stage now: attach δ-mem and "
+                              "shard the model before splitting the pipeline")
         if "block" in self:
             return getattr(self["block"], key)
         plain = self.__dict__.get("_plain", {})
         if key in plain:
             return plain[key]
-        if key.startswith("_") or key in ("block",):
+        if key.startswith("_") or key == "block":
             return super().__getattr__(key)
-        raise ConfigError(f"layer {self.index} runs on pipeline rank {self.owner}: attach δ-mem "
-                          "before splitting the pipeline (dmem_mlx.distributed.sharded_load)")
+        raise AttributeError(key)
 
     def __call__(self, h: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         if self.receive:
@@ -309,3 +311,10 @@ class ShardedChatSession(ChatSession):
         data = self._data()  # every rank takes part in the gather
         if self.memory is not None:
             self.memory.save(data)
+
+    def close(self) -> None:
+        """Release the memory file (rank 0); every rank finishes its work in flight together."""
+        super().close()
+        mx.synchronize()
+        group = placement(self.model).group
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))

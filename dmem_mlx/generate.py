@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any, Generator, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import GenerationResponse, generation_stream
 from mlx_lm.generate import stream_generate as _mlx_stream_generate
 from mlx_lm.models import cache as cache_lib
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt raw")
     p.add_argument("--verbose", action="store_true", help="print speeds and memory size")
+    p.add_argument("--pipeline", action="store_true",
+                   help="under mlx.launch: split the layers over the ranks (pipeline parallel) "
+                        "instead of sharding every layer (tensor parallel)")
     return p
 
 
@@ -97,25 +101,41 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import DmemError, user_message
     from .utils import load
 
+    world = mx.distributed.init()  # a group of one unless started by mlx.launch
+    main_rank = world.rank() == 0  # under mlx.launch, rank 0 alone prints
     try:
-        model, tokenizer = load(args.model)
+        if world.size() > 1:
+            from .distributed import sharded_load
+
+            group = {"pipeline_group" if args.pipeline else "tensor_group": world}
+            model, tokenizer = sharded_load(args.model, **group)
+        else:
+            model, tokenizer = load(args.model)
     except (DmemError, OSError) as exc:
-        print(f"error: {user_message(exc)}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {user_message(exc)}", file=sys.stderr)
         return 1
     if args.seed is not None:
         mx.random.seed(args.seed)
+    elif world.size() > 1:  # every rank must sample the same tokens
+        mx.random.seed(int(mx.distributed.all_sum(
+            mx.array(int(time.time()) % 2**31 if main_rank else 0), group=world,
+            stream=mx.cpu).item()))
     sampler = make_sampler(args.temp, args.top_p)
     for user_text in args.prompt:
         prompt = user_text
         if not args.no_chat_template and tokenizer.has_chat_template:
             prompt = tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
                                                    add_generation_prompt=True, tokenize=False)
-        if args.verbose:
+        if args.verbose and main_rank:
             print(f"> {user_text}")
         text = generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler,
-                        verbose=args.verbose)
-        if not args.verbose:
+                        verbose=args.verbose and main_rank)
+        if not args.verbose and main_rank:
             print(text)
+    if world.size() > 1:  # finish the work in flight (the next token) together before exiting
+        mx.synchronize(generation_stream)
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world, stream=mx.cpu))
     return 0
 
 

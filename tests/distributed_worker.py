@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import dmem_mlx
-from dmem_mlx.cache import make_prompt_cache
+from dmem_mlx.cache import make_prompt_cache, state_of
 from dmem_mlx.distributed import (ShardedChatSession, gather_states, pipeline_load, shard,
                                   sharded_load)
 from dmem_mlx.runtime import ChatSession, MemoryFile
@@ -32,7 +32,7 @@ def two_calls(model):
     cache = make_prompt_cache(model)  # with a new, empty δ state
     first = model(mx.array(PROMPT), cache=cache)
     second = model(mx.array([[77]]), cache=cache)
-    states = dict(cache[0].delta.layers)
+    states = dict(state_of(cache).layers)
     mx.eval(first, second, [c.state for c in cache], list(states.values()))
     return first, second, states
 
