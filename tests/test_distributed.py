@@ -1,0 +1,182 @@
+"""δ-mem across processes: 2 ranks on localhost with `mlx.launch --backend ring`.
+
+One launch of tests/distributed_worker.py covers tensor parallelism (both attach orders) and
+pipeline parallelism on a Qwen3 and a SmolLM3 tiny backbone, then the memory file of a chat;
+the tests read its figures. Skipped with the reason when the launcher cannot start here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.pipeline import PipelineMixin
+
+from dmem_mlx import attach_delta_mem
+from dmem_mlx.cache import make_prompt_cache
+from dmem_mlx.config import ConfigError, DeltaMemConfig
+from dmem_mlx.distributed import pipeline, pipeline_split
+from dmem_mlx.generate import main as generate_main
+from dmem_mlx.model import delta_parameters, load_delta_parameters
+from dmem_mlx.tiny import build_model, make_tiny_dmem, tiny_args
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+TOLERANCE = 1e-5
+BACKBONES = ("qwen3", "smollm3")
+
+
+def _free_port_pair() -> int:
+    """A port p such that p and p + 1 are free (the ring backend listens on one per rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of ports")
+
+
+def launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`mlx.launch --backend ring -n 2` on localhost, this interpreter, this checkout first."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", "2", "-p", str(_free_port_pair()),
+           "--python", sys.executable, "--env", f"PYTHONPATH={env['PYTHONPATH']}", "--", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def launcher(tmp_path_factory):
+    """Skip unless two ranks can start here and sum across each other."""
+    if not LAUNCH.exists():
+        pytest.skip(f"mlx.launch not found next to {sys.executable}")
+    probe = tmp_path_factory.mktemp("probe") / "probe.py"
+    probe.write_text("import mlx.core as mx\n"
+                     "g = mx.distributed.init()\n"
+                     "print(g.size(), mx.distributed.all_sum(mx.array(1.0)).item())\n")
+    try:
+        done = launch(str(probe), timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.skip("mlx.launch --backend ring -n 2 did not finish a probe in 120 s")
+    if done.returncode != 0 or done.stdout.split() != ["2", "2.0"] * 2:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.skip(f"mlx.launch --backend ring -n 2 cannot run here: {last}")
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny δ-mem models with all four Δ heads (Δq/Δk/Δv are split with the heads, Δo is not)."""
+    base = tmp_path_factory.mktemp("distributed")
+    return {name: make_tiny_dmem(base / name, name,
+                                 delta_config={"delta_heads": ["q", "k", "v", "o"]})
+            for name in BACKBONES}
+
+
+@pytest.fixture(scope="module")
+def figures(launcher, tiny_dirs):
+    """The worker's figures {backbone: {mode: {...}}} from one 2-rank launch."""
+    out = tiny_dirs[BACKBONES[0]].parent / "out" / "figures.json"
+    done = launch(str(HERE / "distributed_worker.py"), str(out), *map(str, tiny_dirs.values()))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("mode", ["tensor", "tensor_attach_first", "pipeline"])
+def test_logits_and_state_match_one_process(figures, backbone, mode):
+    row = figures[backbone][mode]
+    assert row["logits_prefill"] <= TOLERANCE and row["logits_decode"] <= TOLERANCE, row
+    assert row["state_vs_single"] <= TOLERANCE, row
+    assert row["state_identical_across_ranks"], row
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_memory_file_matches_one_process(figures, backbone, mode):
+    row = figures[backbone][mode]
+    assert row["file_layers_equal"] and row["file_transcript_equal"], row
+    assert row["file_counts_equal"] and row["file_fingerprint_equal"], row
+    assert row["file_state_max_diff"] <= TOLERANCE, row
+    assert row["reload_exact_on_every_rank"], row  # broadcast on load
+
+
+@pytest.mark.parametrize("extra", [[], ["--pipeline"]])
+def test_generate_cli_under_mlx_launch(launcher, tiny_dirs, capsys, extra):
+    """`python -m dmem_mlx.generate` on 2 ranks prints once, the single process's replies."""
+    argv = ["--model", str(tiny_dirs["qwen3"]), "--prompt", "My name is Ada.",
+            "--prompt", "What is my name?", "-m", "8"]
+    assert generate_main(argv) == 0  # one process: this one
+    single = capsys.readouterr().out
+    done = launch("-m", "dmem_mlx.generate", *argv, *extra)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == single
+    assert "[ring]" not in done.stderr, done.stderr[-2000:]  # nothing left in flight at exit
+
+
+# -- in one process -------------------------------------------------------------------------
+
+class _Group:
+    def __init__(self, rank: int, size: int):
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+class _Layers(PipelineMixin):
+    def __init__(self, n: int):
+        super().__init__()
+        self.layers = list(range(n))
+
+
+@pytest.mark.parametrize("layers,size", [(4, 2), (5, 2), (7, 3), (36, 4)])
+def test_pipeline_split_is_mlx_lms(layers, size):
+    for rank in range(size):
+        theirs = _Layers(layers)
+        theirs.pipeline(_Group(rank, size))
+        assert pipeline_split(layers, size)[rank] == (theirs.start_idx, theirs.end_idx)
+
+
+def test_pipeline_split_refuses_bad_split():
+    with pytest.raises(ConfigError, match="pipeline split"):
+        pipeline_split(4, 2, [4, 0])
+
+
+def test_one_stage_pipeline_is_the_model_and_late_attach_is_refused():
+    args = tiny_args("qwen3")
+    config = DeltaMemConfig.from_dict({"delta_heads": ["q", "o"]})
+    plain, split = build_model(args), build_model(args)
+    mx.random.seed(1)
+    weights = None
+    for model in (plain, split):
+        attach_delta_mem(model, config)
+        weights = weights or {k: mx.random.normal(v.shape) * 0.3
+                              for k, v in delta_parameters(model).items()}
+        load_delta_parameters(model, weights)
+    pipeline(split, mx.distributed.init())  # a group of one outside mlx.launch
+    x = mx.array([[3, 1, 4, 1, 5]])
+    assert mx.array_equal(plain(x, cache=make_prompt_cache(plain)),
+                          split(x, cache=make_prompt_cache(split)))
+    late = build_model(args)
+    pipeline(late, mx.distributed.init())
+    with pytest.raises(ConfigError, match="before splitting the pipeline") as info:
+        attach_delta_mem(late, config)
+    assert "\n" not in str(info.value)
