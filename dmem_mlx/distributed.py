@@ -25,7 +25,8 @@ from mlx_lm.utils import load as _mlx_load
 
 from .adapter import WEIGHTS_NAME, is_adapter_dir, read_adapter
 from .cache import DeltaKVCache
-from .config import CONFIG_NAME, ConfigError
+from .config import CONFIG_NAME
+from .errors import AdapterError, DistributedError, ModelError, one_line
 from .hub import resolve_model_path
 from .model import attach_delta_mem, load_delta_parameters
 from .runtime.fingerprint import model_fingerprint
@@ -66,8 +67,8 @@ def pipeline_split(num_layers: int, size: int, split: Optional[Sequence[int]] = 
         base, extra = divmod(num_layers, size)
         split = [base + (1 if r < extra else 0) for r in range(size)]
     if len(split) != size or any(s <= 0 for s in split) or sum(split) != num_layers:
-        raise ConfigError(f"pipeline split {list(split)} must be {size} positive layer counts "
-                          f"summing to {num_layers}")
+        raise DistributedError(f"pipeline split {list(split)} must be {size} positive layer "
+                               f"counts summing to {num_layers}")
     return [(sum(split[r + 1:]), sum(split[r:])) for r in range(size)]
 
 
@@ -91,8 +92,8 @@ class PipelineStage(nn.Module):
 
     def __getattr__(self, key: str) -> Any:
         if key == "self_attn":  # attach_delta_mem, model.shard
-            raise ConfigError(f"layer {self.index} is a pipeline stage now: attach δ-mem and "
-                              "shard the model before splitting the pipeline")
+            raise DistributedError(f"layer {self.index} is a pipeline stage now: attach δ-mem "
+                                   "and shard the model before splitting the pipeline")
         if "block" in self:
             return getattr(self["block"], key)
         plain = self.__dict__.get("_plain", {})
@@ -127,9 +128,9 @@ def pipeline(model: nn.Module, group: Any, split: Optional[Sequence[int]] = None
     """
     layers = model.layers
     if any(isinstance(layer, PipelineStage) for layer in layers):
-        raise ConfigError("the model is already split into pipeline stages")
+        raise DistributedError("the model is already split into pipeline stages")
     if getattr(getattr(model, "model", None), "pipeline_size", 1) > 1:
-        raise ConfigError("the model was split by mlx-lm's pipeline(): load it with "
+        raise DistributedError("the model was split by mlx-lm's pipeline(): load it with "
                           "dmem_mlx.distributed.sharded_load instead")
     size, rank = group.size(), group.rank()
     spans = pipeline_split(len(layers), size, split)
@@ -158,7 +159,7 @@ def sharded_load(
     revision: Optional[str] = None,
     split: Optional[Sequence[int]] = None,
 ) -> tuple[nn.Module, Any]:
-    """`dmem_mlx.load` for a model spread over the processes of `mx.distributed` → (model, tokenizer).
+    """`dmem_mlx.load` for a model spread over the processes of `mx.distributed`.
 
     Mirrors `mlx_lm.utils.sharded_load`: tensor parallel over `tensor_group` (mlx-lm's
     `model.shard`), pipeline parallel over `pipeline_group` (any architecture; `split`: layers
@@ -171,10 +172,14 @@ def sharded_load(
                                     extra_patterns=[CONFIG_NAME, WEIGHTS_NAME])
     adapter_dir = Path(adapter_path) if adapter_path else model_path
     if not is_adapter_dir(adapter_dir):
-        raise FileNotFoundError(f"{adapter_dir} holds no δ-mem adapter ({CONFIG_NAME} + "
-                                f"{WEIGHTS_NAME}); convert one with `python -m convert`")
+        raise AdapterError(f"{adapter_dir} holds no δ-mem adapter ({CONFIG_NAME} + "
+                           f"{WEIGHTS_NAME}); convert one with `python -m convert`")
     config, weights = read_adapter(adapter_dir)  # full-size on every rank
-    model, tokenizer = _mlx_load(str(model_path), tokenizer_config=tokenizer_config, lazy=True)
+    try:
+        model, tokenizer = _mlx_load(str(model_path), tokenizer_config=tokenizer_config,
+                                     lazy=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # what mlx-lm raises on bad files
+        raise ModelError(f"{model_path}: mlx-lm cannot load this model: {one_line(exc)}") from None
     if tensor_group is not None:
         shard(model, tensor_group)
     attach_delta_mem(model, config)
@@ -209,16 +214,25 @@ def shard(model: nn.Module, group: Any) -> None:
     """
     from mlx_lm.models import llama
 
+    n = group.size()
+    for layer in model.layers:
+        attention = layer.self_attn
+        for name in ("n_heads", "n_kv_heads"):
+            heads = getattr(attention, name, None)
+            if isinstance(heads, int) and heads % n:
+                raise DistributedError(f"cannot shard over {n} ranks: the attention has {heads} "
+                                       f"{'key/value ' if 'kv' in name else ''}heads")
     if not hasattr(model, "shard") and isinstance(getattr(model, "model", None), llama.LlamaModel):
         llama.Model.shard(model, group)
         return
     if not hasattr(model, "shard"):
-        raise ConfigError(f"mlx-lm has no tensor parallelism for {model.model_type!r} "
-                          "(no Model.shard): use pipeline parallelism")
+        raise DistributedError(f"mlx-lm has no tensor parallelism for {model.model_type!r} "
+                               "(no Model.shard): use pipeline parallelism")
     try:
         model.shard(group)
     except ValueError as exc:  # e.g. heads not divisible by the group size
-        raise ConfigError(f"cannot shard over {group.size()} ranks: {exc}") from None
+        raise DistributedError(f"cannot shard over {group.size()} ranks: "
+                               f"{one_line(exc)}") from None
 
 
 # -- the memory across ranks ----------------------------------------------------------------
@@ -271,7 +285,7 @@ class ShardedChatSession(ChatSession):
         group = placement(model).group
         main = group.rank() == 0
         if memory is not None and not main:
-            raise ConfigError("only rank 0 opens the memory file")
+            raise DistributedError("only rank 0 opens the memory file")
         fingerprint = fingerprint or model_fingerprint(model, tokenizer)
         status: dict[str, Any] = {"seed": random.getrandbits(31)}
         body = b""

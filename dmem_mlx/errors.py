@@ -10,6 +10,7 @@
     ├── ConvertError           a conversion that cannot go on
     ├── HubError               a model or adapter found neither locally nor on the hub
     ├── ModelError             a model directory mlx-lm cannot load (files, architecture)
+    ├── DistributedError       a sharding or pipeline split that cannot run (mx.distributed)
     ├── MemoryFileError        a memory file that cannot be read or written
     │   └── MemoryLockedError  ... because it is open for writing elsewhere
     ├── SessionError           a chat session asked for something it cannot do
@@ -34,6 +35,7 @@ from __future__ import annotations
 __all__ = [
     "DmemError", "ConfigError", "AdapterError", "CheckpointError", "UnsafeCheckpointError",
     "CorruptCheckpointError", "UnsupportedCheckpointError", "ConvertError", "HubError", "ModelError",
+    "DistributedError",
     "MemoryFileError", "MemoryLockedError", "SessionError", "ContextTooLongError",
     "SessionBusyError", "NothingToUndoError", "DataError", "TrainError", "UsageError", "CommandError", "one_line", "user_message",
 ]
@@ -77,6 +79,10 @@ class HubError(DmemError):
 
 class ModelError(DmemError):
     """A model directory that mlx-lm cannot load (missing files, unsupported architecture)."""
+
+
+class DistributedError(DmemError):
+    """A model that cannot be sharded or split as asked, or steps taken in the wrong order."""
 
 
 class MemoryFileError(DmemError):

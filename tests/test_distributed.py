@@ -20,7 +20,8 @@ from mlx_lm.models.pipeline import PipelineMixin
 
 from dmem_mlx import attach_delta_mem
 from dmem_mlx.cache import make_prompt_cache
-from dmem_mlx.config import ConfigError, DeltaMemConfig
+from dmem_mlx.config import DeltaMemConfig
+from dmem_mlx.errors import DistributedError
 from dmem_mlx.distributed import pipeline, pipeline_split
 from dmem_mlx.generate import main as generate_main
 from dmem_mlx.model import delta_parameters, load_delta_parameters
@@ -80,7 +81,7 @@ def launcher(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
-    """Tiny δ-mem models with all four Δ heads (Δq/Δk/Δv are split with the heads, Δo is not)."""
+    """Tiny δ-mem models with all four Δ heads (Δq/Δk/Δv split with the heads, Δo is not)."""
     base = tmp_path_factory.mktemp("distributed")
     return {name: make_tiny_dmem(base / name, name,
                                  delta_config={"delta_heads": ["q", "k", "v", "o"]})
@@ -156,7 +157,7 @@ def test_pipeline_split_is_mlx_lms(layers, size):
 
 
 def test_pipeline_split_refuses_bad_split():
-    with pytest.raises(ConfigError, match="pipeline split"):
+    with pytest.raises(DistributedError, match="pipeline split"):
         pipeline_split(4, 2, [4, 0])
 
 
@@ -177,6 +178,15 @@ def test_one_stage_pipeline_is_the_model_and_late_attach_is_refused():
                           split(x, cache=make_prompt_cache(split)))
     late = build_model(args)
     pipeline(late, mx.distributed.init())
-    with pytest.raises(ConfigError, match="before splitting the pipeline") as info:
+    with pytest.raises(DistributedError, match="before splitting the pipeline") as info:
         attach_delta_mem(late, config)
     assert "\n" not in str(info.value)
+
+
+def test_shard_refuses_heads_that_do_not_split():
+    """mlx-lm's shard() would floor 1 key/value head to 0 over 2 ranks; refused instead."""
+    from dmem_mlx.distributed import shard
+
+    model = build_model(tiny_args("qwen3", num_key_value_heads=1))
+    with pytest.raises(DistributedError, match="1 key/value heads"):
+        shard(model, _Group(0, 2))  # refused before any communication
