@@ -1,85 +1,68 @@
-"""Regenerate the shipped demo model (dmem_mlx/demo/model) from scratch, with a fixed seed.
+"""Build the demo model (dmem_mlx/demo/model) from scratch with a fixed seed, in resumable stages.
 
-What the demo is: a small *domain* model, not a general assistant. A ~3.7M-parameter Qwen3-
-architecture backbone is trained from scratch on a synthetic chat domain (dmem_mlx/demo/
-persona.py: people tell the assistant their name, city, job, pet, travel plans, favourite food
-and hobby over several conversations, with small talk between, and ask about them later).
-The backbone is then frozen and a δ-mem adapter (8×8 state heads, token writes, the pure delta
-rule) is trained on it by `python -m dmem_mlx.train` with the paper's history recipe: earlier
+What the demo is: a small *domain* model, not a general assistant. A Qwen3-architecture
+backbone is trained from scratch on a synthetic chat domain (dmem_mlx/demo/persona.py: people
+tell the assistant their name, city, job, pet, travel plans, favourite food and hobby, in many
+phrasings, typed carefully or casually, over several conversations with small talk between, and
+ask about them later, or about things they never told). The backbone is then frozen and a δ-mem
+adapter is trained on it by `python -m dmem_mlx.train` with the paper's history recipe: earlier
 conversations are written into the δ state, the question turn is read in a fresh context with
-writes off, the loss is on the answer. A curriculum (CURRICULUM_DATA / CURRICULUM_TRAIN) goes
-from one fact in one conversation to seven over four, with four state heads per layer; the
-c4 stages widen the state to eight heads, the next four stages teach food back, the next
-seven ask more often about facts told long ago, and the last two make the assistant's
-acknowledgements in the histories unreliable, as the model's own are in a live chat.
+writes off, the loss is on the answer.
 
-Stages (each can be run alone; `all` runs them in order):
-    data       synthetic chats → WORK/pretrain.jsonl, WORK/{c1..c9,food}/{train,valid}.jsonl
+Stages (each can be run alone, stopped at any point and continued with --resume; `all` runs
+them in order, skipping what is finished):
+    data       synthetic chats → WORK/pretrain.jsonl, WORK/{d1,d2,d3}/{train,valid}.jsonl
     tokenizer  sentencepiece BPE trained on them → a tokenizer.json mlx-lm/transformers load
-    backbone   the Qwen3 backbone trained from scratch with MLX → WORK/backbone
-    adapter    the δ adapter on the frozen backbone (python -m dmem_mlx.train) → WORK/model
-    ship       copy WORK/model into dmem_mlx/demo/model (fp16 backbone, fp32 adapter)
+    backbone   the Qwen3 backbone trained from scratch with MLX → WORK/backbone (checkpoint
+               every --save-every steps in WORK/backbone_ckpt; then WORK/backbone_probe: the
+               backbone with an empty δ adapter, measured for in-context recall)
+    adapter    the δ curriculum on the frozen backbone (python -m dmem_mlx.train, one process per
+               stage, each resumable) → WORK/adapter_<i>_<data>, the last one WORK/model; after
+               each stage benchmarks/recall_eval.py --quick → WORK/eval/<stage>.json
+    ship       copy WORK/model into dmem_mlx/demo/model (fp16 backbone, fp32 adapter, ≤ 30 MB).
+               Ship only a model that beats the shipped one on the full held-out evaluation
+               (python benchmarks/recall_eval.py --model WORK/model).
 
-Run with OpenBLAS for speed:
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
-        python tools/build_demo.py all --work-dir /tmp/demo-build
+Run it niced, with OpenBLAS and one BLAS thread per process (the machine is shared):
+    OPENBLAS_NUM_THREADS=1 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
+        nice -n 19 python tools/build_demo.py all --work-dir /work/demo-build --resume
+The same command continues an interrupted build: finished stages are skipped, the backbone
+continues from its last checkpoint (same data order), a δ stage from its last checkpoint.
 
-Findings while building (2-core x86 CPU, fp32 + OpenBLAS): a frozen-backbone δ read-out learns
-one fact kind quickly (a name told in one message: 100 % recall after 50 steps) but needs to
-see each of the ~230 fact values many times, so the curriculum starts with single facts and
-batches of 32; with all eight facts over four conversations it keeps improving slowly. With
-four heads per layer the write gates saturate (0 or 1 per token and head) and the slots share
-heads: food values were written by a single head, almost identically, and recall of food, names,
-pets and cities stalled while more steps did not move them. Widening to eight heads (new heads
-start silent, with open gradients) and asking more often about those slots unstuck names and
-cities, but food stayed at chance (3 %) through 800 more steps at eight heads, and through 200
-more asking about food ten times as often as about most slots (at eight heads, or widened to
-twelve).
-Trained on food alone (one fact told, the food question) the same adapter learns it in 60 steps
-(100 % on validation) and forgets the rest. Mixed back in, food stays (89 %) and the others
-recover (names least: 42 %; a short stage weighted toward names and jobs then gives names
-60 %, food 69 %). The answers "Your name is …", "Your hobby is …" and "Your favorite food
-is …" end in the same token, and the first layer's query sees only that token:
-our first explanation of why those slots competed. The age of a fact turned out to matter more.
-Recall fell with the age of a fact (benchmarks/recall_eval.py reports it by the number of
-facts told after it): on 60 development people, 97 % for the newest fact, 77–81 % with one to
-three told after it, 62–70 % with four or more. The name, always told first, is the oldest fact
-whenever it is told. c8 draws its questions with weight 1 + k for a fact with k told after it
-(pets ×3, food ×2 on top). Seven 100-step stages of it took recall with the history only in
-δ memory (the README's (a)) from 77 % to 96 % (names 60 → 94 %, food 69 → 100 %, pets
-61 → 95 %); on the development people every stage did better than the one before (82.9,
-83.6, 87.4, 87.7, 90.3, 91.4, 91.8 %), by less and less.
-Told in a live chat instead (the model's own acknowledgements written, as dmem-chat does),
-recall was only 75 % on the development people, names 8 of 29: the small backbone greets
-"Lena" as "Felix", and the memory took the later, wrong name. Two stages of c9, where half of
-the acknowledgements in the histories name someone else's fact, took it to 84 % (names 13 of
-29, food 14 → 24 of 31) while recall from the data set's histories held (92.2 %). On the
-held-out people of the recall evaluation that is live 77 → 82 % for (a) 96 → 92 % (jobs
-94 → 68 %): shipped, as the live chat is what users see.
-This backbone does not copy facts from its own context (in-context recall stays low), which
-the recall evaluation's condition (c) shows.
+History. The demo shipped until now (v1: 3.7M-parameter backbone, 40 names, 30 cities, ...,
+four to eight phrasings per fact) was built by this script at commit 6133bc1 (`git show
+6133bc1:tools/build_demo.py`, 20 δ stages, ~5.6 h). On the held-out evaluation
+(benchmarks/recall_eval.py, phrasings and people it never saw) it recalls 24 % of facts told in
+natural words, 10 % typed casually, 0 % of values outside its lists, never says a fact was not
+told, and copies nothing from its own context (in-context recall 2 %; its acknowledgements name
+the value told 2 % of the time): it had learned its few phrasings and value lists by heart.
+This build (v2) changes the data (persona.py: 1,000 names, 300 cities, 300 pet names partly
+composed from syllables, ~170 jobs, ~125 foods, 90 hobbies, 45 pets, 99 countries; 9–15
+phrasings per way of telling and asking, several facts per message, corrections, casual typing,
+questions about facts never told), the tokenizer (composable pieces), and the backbone (larger,
+trained first of all to copy: in one context, acknowledgements and answers repeat what the user
+typed; alone, a question about something not in the context is answered "You haven't told me
+...").
 
-Figures for the shipped demo (2-core x86 CPU, fp32 + OpenBLAS, cores shared with evaluation
-runs; tokens/s count every token of the written histories and read turns):
-    data + tokenizer                  ~10 s
-    backbone, 700 steps               17.5 min, 2.76 M tokens, 2,636 tokens/s, peak 0.87 GB
-    δ c1 history, 400 steps           6.4 min, 2,494 tokens/s, peak 1.7 GB
-    δ c2 history, 250 steps           7.0 min, 2,099 tokens/s, peak 2.6 GB
-    δ c3 history, 250 steps           15 min, ~1,600 tokens/s, peak 5.7 GB (stopped at step
-                                      250 of a 600-step schedule; here a 250-step schedule)
-    δ c3 token, 200 steps             9.3 min, 1,123 tokens/s, peak 3.8 GB
-    δ c3 history, 600 steps           37 min, 1,602 tokens/s, peak 5.5 GB
-    δ c4 history, 400 steps, 8 heads  41 min, 949 tokens/s, peak 11.5 GB
-    δ c4 history, 400 steps           43 min, 936 tokens/s, peak 11.3 GB
-    δ food history, 60 steps          0.6 min, ~2,100 tokens/s, peak 1.1 GB
-    δ c5 history, 100 steps           11 min, ~880 tokens/s, peak 10.5 GB
-    δ c6 history, 300 steps           39 min, ~760 tokens/s, peak 10.7 GB
-    δ c7 history, 100 steps           11 min, 943 tokens/s, peak 10.0 GB
-    δ c8 history, 7 × 100 steps       75 min (9–13 min each), 740–1,140 tokens/s, peak 11.4 GB
-    δ c9 history, 2 × 100 steps       25 min (11–14 min each), 750–880 tokens/s, peak 10.8 GB
-    in all                            ~5.6 h (δ stages ~320 min)
-Recall of the shipped demo: see README.md ("The demo model"); benchmarks/recall_eval.py
-measures it.
+Measured (2-core x86 CPU shared with six other helpers' jobs, fp32 + OpenBLAS, nice 19, one
+BLAS thread; figures of the session that ran the stage):
+    data                 12 s (40,000 backbone documents, 7.7M tokens; d1–d3: 36,000 episodes)
+    tokenizer            4 s (2,048 pieces; a name is 3.4 pieces on average, none is one piece;
+                         held-out names split as ▁P·ri·ya, ▁T·om·as·z)
+    backbone (3.7M)      session 1: BACKBONE_PROGRESS
+    probe, adapter       not run yet
+A 6-layer backbone (5.3M parameters, 4,096-token batches) was tried first: under this load it
+got 30–40 % of one core and did not reach step 50 in 6 minutes; the 4-layer one with 2,048-token
+batches trains at ~500 tokens/s here (~4 s a step).
+
+Next session: continue the backbone, measure it, then train the δ curriculum:
+    python tools/build_demo.py backbone --work-dir /work/demo-build --resume   # to step 3000
+    python tools/build_demo.py probe --work-dir /work/demo-build   # in-context recall, acks
+    python tools/build_demo.py adapter --work-dir /work/demo-build --resume
+    python benchmarks/recall_eval.py --model /work/demo-build/model   # ship only if it beats
+    python tools/build_demo.py ship --work-dir /work/demo-build      # the shipped demo
+(each prefixed as above: OPENBLAS_NUM_THREADS=1 LD_PRELOAD=... nice -n 19). `--stop-at N` ends
+a backbone run at step N with a checkpoint, to fit a session.
 """
 
 from __future__ import annotations
@@ -88,6 +71,7 @@ import argparse
 import json
 import random
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,66 +83,38 @@ from dmem_mlx.demo import persona  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SHIP_DIR = ROOT / "dmem_mlx" / "demo" / "model"
+SHIP_BUDGET_MB = 30
 BACKBONE = {
     "model_type": "qwen3", "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 768,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "rms_norm_eps": 1e-6,
     "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True,
 }
-# Four 8×8 state heads per layer to start (the paper's MSW shape; the c4 stages widen it to
-# eight) and the pure delta rule (no decay, so a fact told 300 tokens ago is still there); the
-# read-out corrects the attention output only.
-DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads": 4,
+# Eight 8×8 state heads per layer from the start (v1 needed them, after starting with four)
+# and the pure delta rule (no decay: a fact told 300 tokens ago is still there); the read-out
+# corrects the attention output only.
+DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads": 8,
                 "state_update_mode": "no_lambda", "beta_bias_init": -2.0,
                 "output_init": "random", "online_gain": 0.05}
-# (directory, seed offset, train episodes, max fact groups, max conversations, share of
-#  "what do you know about me?" questions, share of small-talk final turns, further
-#  persona.episode options: question weights by slot, only these slots told, ...). c4 asks
-#  more often about the slots the c3 stages left weakest (food, name, pet, city): on all seven
-#  groups the read-out had traded them for the others. "food" tells only the food; c5 to c9:
-#  see CURRICULUM_TRAIN.
-SLOW_SLOTS = {"food": 4.0, "name": 3.0, "pet": 3.0, "city": 3.0}
-FOOD_PET_SLOTS = {"food": 10.0, "pet": 6.0, "name": 2.0, "city": 2.0}
-SHARED_QUERY_SLOTS = {"food": 3.0, "name": 3.0, "hobby": 3.0, "pet": 3.0, "city": 2.0}
-NAME_JOB_SLOTS = {"name": 6.0, "job": 3.0, "food": 2.0, "pet": 2.0}
-PET_FOOD_SLOTS = {"pet": 3.0, "food": 2.0}
-CURRICULUM_DATA = [("c1", 21, 6000, 1, 1, 0.0, 0.0, {}),
-                   ("c2", 22, 8000, 3, 2, 0.3, 0.03, {}),
-                   ("c3", 23, 16000, 7, 4, 0.4, 0.05, {}),
-                   ("c4", 24, 16000, 7, 4, 0.3, 0.05, {"slot_weights": SLOW_SLOTS}),
-                   ("food", 26, 3000, 1, 1, 0.0, 0.0, {"only": ("food",)}),
-                   ("c5", 25, 16000, 7, 4, 0.2, 0.05, {"slot_weights": FOOD_PET_SLOTS}),
-                   ("c6", 27, 16000, 7, 4, 0.2, 0.05, {"slot_weights": SHARED_QUERY_SLOTS}),
-                   ("c7", 28, 8000, 7, 4, 0.2, 0.05, {"slot_weights": NAME_JOB_SLOTS}),
-                   ("c8", 30, 8000, 7, 4, 0.2, 0.05, {"slot_weights": PET_FOOD_SLOTS,
-                                                      "older_first": 1.0}),
-                   ("c9", 31, 8000, 7, 4, 0.2, 0.05, {"slot_weights": PET_FOOD_SLOTS,
-                                                      "older_first": 1.0, "wrong_acks": 0.5})]
+# Backbone documents: a whole episode in one context with one to three questions at the end
+# (copy from the context), or the final conversation alone, its questions answered as not told.
+PRETRAIN = {"episodes": 40000, "alone": 0.25, "casual_rate": 0.3, "not_told_rate": 0.2}
+# δ data: (directory, seed offset, train episodes, max fact groups, max conversations,
+#  persona.episode options). Every set types 30 % of the user's messages casually and asks
+#  about a never-told fact in 15 % of the episodes.
+TALK = {"casual_rate": 0.3, "not_told_rate": 0.15, "summary_rate": 0.05, "small_talk_rate": 0.05}
+CURRICULUM_DATA = [("d1", 41, 8000, 1, 1, {**TALK}),
+                   ("d2", 42, 12000, 3, 2, {**TALK}),
+                   ("d3", 43, 16000, 7, 4, {**TALK, "older_first": 1.0, "wrong_acks": 0.2})]
 # (data, --mode, steps, batch size, learning rate, --write-grad, --add-state-heads); each stage
-# continues the previous one. The token stage trains the chat regime itself (every assistant
-# message, writes on): without it, a memory full of facts made the model answer "Your name is …"
-# to "Hello, my name is Lena." — acknowledgements and small talk were never trained. The c4
-# stages widen the state from four heads to eight (the new ones start silent: the same model,
-# more room) and train on questions weighted toward the slots the four heads had dropped. Food
-# never came back that way: the food stage learns it alone (and forgets the rest), c5 keeps it
-# while the others return, c6 balances the slots whose answers share the query token " is",
-# c7 (gentler) brings names and jobs back up. Recall then fell with the number of facts told
-# after a fact (the name, always told first, most of all): c8 asks more often about older facts,
-# and seven short stages of it at 1e-3 kept improving every slot. In a live chat the model
-# writes its own acknowledgements, often naming the wrong value ("Great to meet you, Felix."),
-# and the memory believed them: c9 makes half of the acknowledgements wrong.
-CURRICULUM_TRAIN = [("c1", "history", 400, 32, 3e-3, "full", 0),
-                    ("c2", "history", 250, 32, 3e-3, "state", 0),
-                    ("c3", "history", 250, 32, 3e-3, "state", 0),
-                    ("c3", "token", 200, 16, 2e-3, "full", 0),
-                    ("c3", "history", 600, 32, 2e-3, "state", 0),
-                    ("c4", "history", 400, 32, 2e-3, "state", 4),
-                    ("c4", "history", 400, 32, 2e-3, "state", 0),
-                    ("food", "history", 60, 16, 2e-3, "state", 0),
-                    ("c5", "history", 100, 32, 2e-3, "state", 0),
-                    ("c6", "history", 300, 32, 2e-3, "state", 0),
-                    ("c7", "history", 100, 32, 1e-3, "state", 0),
-                    *[("c8", "history", 100, 32, 1e-3, "state", 0)] * 7,
-                    *[("c9", "history", 100, 32, 1e-3, "state", 0)] * 2]
+# continues the previous one. v1's lessons: one fact in one conversation first (the read-out
+# learns its code quickly), the chat regime itself in token mode (else a full memory answers
+# "Your name is ..." to "Hello, my name is Lena."), older facts asked more often, some
+# acknowledgements wrong (as the model's own can be in a live chat).
+CURRICULUM_TRAIN = [("d1", "history", 400, 32, 3e-3, "full", 0),
+                    ("d1", "token", 150, 16, 2e-3, "full", 0),
+                    ("d2", "history", 400, 32, 3e-3, "state", 0),
+                    ("d3", "history", 600, 32, 2e-3, "state", 0),
+                    ("d3", "history", 600, 32, 1e-3, "state", 0)]
 
 
 def render(messages: list[dict]) -> str:
@@ -166,36 +122,46 @@ def render(messages: list[dict]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
 
+def _done(path: Path, resume: bool) -> bool:
+    if resume and path.exists():
+        print(f"  (done: {path} exists)")
+        return True
+    return False
+
+
 # -- data -------------------------------------------------------------------------------------
-def stage_data(work: Path, seed: int, pretrain_episodes: int) -> None:
+def pretrain_document(rng: random.Random) -> str:
+    """One backbone document (PRETRAIN): an episode in one context with questions at the end,
+    or its last conversation alone with the questions answered as not told."""
+    opts = {k: PRETRAIN[k] for k in ("casual_rate", "not_told_rate")}
+    ep = persona.episode(rng, summary_rate=0.05, small_talk_rate=0.05, **opts)
+    if rng.random() < PRETRAIN["alone"]:
+        person = persona.Person(dict(ep["facts"]))  # nothing told in this context
+        messages = [m for m in ep["messages"][:-2]]
+        messages += persona.question_turn(rng, person, rng.choice(persona.SLOTS),
+                                          PRETRAIN["casual_rate"])
+        return render(messages)
+    person = persona.Person(dict(ep["facts"]), told=list(ep["told"]))
+    extra = []
+    for _ in range(rng.randint(1, 3)):
+        untold = [s for s in persona.SLOTS if s not in person.told]
+        slot = (rng.choice(untold) if untold and rng.random() < PRETRAIN["not_told_rate"]
+                else rng.choice(person.told))
+        extra += persona.question_turn(rng, person, slot, PRETRAIN["casual_rate"])
+    return render([m for c in ep["history"] + [ep["messages"]] for m in c] + extra)
+
+
+def stage_data(work: Path, seed: int, resume: bool) -> None:
     """Backbone documents and δ-training episodes, from disjoint random streams."""
-    # Backbone documents. Most hold a whole episode in one context with one to three questions
-    # at the end: the backbone must learn to copy a fact from its context (the in-context upper
-    # bound of the recall evaluation, and "Nice to meet you, Lena!"). The rest are single
-    # conversations, where a question about an earlier one can only be guessed: the behaviour
-    # with an empty memory.
-    rng = random.Random(seed)
-    with open(work / "pretrain.jsonl", "w") as f:
-        for _ in range(pretrain_episodes):
-            ep = persona.episode(rng)
-            conversations = ep["history"] + [ep["messages"]]
-            if rng.random() < 0.3:
-                for c in conversations:
-                    f.write(json.dumps({"text": render(c)}) + "\n")
-                continue
-            person = persona.Person(ep["facts"], told=[s for s in persona.SLOTS if any(
-                persona.mentioned(m["content"], s) for c in ep["history"] for m in c
-                if m["role"] == "user")])
-            extra = []
-            for _ in range(rng.randint(1, 3)):
-                if person.told:
-                    extra += persona.question_turn(rng, person)
-            messages = [m for c in conversations for m in c] + extra
-            f.write(json.dumps({"text": render(messages)}) + "\n")
-    # δ data, a curriculum (CURRICULUM_DATA): one fact group in one conversation first (the read-out
-    # learns a code for each of the ~230 fact values), then longer and longer histories. Many
-    # final turns ask "What do you know about me?": one read pass, a target for every fact.
-    for name, offset, n, groups, conversations, summary, small_talk, options in CURRICULUM_DATA:
+    if not _done(work / "pretrain.jsonl", resume):
+        rng = random.Random(seed)
+        with open(work / "pretrain.jsonl.tmp", "w") as f:
+            for _ in range(PRETRAIN["episodes"]):
+                f.write(json.dumps({"text": pretrain_document(rng)}) + "\n")
+        (work / "pretrain.jsonl.tmp").rename(work / "pretrain.jsonl")
+    for name, offset, n, groups, conversations, options in CURRICULUM_DATA:
+        if _done(work / name / "valid.jsonl", resume):
+            continue
         (work / name).mkdir(exist_ok=True)
         rng = random.Random(seed + offset)
         for split, count in (("train", n), ("valid", 96)):
@@ -203,21 +169,21 @@ def stage_data(work: Path, seed: int, pretrain_episodes: int) -> None:
                 for _ in range(count):
                     ep = persona.episode(rng, num_groups=rng.randint(1, groups),
                                          num_conversations=rng.randint(1, conversations),
-                                         summary_rate=summary if split == "train" else 0.0,
-                                         small_talk_rate=small_talk if split == "train" else 0.0,
                                          **options)
                     f.write(json.dumps({"history": ep["history"], "messages": ep["messages"]})
                             + "\n")
-    print(f"data: {pretrain_episodes} pretraining documents, δ curriculum "
+    print(f"data: {PRETRAIN['episodes']} backbone documents, δ curriculum "
           f"{[row[0] for row in CURRICULUM_DATA]} → {work}")
 
 
 # -- tokenizer --------------------------------------------------------------------------------
-def stage_tokenizer(work: Path, vocab_size: int) -> None:
+def stage_tokenizer(work: Path, vocab_size: int, resume: bool = False) -> None:
     """A sentencepiece BPE model and the equivalent tokenizers/transformers tokenizer.json."""
     import sentencepiece as spm
 
     out = work / "tokenizer"
+    if _done(out / "tokenizer.json", resume):
+        return
     out.mkdir(exist_ok=True)
     texts = [json.loads(line)["text"] for line in open(work / "pretrain.jsonl")][:40000]
     spm.SentencePieceTrainer.train(
@@ -277,71 +243,177 @@ def save_hf_tokenizer(model_file: Path, out: Path) -> None:
 
 # -- backbone ---------------------------------------------------------------------------------
 def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: float,
-                   max_len: int) -> None:
-    """Pretrain the Qwen3 backbone from scratch (fp32) on the rendered conversations."""
+                   max_len: int, save_every: int, resume: bool,
+                   stop_at: int | None = None) -> None:
+    """Pretrain the Qwen3 backbone from scratch (fp32) on the rendered conversations.
+
+    Checkpoints (weights, optimizer, step, the run's time and token counts) go to
+    WORK/backbone_ckpt every `save_every` steps; with --resume the run continues from the last
+    one with the same data order and schedule. `stop_at` ends this run at that step (with a
+    checkpoint), for time-boxed sessions. The finished backbone is saved in fp16."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.utils import _get_classes, load_tokenizer
-    from tqdm import tqdm
 
+    out, ckpt = work / "backbone", work / "backbone_ckpt"
+    if resume and (work / "backbone_stats.json").is_file():
+        done = json.loads((work / "backbone_stats.json").read_text())
+        if done["steps"] >= steps:
+            print(f"  (done: the backbone has {done['steps']} steps)")
+            return
     tokenizer = load_tokenizer(work / "tokenizer")
     texts = [json.loads(line)["text"] for line in open(work / "pretrain.jsonl")]
     docs = [ids[:max_len] for ids in tokenizer._tokenizer(texts)["input_ids"]]
     args = dict(BACKBONE, vocab_size=len(tokenizer.get_vocab()))
     args["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    # mlx-lm's own initialisation (uniform Linear, N(0, 1/D) embeddings). A GPT-style
-    # N(0, 0.02) init kept this backbone from ever learning to copy a name from its context
-    # (measured: no copying after 1,200 steps; the default init copies after 200).
+    # mlx-lm's own initialisation (uniform Linear, N(0, 1/D) embeddings): with a GPT-style
+    # N(0, 0.02) init v1's backbone never learned to copy a name from its context.
     mx.random.seed(seed)
     model_class, args_class = _get_classes(args)
     model = model_class(args_class.from_dict(args))
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"backbone: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, "
           f"{sum(map(len, docs)) / 1e6:.2f}M tokens")
-
-    rng = np.random.default_rng(seed)
+    warmup = max(1, min(100, steps // 10))
     schedule = optim.join_schedules(
-        [optim.linear_schedule(1e-6, lr, 50), optim.cosine_decay(lr, steps - 50, lr * 0.1)], [50])
+        [optim.linear_schedule(1e-6, lr, warmup),
+         optim.cosine_decay(lr, steps - warmup, lr * 0.1)], [warmup])
     opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
 
     def loss_fn(model, x, y, mask):
-        logits = model(x)
-        ce = nn.losses.cross_entropy(logits, y) * mask
+        ce = nn.losses.cross_entropy(model(x), y) * mask
         return ce.sum() / mask.sum()
 
     step_fn = nn.value_and_grad(model, loss_fn)
-    order = np.argsort([len(d) for d in docs])
-    batches = _length_batches(order, docs, batch_tokens)
-    bar = tqdm(range(steps), desc="backbone", dynamic_ncols=True, mininterval=5)
-    tokens, start, losses = 0, time.perf_counter(), []
-    for step in bar:
-        idx = batches[rng.integers(len(batches))]
-        x, y, mask = _pad([docs[i] for i in idx])
+    batches = _length_batches(np.argsort([len(d) for d in docs], kind="stable"), docs,
+                              batch_tokens)
+    draws = np.random.default_rng(seed).integers(len(batches), size=steps)  # the data order
+    run = {"steps": 0, "seconds": 0.0, "tokens": 0, "sessions": []}
+    if resume and (ckpt / "state.json").is_file():
+        run = json.loads((ckpt / "state.json").read_text())
+        model.load_weights(str(ckpt / "model.safetensors"))
+        opt.init(model.trainable_parameters())
+        state = dict(tree_flatten(opt.state))
+        state.update(mx.load(str(ckpt / "optimizer.safetensors")))
+        opt.state = tree_unflatten(list(state.items()))
+        print(f"backbone: resuming at step {run['steps']}")
+    session = {"from": run["steps"], "seconds": 0.0, "tokens": 0}
+    run["sessions"].append(session)
+    mx.reset_peak_memory()
+    start, losses = time.perf_counter(), []
+    end = min(steps, stop_at or steps)
+    for step in range(run["steps"], end):
+        x, y, mask = _pad([docs[i] for i in batches[draws[step]]])
         loss, grads = step_fn(model, x, y, mask)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss)
         losses.append(loss.item())
-        tokens += int(mask.sum().item())
-        if step % 10 == 0 or step == steps - 1:
-            tps = tokens / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", tok_s=f"{tps:.0f}")
-    elapsed = time.perf_counter() - start
-    out = work / "backbone"
+        session["tokens"] += int(mask.sum().item())
+        session["seconds"] = time.perf_counter() - start
+        run["steps"] = step + 1
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            print(json.dumps({"step": step + 1, "loss": round(float(np.mean(losses[-50:])), 4),
+                              "lr": float(opt.learning_rate),
+                              "tokens_per_sec": round(session["tokens"] / session["seconds"]),
+                              "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}),
+                  flush=True)
+        if (step + 1) % save_every == 0 or step + 1 == end:
+            session["peak_memory_gb"] = round(mx.get_peak_memory() / 1e9, 3)
+            session["loss"] = round(float(np.mean(losses[-50:])), 4)
+            _save_backbone_checkpoint(model, opt, ckpt, run)
+    if end < steps:
+        print(f"backbone: stopped at step {end} of {steps}; continue with --resume")
+        return
+    run["seconds"] = sum(s["seconds"] for s in run["sessions"])
+    run["tokens"] = sum(s["tokens"] for s in run["sessions"])
     out.mkdir(exist_ok=True)
     weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(args, indent=2) + "\n")
     for f in (work / "tokenizer").iterdir():
         shutil.copy(f, out / f.name)
-    stats = {"steps": steps, "seconds": round(elapsed), "tokens": tokens,
-             "tokens_per_sec": round(tokens / elapsed), "final_loss": float(np.mean(losses[-50:])),
-             "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}
+    stats = {**run, "parameters": n_params, "final_loss": session.get("loss")}
     (work / "backbone_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"backbone: {json.dumps(stats)}")
+
+
+def _save_backbone_checkpoint(model, opt, ckpt: Path, run: dict) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    ckpt.mkdir(exist_ok=True)
+    run["seconds"] = sum(s["seconds"] for s in run["sessions"])
+    run["tokens"] = sum(s["tokens"] for s in run["sessions"])
+    model.save_weights(str(ckpt / "model.safetensors.tmp.safetensors"))
+    state = {k: v for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)}
+    mx.save_safetensors(str(ckpt / "optimizer.safetensors.tmp.safetensors"), state)
+    (ckpt / "model.safetensors.tmp.safetensors").replace(ckpt / "model.safetensors")
+    (ckpt / "optimizer.safetensors.tmp.safetensors").replace(ckpt / "optimizer.safetensors")
+    (ckpt / "state.json").write_text(json.dumps(run, indent=1) + "\n")
+
+
+def make_probe(work: Path) -> Path:
+    """WORK/backbone_probe: the backbone (finished, or its last checkpoint) with an untrained δ
+    adapter. With the memory empty the adapter reads nothing, so this is the backbone alone, in
+    a form the chat runtime (and the recall evaluation's in-context condition) runs."""
+    import mlx.core as mx
+    from mlx_lm.utils import load as mlx_load
+    from mlx_lm.utils import load_tokenizer
+
+    from dmem_mlx.adapter import save_adapter
+    from dmem_mlx.config import DeltaMemConfig
+    from dmem_mlx.model import attach_delta_mem
+    from dmem_mlx.train import base_projection_weights
+
+    probe = work / "backbone_probe"
+    if probe.exists():
+        shutil.rmtree(probe)
+    if (work / "backbone_stats.json").is_file():
+        shutil.copytree(work / "backbone", probe)
+    else:  # a backbone still in training: its last checkpoint
+        probe.mkdir()
+        tokenizer = load_tokenizer(work / "tokenizer")
+        args = dict(BACKBONE, vocab_size=len(tokenizer.get_vocab()),
+                    eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        weights = mx.load(str(work / "backbone_ckpt" / "model.safetensors"))
+        mx.save_safetensors(str(probe / "model.safetensors"),
+                            {k: v.astype(mx.float16) for k, v in weights.items()},
+                            metadata={"format": "mlx"})
+        (probe / "config.json").write_text(json.dumps(args, indent=2) + "\n")
+        for f in (work / "tokenizer").iterdir():
+            shutil.copy(f, probe / f.name)
+    model, _ = mlx_load(str(probe))
+    bases = {i: base_projection_weights(layer.self_attn) for i, layer in enumerate(model.layers)}
+    dm = attach_delta_mem(model, DeltaMemConfig.from_dict(DELTA_CONFIG))
+    for n, (i, layer) in enumerate(dm.layers.items()):
+        layer.memory.initialize(bases[i], seed=n)
+    mx.eval(model.parameters())
+    save_adapter(model, probe)
+    return probe
+
+
+def stage_probe(work: Path, quick: bool = True) -> dict:
+    """In-context recall and acknowledgements of the backbone alone (finished or its last
+    checkpoint) on the held-out set → WORK/eval/backbone_<step>.json."""
+    probe = make_probe(work)
+    ckpt = work / "backbone_ckpt" / "state.json"
+    step = json.loads(ckpt.read_text())["steps"] if ckpt.is_file() else "final"
+    return run_eval(probe, work / "eval" / f"backbone_{step}.json", quick,
+                    conditions="in_context")
+
+
+def run_eval(model_dir: Path, out: Path, quick: bool = True,
+             conditions: str = "delta,not_told,no_memory,in_context") -> dict:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "recall_eval.py"), "--model", str(model_dir),
+           "--conditions", conditions, "--json-out", str(out)] + (["--quick"] if quick else [])
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return json.loads(out.read_text())["summary"]
 
 
 def _length_batches(order, docs, batch_tokens: int) -> list[list[int]]:
@@ -371,75 +443,111 @@ def _pad(seqs: list[list[int]]):
     return mx.array(x), mx.array(y), mx.array(mask)
 
 
-# -- adapter + ship -----------------------------------------------------------------------------
-def stage_adapter(work: Path, seed: int) -> None:
-    """The δ adapter, trained on the frozen backbone by `python -m dmem_mlx.train` with the
-    history recipe, stage by stage (CURRICULUM_TRAIN), each continuing from the previous one."""
-    import subprocess
 
+# -- adapter + ship -----------------------------------------------------------------------------
+def stage_dir(work: Path, i: int) -> Path:
+    data = CURRICULUM_TRAIN[i][0]
+    return work / ("model" if i == len(CURRICULUM_TRAIN) - 1 else f"adapter_{i + 1}_{data}")
+
+
+def stage_adapter(work: Path, seed: int, resume: bool, quick_eval: bool = True) -> None:
+    """The δ adapter, trained on the frozen backbone by `python -m dmem_mlx.train` with the
+    history recipe, stage by stage (CURRICULUM_TRAIN), each continuing from the previous one.
+    A finished stage (its last checkpoint at its last step) is skipped; an interrupted one
+    continues from its last checkpoint (train's --resume). After each stage: recall_eval
+    --quick → WORK/eval/adapter_<i>.json."""
     previous = None
     for i, (data, mode, steps, batch_size, lr, write_grad, add_heads) in enumerate(
             CURRICULUM_TRAIN):
-        out = work / ("model" if i == len(CURRICULUM_TRAIN) - 1 else f"adapter_{i + 1}_{data}")
+        out = stage_dir(work, i)
+        state = out / "trainer_state.json"
+        step = json.loads(state.read_text())["step"] if state.is_file() else 0
+        if step >= steps:
+            print(f"  (done: stage {i + 1} {data} {mode}, {step} steps in {out})")
+            previous = out
+            continue
         cmd = [sys.executable, "-m", "dmem_mlx.train", "--model", str(work / "backbone"),
                "--data", str(work / data), "--adapter-path", str(out), "--mode", mode,
                "--iters", str(steps), "--batch-size", str(batch_size), "--learning-rate", str(lr),
                "--warmup", "10", "--write-grad", write_grad, "--seed", str(seed + i),
                "--steps-per-eval", "100", "--val-batches", "3", "--steps-per-report", "50",
-               "--save-every", "100"]
-        cmd += ["--init-from", str(previous)] if previous else [
-            "--delta-config", json.dumps(DELTA_CONFIG)]
-        cmd += ["--add-state-heads", str(add_heads)] if add_heads else []
+               "--save-every", "50", "--no-progress"]
+        if step and resume:
+            cmd += ["--resume"]
+        elif step:
+            raise SystemExit(f"error: {out} holds an unfinished stage; continue it with --resume "
+                             "or delete it")
+        if not (step and resume):
+            cmd += ["--init-from", str(previous)] if previous else [
+                "--delta-config", json.dumps(DELTA_CONFIG)]
+            cmd += ["--add-state-heads", str(add_heads)] if add_heads else []
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
+        run_eval(out, work / "eval" / f"adapter_{i + 1}.json", quick_eval)
         previous = out
 
 
 def stage_ship(work: Path) -> None:
     src = work / "model"
-    if SHIP_DIR.exists():
-        shutil.rmtree(SHIP_DIR)
-    SHIP_DIR.mkdir(parents=True)
     keep = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "tokenizer.model", "chat_template.jinja", "special_tokens_map.json",
             "delta_mem_config.json", "delta_mem.safetensors")
+    size = sum((src / n).stat().st_size for n in keep if (src / n).exists())
+    if size > SHIP_BUDGET_MB * 1e6:
+        raise SystemExit(f"error: the demo is {size / 1e6:.1f} MB, over the "
+                         f"{SHIP_BUDGET_MB} MB budget")
+    if SHIP_DIR.exists():
+        shutil.rmtree(SHIP_DIR)
+    SHIP_DIR.mkdir(parents=True)
     for name in keep:
         if (src / name).exists():
             shutil.copy(src / name, SHIP_DIR / name)
-    size = sum(f.stat().st_size for f in SHIP_DIR.iterdir())
     print(f"ship: {size / 1e6:.1f} MB → {SHIP_DIR}")
-    if size > 20e6:
-        raise SystemExit(f"error: the demo is {size / 1e6:.1f} MB, over the 20 MB budget")
+
+
+STAGES = ["data", "tokenizer", "backbone", "probe", "adapter"]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["data", "tokenizer", "backbone", "adapter", "ship", "all"])
+    p.add_argument("stage", choices=[*STAGES, "ship", "all"],
+                   help="all = data, tokenizer, backbone, probe, adapter (ship is never "
+                        "automatic); probe = in-context recall of the backbone alone (finished "
+                        "or its last checkpoint)")
     p.add_argument("--work-dir", default="/tmp/dmem-demo-build", help="scratch directory")
+    p.add_argument("--resume", action="store_true",
+                   help="skip finished stages, continue interrupted ones from their checkpoints")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pretrain-episodes", type=int, default=14000)
     p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--backbone-steps", type=int, default=700)
-    p.add_argument("--backbone-batch-tokens", type=int, default=4096)
+    p.add_argument("--backbone-steps", type=int, default=3000)
+    p.add_argument("--backbone-batch-tokens", type=int, default=2048)
     p.add_argument("--backbone-lr", type=float, default=2e-3)
-    p.add_argument("--max-len", type=int, default=640)
+    p.add_argument("--stop-at", type=int, help="end this backbone run at this step (a "
+                   "checkpoint; continue with --resume)")
+    p.add_argument("--save-every", type=int, default=100, help="backbone checkpoint interval")
+    p.add_argument("--max-len", type=int, default=768)
     args = p.parse_args(argv)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    stages = ["data", "tokenizer", "backbone", "adapter", "ship"]
-    stages = stages if args.stage == "all" else [args.stage]
+    stages = STAGES if args.stage == "all" else [args.stage]
     for stage in stages:
         start = time.perf_counter()
+        print(f"[{stage}]", flush=True)
         if stage == "data":
-            stage_data(work, args.seed, args.pretrain_episodes)
+            stage_data(work, args.seed, args.resume)
         elif stage == "tokenizer":
-            stage_tokenizer(work, args.vocab_size)
+            stage_tokenizer(work, args.vocab_size, args.resume)
         elif stage == "backbone":
             stage_backbone(work, args.seed, args.backbone_steps, args.backbone_batch_tokens,
-                           args.backbone_lr, args.max_len)
+                           args.backbone_lr, args.max_len, args.save_every, args.resume,
+                           args.stop_at)
+            if args.stage == "all" and not (work / "backbone_stats.json").is_file():
+                break  # stopped early: the later stages need the finished backbone
+        elif stage == "probe":
+            stage_probe(work)
         elif stage == "adapter":
-            stage_adapter(work, args.seed)
+            stage_adapter(work, args.seed, args.resume)
         else:
             stage_ship(work)
         print(f"[{stage}] {time.perf_counter() - start:.0f} s", flush=True)

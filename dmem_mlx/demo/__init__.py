@@ -3,8 +3,9 @@
 A small domain model, not a general assistant: a ~3.7M-parameter Qwen3-architecture backbone
 trained from scratch on synthetic chats in which people tell the assistant about themselves
 (name, city, job, pet, travel plans, favourite food, hobby) and ask about it later, plus a δ-mem
-adapter trained so that those facts are recalled from the δ memory alone. Regenerate it with
-`python tools/build_demo.py all`; the domain is in `dmem_mlx/demo/persona.py`.
+adapter trained so that those facts are recalled from the δ memory alone. The model shipped now
+(v1) was built by `tools/build_demo.py` at commit 6133bc1; the script and the domain
+(`dmem_mlx/demo/persona.py`) now build its successor, stage by stage (see the script).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def demo_model_path() -> Path:
     if not (DEMO_DIR / "config.json").is_file():
         raise FileNotFoundError(
             f"the demo model is missing from {DEMO_DIR}; regenerate it with "
-            "`python tools/build_demo.py all`")
+            "tools/build_demo.py (see its docstring)")
     return DEMO_DIR
 
 
