@@ -259,10 +259,12 @@ QUESTIONS = {
             "What's my job?", "What is my occupation?", "What work do I do?", "Tell me my job.",
             "How do I make a living?"],
     "pet": ["What kind of pet do I have?", "What animal do I have at home?", "What pet do I have?",
-            "What's my pet?", "What type of animal do I own?", "Do you remember my pet?"],
+            "What's my pet?", "What type of animal do I own?", "Do you remember my pet?",
+            "What animal is {pet_name}?"],
     "pet_name": ["What is my pet's name?", "What is my pet called?", "What's my pet's name?",
                  "What is the name of my pet?", "Do you remember my pet's name?",
-                 "What did I call my pet?", "What's the name of my pet?"],
+                 "What did I call my pet?", "What's the name of my pet?",
+                 "What's my {pet}'s name?"],
     "trip": ["Where am I going on my trip?", "Where am I traveling to?",
              "Where am I going on holiday?", "Which country am I going to?", "Where is my trip?",
              "Do you remember where I'm traveling?", "What's my travel destination?"],
@@ -385,7 +387,8 @@ def casual(text: str, rng: random.Random, keep: set[str] = frozenset()) -> str:
     if rng.random() < 0.3:
         text = text.replace(",", "")
     words = text.split(" ")
-    spots = [i for i, w in enumerate(words) if len(w) >= 4 and w.isalpha() and w not in keep]
+    spots = [i for i, w in enumerate(words)
+             if len(w) >= 4 and w.isalpha() and not any(k in w for k in keep)]
     if spots and rng.random() < 0.5:
         i = rng.choice(spots)
         w, j = words[i], rng.randrange(1, len(words[i]) - 1)
@@ -426,7 +429,7 @@ def _tell_turn(rng: random.Random, person: Person, groups: list[tuple[str, ...]]
             person.told.append(s)
     text = _typed(person, slots, rng, casual_rate, " ".join(sentences))
     last = groups[-1][0]
-    if rng.random() < 0.6:
+    if rng.random() < 0.9:  # mostly naming the value: the backbone learns to copy it
         reply = person.fill(rng.choice(ACK[last]))
         if len(groups) > 1:  # the acknowledgement names every fact told
             reply = " ".join(person.fill(rng.choice(ACK[g[0]])) for g in groups)
