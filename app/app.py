@@ -282,8 +282,7 @@ class DmemChatApp(App[int]):
                                 f"{turns} — {where}\nThe last conversation goes on; Ctrl+N "
                                 "starts a new one with only the memory.")
         else:
-            await self.add_note(f"new memory — {where}. Tell me about yourself; "
-                                "I will remember it next time.")
+            await self.add_note(f"new memory — {where}. {self.greeting()}")
         if info.read_only:
             await self.add_note("read-only: nothing you say now is written or saved", "yellow")
         if self.startup_hint:
@@ -291,6 +290,14 @@ class DmemChatApp(App[int]):
         if self.send_when_loaded and self.chat_input.text.strip():
             self.submit_text(self.chat_input.text)
         self.send_when_loaded = False
+
+    def greeting(self) -> str:
+        """What to tell on a new memory: for the demo, the kinds of things it can remember."""
+        from dmem_mlx.demo import DEMO_GREETING, DEMO_NAME
+
+        if self.model_name == DEMO_NAME:
+            return DEMO_GREETING
+        return "Tell me about yourself; I will remember it next time."
 
     def not_ready(self) -> str:
         if self.start_error:

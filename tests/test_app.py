@@ -122,6 +122,15 @@ async def test_reply_streams_saves_and_updates_panel(tiny_model, tmp_path):
         assert "saved" in str(app.query_one("#memory-file").render())
 
 
+async def test_new_memory_greeting_names_what_the_demo_remembers(tiny_model, tmp_path):
+    for name, expected in (("dmem-demo", "your pet and its name"),
+                           (None, "Tell me about yourself")):
+        app = make_app(tiny_model, tmp_path / f"{name}.memory", model_name=name)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_loaded(pilot)
+            assert "new memory" in notes(app) and expected in notes(app)
+
+
 async def test_memory_survives_a_restart(tiny_model, tmp_path):
     memory = tmp_path / "chat.memory"
     app = make_app(tiny_model, memory)

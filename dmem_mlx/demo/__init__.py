@@ -14,6 +14,10 @@ from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent / "model"
 DEMO_NAME = "dmem-demo"
+# dmem-chat's first words on a new memory with the demo: what this small model can remember.
+DEMO_GREETING = ("I am a small demo model. Tell me your name, where you live, your job, your pet "
+                 "and its name, your travel plans, your favourite food or your hobby, and I will "
+                 "remember them next time.")
 
 
 def demo_model_path() -> Path:
