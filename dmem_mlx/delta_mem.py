@@ -7,6 +7,7 @@ All memory math runs in float32 whatever the backbone dtype (DESIGN §6).
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
@@ -28,11 +29,12 @@ class MemoryInputs(NamedTuple):
     write: mx.array
 
 
-def normalize_heads(x: mx.array) -> mx.array:
-    """q̃ = tanh(q) / max(‖tanh(q)‖₂, 1e-6) on each head's r-slice.  x: [..., H, r]."""
+def normalize_heads(x: mx.array, axis: int = -1) -> mx.array:
+    """q̃ = tanh(q) / max(‖tanh(q)‖₂, 1e-6) on each head's r-slice.  x: [..., H, r] (the r
+    entries along `axis`)."""
     t = mx.tanh(x)
     # sqrt of max(·, eps²): the same value, and a zero gradient (not NaN) for an all-zero x
-    norm = mx.sqrt(mx.maximum(mx.sum(t * t, axis=-1, keepdims=True), NORM_EPS * NORM_EPS))
+    norm = mx.sqrt(mx.maximum(mx.sum(t * t, axis=axis, keepdims=True), NORM_EPS * NORM_EPS))
     return t / mx.maximum(norm, NORM_EPS)
 
 
@@ -62,11 +64,22 @@ def scan_step(
     state: [B, H, r, r]; q, k, v, keep, erase, write: [B, H, r].
     Returns (read [B, H, r], new state [B, H, r, r]).
     """
-    read = (state @ q[..., None])[..., 0]  # S q̃ (state before this token's write)
-    p = (state @ k[..., None])[..., 0]  # S k̃
+    column = lambda x: x[..., None]  # noqa: E731
+    read, new_state = _step(state, mx.stack([q, k], axis=-1), column(v), column(keep),
+                            column(erase), column(write))
+    return read[..., 0], new_state
+
+
+def _step(state, qk, v, keep, erase, write):
+    """`scan_step` on columns: qk [B, H, r, 2] (q̃, k̃); v, keep, erase, write [B, H, r, 1].
+
+    Returns (read [B, H, r, 1], new state). Both matvecs are one matmul, nothing is transposed
+    but k̃ (the form with the fewest ops at decode).
+    """
+    rp = state @ qk  # [B, H, r, 2]: S q̃ (the read: S before this write) and p = S k̃
     # S'[i,j] = keep_i S[i,j] − erase_i p_i k̃_j + write_i v_i k̃_j
-    new_state = keep[..., None] * state + (write * v - erase * p)[..., None] * k[..., None, :]
-    return read, new_state
+    c = write * v - erase * rp[..., 1:]
+    return rp[..., :1], keep * state + c * qk[..., 1:].swapaxes(-1, -2)
 
 
 def scan_reference(
@@ -87,7 +100,70 @@ def scan_reference(
         else:
             state = new_state
         reads.append(read)
+    if not reads:
+        return mx.zeros(inputs.q.shape, mx.float32), state
     return mx.stack(reads, axis=1), state
+
+
+def decode_step(
+    config: DeltaMemConfig,
+    write: bool,
+    h: mx.array,
+    state: mx.array,
+    w_in: mx.array,
+    bias: mx.array,
+    valid: Optional[mx.array] = None,
+) -> tuple[mx.array, mx.array]:
+    """One token through the memory: the projection (`DeltaMemory.project`) and `scan_step`.
+
+    A pure function of arrays, so that it can be compiled (see scan.py). h: [B, 1, D];
+    state: [B, H, r, r]; w_in, bias: `DeltaMemory.fused_weights()`; valid: [B, 1] or None.
+    write=False only reads. Returns (reads [B, 1, R], new state [B, H, r, r]).
+    """
+    B = h.shape[0]
+    x = mx.addmm(bias, h.astype(mx.float32), w_in).reshape(B, config.num_state_heads,
+                                                            config.rank, -1)
+    qk, v, keep, erase, write_ = _gated(config, x)
+    if write:
+        read, new_state = _step(state, qk, v, keep, erase, write_)
+    else:
+        read, new_state = state @ qk[..., :1], state
+    if valid is not None:
+        m = valid.astype(mx.float32).reshape(B, 1, 1, 1)
+        read = read * m
+        new_state = mx.where(m > 0, new_state, state)
+    return read.reshape(B, 1, -1), new_state
+
+
+def _gated(config: DeltaMemConfig, x: mx.array):
+    """(qk̃ [..., H, r, 2], v, keep, erase, write [..., H, r, 1]) from the fused projection.
+
+    x: [..., P] or [..., H, r, K]: per head and state row i the K entries q_i, k_i, v_i, β_i
+    (, λ_i) (see `DeltaMemory.fused_weights`; per-head gates are repeated on every row).
+    """
+    cfg = config
+    x = x.reshape(*x.shape[:-1], cfg.num_state_heads, cfg.rank, -1) if x.ndim < 4 or \
+        x.shape[-1] != projection_vectors(cfg) else x
+    qk = normalize_heads(x[..., :2], axis=-2) if cfg.normalize_qk else x[..., :2]
+    return (qk, x[..., 2:3], *gate_coefficients(cfg, x))
+
+
+def gate_coefficients(config: DeltaMemConfig, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """(keep, erase, write) [..., 1] per state row from x [..., K] (DESIGN §1): β = σ(x_3),
+    λ = σ(x_4), 1 − β (coupled) or 1 (no_lambda)."""
+    beta = mx.sigmoid(x[..., 3:4])
+    if config.state_update_mode == "no_lambda":
+        lam = mx.ones_like(beta)
+    elif config.couple_lambda:
+        lam = 1.0 - beta
+    else:
+        lam = mx.sigmoid(x[..., 4:5])
+    return row_coefficients(config, beta, lam)
+
+
+def projection_vectors(config: DeltaMemConfig) -> int:
+    """K: per head, the fused projection holds K vectors of r: q, k, v, β (and λ)."""
+    return 5 if config.state_update_mode != "no_lambda" and not config.couple_lambda else 4
 
 
 def read_state(state: mx.array, q: mx.array, valid: Optional[mx.array] = None) -> mx.array:
@@ -136,43 +212,77 @@ class DeltaMemory(nn.Module):
             n = len(DELTA_HEADS) if config.delta_scale_granularity == "head" else 1
             self.delta_scale_raw = mx.zeros((n,))
 
-    def project(self, h: mx.array) -> MemoryInputs:
-        """Memory projections and gates of hidden states h [B, T, D] (DESIGN §1)."""
-        cfg = self.config
-        H = cfg.num_state_heads
-        h = h.astype(mx.float32)
-        heads = lambda x: x.reshape(*x.shape[:-1], H, -1)  # noqa: E731  [.., R] → [.., H, r]
-        q = heads(h @ self.memory_q_proj.T)
-        k = heads(h @ self.memory_k_proj.T)
-        v = heads(h @ self.memory_v_proj.T)  # v is used raw
-        if cfg.normalize_qk:
-            q, k = normalize_heads(q), normalize_heads(k)
-        beta = mx.sigmoid(h @ self.beta_proj.T + self.beta_bias)
-        if cfg.state_update_mode == "no_lambda":
-            lam = mx.ones_like(beta)
-        elif cfg.couple_lambda:
-            lam = 1.0 - beta
-        else:
-            lam = mx.sigmoid(h @ self.lambda_proj.T + self.lambda_bias)
-        # G = H: one scalar per head, broadcast to that head's r rows.
-        beta = mx.broadcast_to(heads(beta), q.shape)
-        lam = mx.broadcast_to(heads(lam), q.shape)
-        keep, erase, write = row_coefficients(cfg, beta, lam)
-        return MemoryInputs(q, k, v, keep, erase, write)
+    def fused_weights(self) -> dict[str, mx.array]:
+        """The parameters arranged for few ops, cached until a parameter is replaced.
 
-    def delta(self, head: str, reads: mx.array) -> mx.array:
-        """Δx = (α/r) · s_x · W_Δx read, float32.  reads: [B, T, R] → [B, T, out_x]."""
+        {"in": [D, P], "bias": [P]}: the memory q/k/v and gate projections as one matmul,
+        P = H·r·K columns ordered [H, r, K] (K = q, k, v, β (, λ): the entries of one state
+        row are adjacent), gate rows repeated r times when the gates are per head (G = H);
+        and per active head x: [R, out_x], W_Δx
+        with α/r and the trainable scale folded in. Rebuilt whenever a parameter is another
+        array object (optimizer updates, `load_delta_parameters`, `Module.update`); after
+        editing a weight in place (`w[...] = x`) call `clear_fused_weights()`.
+        """
+        sources = tuple(self.values())
+        cached = self.__dict__.get("_fused")
+        if cached is not None and len(cached[0]) == len(sources) and all(
+                map(operator.is_, cached[0], sources)):
+            return cached[1]
         cfg = self.config
-        scale = cfg.scaling
-        out = reads @ getattr(self, f"delta_{head}_proj").T
-        if cfg.trainable_delta_scale:
-            idx = DELTA_HEADS.index(head) if cfg.delta_scale_granularity == "head" else 0
-            out = out * (mx.sigmoid(self.delta_scale_raw[idx]) * cfg.delta_scale_max)
-        out = out * scale
+        f32 = lambda x: x.astype(mx.float32)  # noqa: E731
+        per_row = lambda x: x if cfg.rankwise_gates else mx.repeat(x, cfg.rank, axis=0)  # noqa: E731
+        rows = [f32(self.memory_q_proj), f32(self.memory_k_proj), f32(self.memory_v_proj),
+                per_row(f32(self.beta_proj))]
+        biases = [mx.zeros((3 * cfg.state_dim,)), per_row(f32(self.beta_bias))]
+        if projection_vectors(cfg) == 5:
+            rows.append(per_row(f32(self.lambda_proj)))
+            biases.append(per_row(f32(self.lambda_bias)))
+        K, H, r, D = len(rows), cfg.num_state_heads, cfg.rank, rows[0].shape[1]
+        w_in = mx.stack(rows).reshape(K, H, r, D).transpose(1, 2, 0, 3).reshape(-1, D)
+        bias = mx.concatenate(biases).reshape(K, H, r).transpose(1, 2, 0).reshape(-1)
+        weights = {"in": w_in.T, "bias": bias}
+        for head in cfg.delta_heads:
+            scale = cfg.scaling  # Δx = (α/r) · s_x · W_Δx read
+            if cfg.trainable_delta_scale:
+                idx = DELTA_HEADS.index(head) if cfg.delta_scale_granularity == "head" else 0
+                scale = mx.sigmoid(f32(self.delta_scale_raw[idx])) * cfg.delta_scale_max * scale
+            weights[head] = (f32(getattr(self, f"delta_{head}_proj")) * scale).T
+        # Kept lazy: evaluated with the first call that uses it (eval is not allowed under compile).
+        self.__dict__["_fused"] = (sources, weights)
+        return weights
+
+    def clear_fused_weights(self) -> None:
+        self.__dict__.pop("_fused", None)
+
+    def project(self, h: mx.array, weights: Optional[dict] = None) -> MemoryInputs:
+        """Memory projections and per-row coefficients of hidden states h [B, T, D] (DESIGN §1).
+
+        weights: `fused_weights()` if already at hand (the same for every method below).
+        """
+        w = self.fused_weights() if weights is None else weights
+        x = mx.addmm(w["bias"], h.astype(mx.float32), w["in"])
+        qk, *rest = _gated(self.config, x)
+        return MemoryInputs(qk[..., 0], qk[..., 1], *(c[..., 0] for c in rest))
+
+    def delta(self, head: str, reads: mx.array, weights: Optional[dict] = None) -> mx.array:
+        """Δx = (α/r) · s_x · W_Δx read, float32 (RMS-normalised for o if configured).
+
+        reads: [B, T, R] → [B, T, out_x].
+        """
+        cfg = self.config
+        out = reads @ (self.fused_weights() if weights is None else weights)[head]
         if head == "o" and cfg.delta_o_rmsnorm:
             out = mx.fast.rms_norm(out, self.delta_o_rmsnorm_weight.astype(mx.float32),
                                    cfg.delta_o_rmsnorm_eps)
         return out
+
+    def correct(self, head: str, out: mx.array, reads: mx.array,
+                weights: Optional[dict] = None) -> mx.array:
+        """out + Δx: one addmm when out is float32 and Δx needs no normalisation."""
+        w = self.fused_weights() if weights is None else weights
+        if out.dtype == mx.float32 and not (head == "o" and self.config.delta_o_rmsnorm):
+            return mx.addmm(out, reads, w[head])
+        return out + self.delta(head, reads, w).astype(out.dtype)  # Δ in fp32 first
 
     def initialize(self, base_weights: dict[str, mx.array], seed: Optional[int] = None) -> None:
         """Fresh parameters from the config's init fields, as the reference initialises them.

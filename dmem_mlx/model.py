@@ -14,39 +14,45 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import fused
 from .cache import DeltaKVCache, DeltaState
 from .config import DeltaMemConfig
 from .errors import AdapterError, ConfigError
 from .delta_mem import DeltaMemory, group_means, read_state
-from .scan import scan
-from .sharding import full_out_dim, rank_slice
+from .scan import check_backend, default_backend, scan, step
+from .sharding import ALL_TO_SHARDED, full_out_dim, rank_slice
 
 
 class _Pending:
-    """A correction handed from the attention wrapper to a projection wrapper.
+    """The reads of the current call, handed from the attention wrapper to the projection
+    wrappers. A plain object, so mlx never mistakes the array it carries for a parameter."""
 
-    A plain object, so mlx never mistakes the array it carries for a parameter.
-    """
-
-    __slots__ = ("delta",)
+    __slots__ = ("reads", "weights")
 
     def __init__(self) -> None:
-        self.delta: Any = None  # Δ, or (reads, weight) for fused.add_correction
+        self.reads: Optional[mx.array] = None  # [B, T, R] float32
+        self.weights: Optional[dict] = None  # DeltaMemory.fused_weights()
 
 
 class CorrectedProjection(nn.Module):
-    """q_proj / k_proj / v_proj plus the δ correction of the current call."""
+    """q_proj / k_proj / v_proj plus the δ correction of the current call (DESIGN §1 step 3)."""
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, base: nn.Module, memory: DeltaMemory, head: str, pending: _Pending):
         super().__init__()
         self.base = base
-        self._pending = _Pending()
+        object.__setattr__(self, "_memory", memory)  # a plain attribute: not a child module
+        self._head, self._pending = head, pending
 
     def __call__(self, x: mx.array) -> mx.array:
-        out = self.base(x)
-        delta, self._pending.delta = self._pending.delta, None
-        return out if delta is None else fused.add_correction(out, rank_slice(self.base, delta))
+        base = self["base"]  # (item access: no nn.Module attribute lookup on every call)
+        out = base(x)
+        pending = self._pending
+        reads, pending.reads = pending.reads, None
+        if reads is None:
+            return out
+        weights = pending.weights
+        if isinstance(base, ALL_TO_SHARDED):  # this rank's slice of the output (sharding.py)
+            weights = {**weights, self._head: rank_slice(base, (reads, weights[self._head]))[1]}
+        return self._memory.correct(self._head, out, reads, weights)
 
 
 class DeltaMemAttention(nn.Module):
@@ -57,18 +63,24 @@ class DeltaMemAttention(nn.Module):
     """
 
     def __init__(self, attention: nn.Module, memory: DeltaMemory, index: int,
-                 default_state: DeltaState):
+                 controls: "DeltaMem"):
         super().__init__()
         self.attention = attention
         self.memory = memory
         self.index = index
-        self._default_state = default_state
-        self._slots = {}
+        # Plain attributes, reached on every call without nn.Module's attribute lookup.
+        object.__setattr__(self, "_controls", controls)
+        object.__setattr__(self, "_default_state", controls.state)
+        object.__setattr__(self, "_slots", [])
+        self._corrects_o = "o" in memory.config.delta_heads
+        self._token_writes = memory.config.memory_write_granularity == "token"
         for head in ("q", "k", "v"):
             if head in memory.config.delta_heads:
-                wrapper = CorrectedProjection(getattr(attention, f"{head}_proj"))
+                pending = _Pending()
+                wrapper = CorrectedProjection(getattr(attention, f"{head}_proj"), memory, head,
+                                              pending)
                 setattr(attention, f"{head}_proj", wrapper)
-                self._slots[head] = wrapper._pending
+                self._slots.append(pending)
 
     # mlx-lm's `model.shard(group)` reaches through this wrapper (q_proj, n_heads ...): it sees
     # the attention it wraps, projections unwrapped, so sharding works before or after attaching
@@ -94,58 +106,54 @@ class DeltaMemAttention(nn.Module):
                 and hasattr(self["attention"], key))
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        if isinstance(cache, DeltaKVCache):
+        if type(cache) is DeltaKVCache:
             state, cache = cache.delta, cache.kv
         else:
             state = self._default_state
-        reads = self.read_and_write(x, state, _padding_validity(cache, x.shape[1]))  # [B, T, R]
-        if fused.enabled():  # each head's Δ fused into its projection (one addmm)
-            deltas = fused.corrections(self.memory, reads)
-        else:
-            deltas = {head: self.memory.delta(head, reads) for head in self.memory.config.delta_heads}
-        for head, slot in self._slots.items():
-            slot.delta = deltas[head]
-        out = self.attention(x, mask, cache)
-        if "o" in deltas:
-            out = fused.add_correction(out, deltas["o"])
-        return out
+        memory = self["memory"]
+        weights = memory.fused_weights()
+        reads = self.read_and_write(x, state, _padding_validity(cache, x.shape[1]), weights)
+        for slot in self._slots:
+            slot.reads, slot.weights = reads, weights
+        out = self["attention"](x, mask, cache)
+        return memory.correct("o", out, reads, weights) if self._corrects_o else out
 
     def read_and_write(self, h: mx.array, state: DeltaState,
-                       padding: Optional[mx.array] = None) -> mx.array:
+                       padding: Optional[mx.array] = None,
+                       weights: Optional[dict] = None) -> mx.array:
         """Reads of this call and the update of `state` (DESIGN §1 token scan, §2 granularities).
 
-        h: [B, T, D] attention input; padding: [B, T] validity from the KV cache (left padding).
-        Returns the reads [B, T, R] float32.
+        h: [B, T, D] attention input; padding: [B, T] validity from the KV cache (left padding);
+        weights: the layer's `fused_weights()` if at hand. Returns the reads [B, T, R] float32.
         """
         B, T, _ = h.shape
-        cfg, i = self.memory.config, self.index
+        i, memory, backend = self.index, self["memory"], self._controls.backend
+        w = memory.fused_weights() if weights is None else weights
         start = state.begin(i, B)
         valid = state.valid
         if padding is not None:
             valid = padding if valid is None else valid * padding
+        writes = state.writes_enabled
         if state.detach_inputs:
             h = mx.stop_gradient(h)
-        elif T == 1 and fused.enabled() and (
-                not state.writes_enabled or cfg.memory_write_granularity == "token"):
-            # Decode: one matmul + one compiled step (see fused.py).
-            reads, new_state = fused.decode_step(self.memory, h, start, valid,
-                                                 state.writes_enabled)
-            if state.writes_enabled:
+        elif T == 1 and (self._token_writes or not writes):
+            reads, new_state = step(memory, h, start, valid, writes, backend, w)
+            if writes:
                 state.layers[i] = new_state
             return reads
-        token = self.memory.project(h)
-        if not state.writes_enabled:
+        token = memory.project(h, w)
+        if not writes:
             return _flat(read_state(start, token.q, valid))
-        if cfg.memory_write_granularity != "token":
+        if not self._token_writes:
             ids = self._group_ids(state, B, T, valid)
             if ids is not None:
                 groups, group_ids, active = ids
                 reads = read_state(start, token.q, valid)  # every token reads the start state
                 if groups:
                     means, present = group_means(h, group_ids, active, groups)
-                    _, state.layers[i] = scan(start, self.memory.project(means), present)
+                    _, state.layers[i] = scan(start, memory.project(means, w), present, backend)
                 return _flat(reads)
-        reads, state.layers[i] = scan(start, token, valid)
+        reads, state.layers[i] = scan(start, token, valid, backend)
         return _flat(reads)
 
     def _group_ids(self, state: DeltaState, B: int, T: int, valid: Optional[mx.array]):
@@ -199,13 +207,22 @@ class DeltaMem:
     `dmem_mlx.cache.make_prompt_cache(model, state)`.
 
     The other members act on the default state (see `DeltaState` for what they do).
+
+    `backend` picks how the state update runs: "auto" (default, or the environment variable
+    DMEM_BACKEND), "reference" (delta_mem.py's per-token loop, the oracle), "chunked" (the
+    portable fast path) or "metal" (the Metal kernels); see scan.py.
     """
 
-    def __init__(self, config: DeltaMemConfig, layers: dict[int, DeltaMemAttention],
-                 state: DeltaState):
+    def __init__(self, config: DeltaMemConfig, layer_indices: list[int]):
         self.config = config
-        self.layers = layers
-        self._state = state
+        self.layers: dict[int, DeltaMemAttention] = {}
+        self._state = DeltaState(layer_indices, config.num_state_heads, config.rank)
+        self.backend = default_backend()
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key == "backend":
+            check_backend(value)
+        object.__setattr__(self, key, value)
 
     @property
     def state(self) -> DeltaState:
@@ -294,14 +311,13 @@ def attach_delta_mem(model: nn.Module, config: DeltaMemConfig) -> DeltaMem:
     layers = _layers(model)
     hidden = model.args.hidden_size
     indices = config.layer_indices(len(layers))
-    default = DeltaState(indices, config.num_state_heads, config.rank)
-    attached: dict[int, DeltaMemAttention] = {}
+    controls = DeltaMem(config, indices)
     for i in indices:
         attention = layers[i].self_attn
         memory = DeltaMemory(config, hidden, _out_dims(attention))
-        attached[i] = DeltaMemAttention(attention, memory, i, default)
-        layers[i].self_attn = attached[i]
-    model.delta_mem = DeltaMem(config, attached, default)
+        controls.layers[i] = DeltaMemAttention(attention, memory, i, controls)
+        layers[i].self_attn = controls.layers[i]
+    model.delta_mem = controls
     return model.delta_mem
 
 

@@ -1,69 +1,63 @@
-"""Choosing the state-update implementation: Metal kernel, chunked scan, or the per-token step.
+"""The one place that picks how the state update runs: `backend` = auto | reference | chunked | metal.
 
-All of them compute `delta_mem.scan_reference` (the per-token oracle) within fp32 rounding;
-see tests/test_scan.py. On a Metal device the kernels of `kernels/metal.py` run (with the
-chunked scan's gradient, so training works there too); elsewhere (CPU, CUDA) the chunked WY
-scan of `chunked_scan.py`. A few tokens are cheaper as plain steps than as one chunk.
+Every path computes delta_mem.py's math (`scan_reference`, `decode_step`) within fp32 rounding;
+see tests/test_scan.py.
+- reference: the per-token loop of delta_mem.py as written (the oracle), never compiled;
+- chunked: the portable path. One token (decode) runs `delta_mem.decode_step` compiled by
+  `mx.compile` (when this machine can compile); a few tokens run the per-token loop; longer
+  calls the chunked WY scan of chunked_scan.py;
+- metal: the Metal kernels of kernels/metal.py (with the chunked scan's gradient);
+- auto: metal on a Metal default device, else chunked.
+
+The backend is `model.delta_mem.backend`, like mlx-lm's `use_kernel=`; its default comes from
+the environment variable DMEM_BACKEND (read only in `default_backend`), else "auto".
 """
 
 from __future__ import annotations
 
 import os
-from functools import lru_cache
-from typing import Optional
+import shutil
+from functools import lru_cache, partial
+from typing import Callable, Optional
 
 import mlx.core as mx
 
 from .chunked_scan import chunked_scan
-from .delta_mem import MemoryInputs, scan_reference, scan_step
+from .config import DeltaMemConfig
+from .delta_mem import (MemoryInputs, decode_step, gate_coefficients, projection_vectors,
+                        scan_reference)
 
-# Up to this many tokens the unrolled steps beat the chunked scan's fixed cost (measured on
+BACKENDS = ("auto", "reference", "chunked", "metal")
+ENVIRONMENT = "DMEM_BACKEND"
+# Up to this many tokens the per-token loop beats the chunked scan's fixed cost (measured on
 # the CPU backend: ~0.3 ms for a chunk vs ~0.07 ms per step).
 MAX_STEPS = 4
-# DMEM_NO_METAL=1 keeps the portable path on a Mac (for comparisons and debugging).
-USE_METAL = os.environ.get("DMEM_NO_METAL", "") in ("", "0")
-# Set by `fused.reference_path()`: every call runs the per-token oracle.
-FORCE_REFERENCE = False
 
 
-def scan(
-    state: mx.array, inputs: MemoryInputs, valid: Optional[mx.array] = None
-) -> tuple[mx.array, mx.array]:
-    """Reads [B, T, H, r] and the final state [B, H, r, r] of one call (read before write).
-
-    state: [B, H, r, r] float32; inputs: [B, T, H, r] each; valid: [B, T] (0 = padding) or None.
-    """
-    if FORCE_REFERENCE:
-        return scan_reference(state, inputs, valid)
-    if metal():
-        return _metal_scan(state, inputs, valid)
-    if inputs.q.shape[1] <= MAX_STEPS:
-        return scan_steps(state, inputs, valid)
-    return chunked_scan(state, inputs, valid)
+def default_backend() -> str:
+    """The backend named by DMEM_BACKEND, or "auto" (the only place the environment is read)."""
+    return check_backend(os.environ.get(ENVIRONMENT, "") or "auto")
 
 
-def scan_steps(
-    state: mx.array, inputs: MemoryInputs, valid: Optional[mx.array] = None
-) -> tuple[mx.array, mx.array]:
-    """`scan_reference` for a few tokens, one `scan_step` each (what decode uses on T = 1)."""
-    reads = []
-    for t in range(inputs.q.shape[1]):
-        read, new_state = scan_step(state, *(x[:, t] for x in inputs))
-        if valid is None:
-            state = new_state
-        else:
-            m = valid[:, t].astype(mx.float32)[:, None, None]
-            read = read * m
-            state = mx.where(m[..., None] > 0, new_state, state)
-        reads.append(read)
-    if not reads:
-        return mx.zeros(inputs.q.shape, mx.float32), state
-    return (reads[0][:, None] if len(reads) == 1 else mx.stack(reads, axis=1)), state
+def check_backend(backend: str) -> str:
+    """`backend` if it is one of BACKENDS (and "metal" only where the kernels can run)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown δ backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "metal" and not metal_available():
+        raise ValueError("the δ backend 'metal' needs a Metal GPU as MLX's default device")
+    return backend
 
 
-def metal() -> bool:
-    """True when the Metal kernels run: a Metal default device (and not DMEM_NO_METAL)."""
-    return USE_METAL and _has_metal() and mx.default_device() == mx.gpu
+def resolve(backend: str) -> str:
+    """The concrete path of `backend`: "auto" becomes "metal" or "chunked"."""
+    if backend == "auto":
+        return "metal" if metal_available() else "chunked"
+    return backend
+
+
+def metal_available() -> bool:
+    """True when the Metal kernels can run: a Metal GPU that is MLX's default device."""
+    return _has_metal() and mx.default_device() == mx.gpu
 
 
 @lru_cache(maxsize=None)
@@ -75,6 +69,75 @@ def _has_metal() -> bool:
     return mx.metal.is_available()
 
 
+# -- a call's tokens, already projected ---------------------------------------------------------
+
+def scan(
+    state: mx.array, inputs: MemoryInputs, valid: Optional[mx.array] = None,
+    backend: str = "auto",
+) -> tuple[mx.array, mx.array]:
+    """Reads [B, T, H, r] and the final state [B, H, r, r] of one call (read before write).
+
+    state: [B, H, r, r] float32; inputs: [B, T, H, r] each; valid: [B, T] (0 = padding) or None.
+    """
+    path = resolve(backend)
+    if path == "metal":
+        return _metal_scan(state, inputs, valid)
+    if path == "reference" or inputs.q.shape[1] <= MAX_STEPS:
+        return scan_reference(state, inputs, valid)
+    return chunked_scan(state, inputs, valid)
+
+
+# -- one token: projection and step ---------------------------------------------------------------
+
+def step(
+    memory, h: mx.array, state: mx.array, valid: Optional[mx.array] = None,
+    write: bool = True, backend: str = "auto", weights: Optional[dict] = None,
+) -> tuple[mx.array, mx.array]:
+    """`delta_mem.decode_step` of a layer's `DeltaMemory` on the path of `backend`.
+
+    h: [B, 1, D]; state: [B, H, r, r]; valid: [B, 1] or None; weights: the layer's
+    `fused_weights()` if already at hand. Returns (reads [B, 1, R] float32, new state
+    [B, H, r, r]).
+    """
+    w = memory.fused_weights() if weights is None else weights
+    path = resolve(backend)
+    if path == "metal" and write:
+        return _metal_step(memory.config, h, state, w, valid)
+    key = (write, valid is not None, path != "reference")
+    steps = memory.__dict__.setdefault("_steps", {})  # this layer's step functions
+    fn = steps.get(key)
+    if fn is None:
+        fn = steps[key] = step_function(memory.config, write, key[2])
+    return fn(h, state, w["in"], w["bias"]) if valid is None else \
+        fn(h, state, w["in"], w["bias"], valid)
+
+
+@lru_cache(maxsize=None)
+def step_function(config: DeltaMemConfig, write: bool, compiled: bool) -> Callable:
+    """`decode_step` for one config, compiled when asked and the backend can compile."""
+    fn = partial(decode_step, config, write)
+    return mx.compile(fn) if compiled and can_compile() else fn
+
+
+@lru_cache(maxsize=None)
+def can_compile() -> bool:
+    """True when `mx.compile` can run here: a GPU, or a CPU with the C++ compiler MLX uses.
+
+    MLX's CPU backend compiles fused kernels with `g++` at run time; without one the step runs
+    uncompiled. A probe catches any other failure once.
+    """
+    if mx.default_device() == mx.cpu and shutil.which("g++") is None:
+        return False
+    try:
+        probe = mx.compile(lambda x: mx.tanh(x) * x + 1.0)
+        mx.eval(probe(mx.ones((2,))))
+    except Exception:  # noqa: BLE001 - any failure means: don't compile
+        return False
+    return True
+
+
+# -- Metal ------------------------------------------------------------------------------------------
+
 def _metal_scan(state, inputs, valid):
     from .kernels import metal_scan
 
@@ -82,18 +145,30 @@ def _metal_scan(state, inputs, valid):
     return with_portable_vjp(metal_scan)(state, *inputs, valid)
 
 
-_vjp_wrapped = {}
+def _metal_step(cfg: DeltaMemConfig, h, state, w, valid):
+    """The decode step with the state update on the Metal decode kernel (q/k normalised there)."""
+    from .kernels import metal_decode_step
+
+    proj = mx.addmm(w["bias"], h.astype(mx.float32), w["in"])[:, 0]
+    x = proj.reshape(proj.shape[0], cfg.num_state_heads, cfg.rank, projection_vectors(cfg))
+    keep, erase, write = (c[..., 0] for c in gate_coefficients(cfg, x))
+    read, new_state = metal_decode_step(state, x[..., 0], x[..., 1], x[..., 2], keep, erase,
+                                        write, cfg.normalize_qk)
+    read = read.reshape(read.shape[0], 1, -1)
+    if valid is not None:
+        m = valid.astype(mx.float32)
+        read, new_state = read * m[..., None], mx.where(m[..., None, None] > 0, new_state, state)
+    return read, new_state
 
 
-def with_portable_vjp(forward):
+@lru_cache(maxsize=None)
+def with_portable_vjp(forward: Callable) -> Callable:
     """`forward(state, inputs, valid)` as a function of arrays whose gradient is the chunked scan's.
 
     Custom kernels have no autodiff; training through them gets the same derivatives from the
     chunked scan (recomputed in the backward pass). Returns f(state, q, k, v, keep, erase,
     write, valid) → (reads, state).
     """
-    if forward in _vjp_wrapped:
-        return _vjp_wrapped[forward]
 
     @mx.custom_function
     def fn(state, q, k, v, keep, erase, write, valid):
@@ -109,5 +184,4 @@ def with_portable_vjp(forward):
         _, grads = mx.vjp(portable, arrays, list(cotangents))
         return (*grads, mx.zeros_like(valid))
 
-    _vjp_wrapped[forward] = fn
     return fn

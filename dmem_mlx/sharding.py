@@ -32,7 +32,7 @@ def full_out_dim(projection: nn.Module) -> int:
 def rank_slice(projection: nn.Module, delta: Any) -> Any:
     """This rank's share of a correction to `projection`'s output.
 
-    delta: Δ [..., out] or (reads [..., R], weight [R, out]) as made by fused.corrections;
+    delta: Δ [..., out] or (reads [..., R], weight [R, out]) (the scaled δ weight);
     returned unchanged when `projection` is not all-to-sharded.
     """
     if not isinstance(projection, ALL_TO_SHARDED):

@@ -1,5 +1,9 @@
-"""The fast paths against the per-token oracle: chunked scan, dispatcher, fused decode, BLAS setup."""
+"""The fast paths against the per-token oracle: chunked scan, dispatcher, decode step, BLAS setup."""
 
+import collections
+import io
+import re
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -7,14 +11,14 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from dmem_mlx import blas, fused
+from dmem_mlx import blas
 from dmem_mlx import scan as scan_module
 from dmem_mlx.chunked_scan import chunked_scan, unit_lower_inverse
 from dmem_mlx.config import DeltaMemConfig
 from dmem_mlx.delta_mem import (DeltaMemory, MemoryInputs, normalize_heads, row_coefficients,
                                 scan_reference, scan_step)
 from dmem_mlx.model import attach_delta_mem, delta_parameters, load_delta_parameters
-from dmem_mlx.scan import scan, with_portable_vjp
+from dmem_mlx.scan import scan, step, with_portable_vjp
 from dmem_mlx.tiny import build_model, tiny_args
 
 MODES = [  # (state_update_mode, couple_lambda, rankwise_gates)
@@ -164,13 +168,14 @@ def test_kernel_wrapper_takes_the_chunked_gradient():
 
 # -- dispatcher -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["auto", "chunked", "reference"])
 @pytest.mark.parametrize("T", [1, 2, 4, 5, 40])
-def test_dispatcher_matches_reference(T):
+def test_dispatcher_matches_reference(T, backend):
     inputs = random_inputs(2, T, 1, seed=T)
     state = mx.ones((2, 1, 8, 8)) * 0.3
     for valid in (None, holes(2, T)):
         want_reads, want_state = scan_reference(state, inputs, valid)
-        reads, new_state = scan(state, inputs, valid)
+        reads, new_state = scan(state, inputs, valid, backend)
         assert_close(reads, want_reads, 2e-6)
         assert_close(new_state, want_state, 2e-6)
 
@@ -182,14 +187,34 @@ def test_dispatcher_handles_an_empty_call():
     assert reads.shape == (2, 0, 1, 8) and new_state is state
 
 
-def test_reference_path_forces_the_loop(monkeypatch):
+def test_backend_picks_the_path(monkeypatch):
     used = []
     monkeypatch.setattr(scan_module, "scan_reference",
-                        lambda *a: used.append(1) or scan_reference(*a))
+                        lambda *a: used.append("loop") or scan_reference(*a))
+    monkeypatch.setattr(scan_module, "chunked_scan",
+                        lambda *a: used.append("chunked") or chunked_scan(*a))
     inputs = random_inputs(1, 30, 1)
-    with fused.reference_path():
-        scan(mx.zeros((1, 1, 8, 8)), inputs)
-    assert used and fused.enabled() and not scan_module.FORCE_REFERENCE
+    scan(mx.zeros((1, 1, 8, 8)), inputs, backend="reference")
+    scan(mx.zeros((1, 1, 8, 8)), inputs, backend="chunked")
+    scan(mx.zeros((1, 1, 8, 8)), inputs, backend="auto")
+    assert used == ["loop", "chunked", "chunked"]  # auto is chunked without Metal
+    assert scan_module.resolve("auto") == "chunked"
+
+
+def test_backend_attribute_and_environment(monkeypatch):
+    model = make_model(CONFIGS[0])
+    assert model.delta_mem.backend == "auto"
+    model.delta_mem.backend = "reference"
+    with pytest.raises(ValueError, match="unknown δ backend 'fast'"):
+        model.delta_mem.backend = "fast"
+    with pytest.raises(ValueError, match="needs a Metal GPU"):
+        model.delta_mem.backend = "metal"
+    assert model.delta_mem.backend == "reference"
+    monkeypatch.setenv("DMEM_BACKEND", "reference")
+    assert make_model(CONFIGS[0]).delta_mem.backend == "reference"
+    monkeypatch.setenv("DMEM_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown δ backend"):
+        make_model(CONFIGS[0])
 
 
 def test_metal_wiring_with_stand_in_kernels(monkeypatch):
@@ -210,16 +235,16 @@ def test_metal_wiring_with_stand_in_kernels(monkeypatch):
 
     monkeypatch.setattr(kernels, "metal_scan", fake_scan)
     monkeypatch.setattr(kernels, "metal_decode_step", fake_decode)
-    monkeypatch.setattr(scan_module, "metal", lambda: True)
+    monkeypatch.setattr(scan_module, "metal_available", lambda: True)
     for mode in MODES[:3]:
-        want = run_model(make_model(mode_config(mode)), reference=True)
-        got = run_model(make_model(mode_config(mode)), reference=False)
+        want = run_model(make_model(mode_config(mode)), backend="reference")
+        got = run_model(make_model(mode_config(mode)), backend="metal")
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, atol=1e-5)
     assert "scan" in calls and "decode" in calls
 
 
-# -- fused projections and decode step ---------------------------------------------------------
+# -- the projection, the corrections and the decode step ---------------------------------------
 
 def mode_config(mode, **extra) -> DeltaMemConfig:
     return DeltaMemConfig.from_dict({"state_update_mode": mode[0], "couple_lambda": mode[1],
@@ -244,62 +269,98 @@ def random_memory(cfg: DeltaMemConfig, D=64, seed=0) -> DeltaMemory:
     return memory
 
 
+def projection_by_matrix(memory: DeltaMemory, h: mx.array) -> MemoryInputs:
+    """DESIGN §1 steps 1–2 with the named parameters one by one (independent of the fused layout)."""
+    cfg = memory.config
+    heads = lambda x: x.reshape(*x.shape[:-1], cfg.num_state_heads, -1)  # noqa: E731
+    q, k = heads(h @ memory.memory_q_proj.T), heads(h @ memory.memory_k_proj.T)
+    if cfg.normalize_qk:
+        q, k = normalize_heads(q), normalize_heads(k)
+    beta = mx.sigmoid(h @ memory.beta_proj.T + memory.beta_bias)
+    if cfg.state_update_mode == "no_lambda":
+        lam = mx.ones_like(beta)
+    elif cfg.couple_lambda:
+        lam = 1.0 - beta
+    else:
+        lam = mx.sigmoid(h @ memory.lambda_proj.T + memory.lambda_bias)
+    beta, lam = mx.broadcast_to(heads(beta), q.shape), mx.broadcast_to(heads(lam), q.shape)
+    return MemoryInputs(q, k, heads(h @ memory.memory_v_proj.T),
+                        *row_coefficients(cfg, beta, lam))
+
+
+def delta_by_matrix(memory: DeltaMemory, head: str, reads: mx.array) -> mx.array:
+    """Δx = (α/r) · s_x · W_Δx read (+ RMSNorm for o), from the named parameters."""
+    cfg = memory.config
+    out = reads @ getattr(memory, f"delta_{head}_proj").T * cfg.scaling
+    if cfg.trainable_delta_scale:
+        idx = "qkvo".index(head) if cfg.delta_scale_granularity == "head" else 0
+        out = out * mx.sigmoid(memory.delta_scale_raw[idx]) * cfg.delta_scale_max
+    if head == "o" and cfg.delta_o_rmsnorm:
+        out = mx.fast.rms_norm(out, memory.delta_o_rmsnorm_weight, cfg.delta_o_rmsnorm_eps)
+    return out
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=range(len(CONFIGS)))
-def test_fused_projection_and_deltas_match_the_readable_layer(cfg):
+def test_projection_and_corrections_match_the_parameters(cfg):
     memory = random_memory(cfg)
     h = mx.array(np.random.default_rng(1).normal(size=(2, 5, 64)).astype(np.float32))
-    for got, want in zip(fused.project(memory, h), memory.project(h)):
+    for got, want in zip(memory.project(h), projection_by_matrix(memory, h)):
         assert_close(got, want, 1e-6)
     reads = mx.array(np.random.default_rng(2).normal(size=(2, 5, cfg.state_dim)).astype(np.float32))
-    got = fused.deltas(memory, reads)
-    assert sorted(got) == sorted(cfg.delta_heads)
+    out = mx.ones((2, 5, 64))
     for head in cfg.delta_heads:
-        assert_close(got[head], memory.delta(head, reads), 2e-5)
+        want = delta_by_matrix(memory, head, reads)
+        assert_close(memory.delta(head, reads), want, 2e-5)
+        width = want.shape[-1]
+        assert_close(memory.correct(head, out[..., :width], reads), out[..., :width] + want, 2e-5)
 
 
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=range(len(CONFIGS)))
-def test_decode_step_matches_project_and_scan_step(cfg):
+def test_decode_step_matches_project_and_scan_step(cfg, backend):
     memory = random_memory(cfg)
     rng = np.random.default_rng(4)
     h = mx.array(rng.normal(size=(2, 1, 64)).astype(np.float32))
     state = mx.array(rng.normal(size=(2, cfg.num_state_heads, 8, 8)).astype(np.float32))
-    x = memory.project(h)
+    x = projection_by_matrix(memory, h)
     want_read, want_state = scan_step(state, *(a[:, 0] for a in x))
-    reads, new_state = fused.decode_step(memory, h, state)
+    reads, new_state = step(memory, h, state, backend=backend)
     assert_close(reads, want_read.reshape(2, 1, -1), 2e-6)
     assert_close(new_state, want_state, 2e-6)
     valid = mx.array([[True], [False]])
-    reads, new_state = fused.decode_step(memory, h, state, valid)
+    reads, new_state = step(memory, h, state, valid, backend=backend)
     assert_close(reads[0], want_read[0].reshape(1, -1), 2e-6)
     assert float(mx.abs(reads[1]).max()) == 0.0
     assert_close(new_state[1], state[1], 0)
-    reads, kept = fused.decode_step(memory, h, state, write=False)
+    reads, kept = step(memory, h, state, write=False, backend=backend)
     assert_close(reads, (state @ x.q[:, 0, ..., None])[..., 0].reshape(2, 1, -1), 2e-6)
     assert_close(kept, state, 0)
 
 
 def test_fused_weights_follow_weight_updates():
-    cfg = CONFIGS[0]
-    memory = random_memory(cfg, seed=0)
+    memory = random_memory(CONFIGS[0], seed=0)
     h = mx.ones((1, 1, 64))
-    first = fused.project(memory, h).v
+    first = memory.project(h).v
     memory.update({k: v * 2 for k, v in memory.parameters().items()})  # new arrays, as training does
-    assert_close(fused.project(memory, h).v, memory.project(h).v, 1e-6)
-    assert float(mx.abs(fused.project(memory, h).v - first).max()) > 0.1
+    assert_close(memory.project(h).v, projection_by_matrix(memory, h).v, 1e-6)
+    assert float(mx.abs(memory.project(h).v - first).max()) > 0.1
     reads = mx.ones((1, 1, 8))
-    assert_close(fused.deltas(memory, reads)["q"], memory.delta("q", reads), 1e-5)
+    assert_close(memory.delta("q", reads), delta_by_matrix(memory, "q", reads), 1e-5)
+    memory.memory_v_proj[0, 0] = 100.0  # in place: not seen until the cache is cleared
+    memory.clear_fused_weights()
+    assert_close(memory.project(h).v, projection_by_matrix(memory, h).v, 1e-5)
 
 
-def test_fused_path_is_differentiable():
+def test_projection_and_corrections_are_differentiable():
     memory = random_memory(CONFIGS[1])
     h = mx.array(np.random.default_rng(0).normal(size=(1, 3, 64)).astype(np.float32))
 
-    def loss(params, fast):
+    def loss(params, fused):
         memory.update(params)
-        x = fused.project(memory, h) if fast else memory.project(h)
+        x = memory.project(h) if fused else projection_by_matrix(memory, h)
         reads = (x.q + x.k * x.erase + x.v * x.keep * x.write).reshape(1, 3, -1)
-        d = fused.deltas(memory, reads) if fast else {k: memory.delta(k, reads) for k in "qkvo"}
-        return sum(v.sum() for v in d.values())
+        delta = memory.delta if fused else partial(delta_by_matrix, memory)
+        return sum(delta(k, reads).sum() for k in "qkvo")
 
     params = memory.parameters()
     got = mx.grad(loss)(params, True)
@@ -308,7 +369,7 @@ def test_fused_path_is_differentiable():
         assert_close(got[key], want[key], 1e-4)
 
 
-# -- the whole model: fast path vs reference, every gate mode -------------------------------------
+# -- the whole model: every backend against the reference, every gate mode -------------------------
 
 def make_model(cfg: DeltaMemConfig, seed=0):
     """The tiny qwen3 backbone with random δ weights that change its logits by O(1).
@@ -325,30 +386,22 @@ def make_model(cfg: DeltaMemConfig, seed=0):
     return model
 
 
-def run_model(model, reference: bool):
+def run_model(model, backend: str = "auto"):
     """Logits of a 40-token prefill (with a padded batch row), then 3 decode steps."""
     rng = np.random.default_rng(0)
     prompt = mx.array(rng.integers(0, 512, size=(2, 40)))
     valid = np.ones((2, 40), bool)
     valid[1, :6] = False
     cache = make_prompt_cache(model)
+    model.delta_mem.backend = backend
     out = []
-    with (fused.reference_path() if reference else _nothing()):
-        with model.delta_mem.inputs(valid=valid):
-            out.append(model(prompt, cache=cache))
-        for t in range(3):
-            out.append(model(prompt[:, t:t + 1], cache=cache))
-        out.extend(model.delta_mem.snapshot().values())
+    with model.delta_mem.inputs(valid=valid):
+        out.append(model(prompt, cache=cache))
+    for t in range(3):
+        out.append(model(prompt[:, t:t + 1], cache=cache))
+    out.extend(model.delta_mem.snapshot().values())
     mx.eval(out)
     return [np.array(x) for x in out]
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # Unnormalised keys of this random size make the delta rule diverge: a model-level comparison
@@ -358,8 +411,8 @@ MODEL_CONFIGS = CONFIGS[:-1] + [mode_config(MODES[0], delta_heads=[])]
 
 @pytest.mark.parametrize("cfg", MODEL_CONFIGS, ids=range(len(MODEL_CONFIGS)))
 def test_model_logits_fast_path_equal_reference(cfg):
-    got = run_model(make_model(cfg), reference=False)
-    want = run_model(make_model(cfg), reference=True)
+    got = run_model(make_model(cfg))
+    want = run_model(make_model(cfg), backend="reference")
     for g, w in zip(got[:4], want[:4]):  # logits of the prefill and the 3 decode steps
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
     for g, w in zip(got[4:], want[4:]):  # states
@@ -372,24 +425,66 @@ def test_model_logits_fast_path_equal_reference(cfg):
 
 
 def test_bf16_backbone_gets_fp32_corrections():
-    """Corrections are computed in fp32 and cast, as on the readable path, when the backbone
-    is not fp32 (the single-addmm form is used only for fp32 outputs)."""
+    """Corrections are computed in fp32 and cast when the backbone is not fp32 (the single
+    addmm form is used only for fp32 outputs)."""
+    memory = random_memory(CONFIGS[0])
     reads = mx.array(np.random.default_rng(0).normal(size=(1, 3, 8)).astype(np.float32))
-    w = mx.array(np.random.default_rng(1).normal(size=(8, 16)).astype(np.float32))
-    out = mx.ones((1, 3, 16), mx.bfloat16)
-    got = fused.add_correction(out, (reads, w))
+    out = mx.ones((1, 3, 64), mx.bfloat16)
+    got = memory.correct("q", out, reads)
+    want = out + delta_by_matrix(memory, "q", reads).astype(mx.bfloat16)
     assert got.dtype == mx.bfloat16
-    assert_close(got.astype(mx.float32), (out + (reads @ w).astype(mx.bfloat16)).astype(mx.float32), 0)
-    out32 = mx.ones((1, 3, 16))
-    assert_close(fused.add_correction(out32, (reads, w)), out32 + reads @ w, 1e-5)
+    assert_close(got.astype(mx.float32), want.astype(mx.float32), 0)
 
 
-def test_model_fast_path_is_used_at_decode(monkeypatch):
+def test_model_decode_runs_one_step_per_layer(monkeypatch):
+    import dmem_mlx.model as model_module
+
     used = []
-    original = fused.decode_step
-    monkeypatch.setattr(fused, "decode_step", lambda *a, **k: used.append(1) or original(*a, **k))
-    run_model(make_model(CONFIGS[0]), reference=False)
-    assert len(used) == 3 * 4  # 3 decode steps × 4 layers
+    original = model_module.step
+    monkeypatch.setattr(model_module, "step", lambda *a: used.append(a[5]) or original(*a))
+    run_model(make_model(CONFIGS[0]))
+    assert used == ["auto"] * (3 * 4)  # 3 decode steps × 4 layers, on the model's backend
+
+
+def primitives(*outputs: mx.array) -> collections.Counter:
+    """The primitives MLX would run to evaluate `outputs`, by name (from mx.export_to_dot)."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    return collections.Counter(re.findall(r'label ="(\w+)", shape=rectangle', dot.getvalue()))
+
+
+def decode_graph(model) -> collections.Counter:
+    """Primitives of one steady decode step: logits, KV cache and δ state of the next token."""
+    cache = make_prompt_cache(model)
+    for ids in ([[1, 2, 3]], [[4]]):  # the prompt, then a first step (compiles, builds weights)
+        mx.eval(model(mx.array(ids), cache=cache), [c.state for c in cache])
+        if hasattr(model, "delta_mem"):
+            mx.eval(list(model.delta_mem.state.layers.values()))
+    logits = model(mx.array([[5]]), cache=cache)
+    outputs = [logits, *(a for c in cache for a in c.state if isinstance(a, mx.array))]
+    if hasattr(model, "delta_mem"):
+        outputs += list(model.delta_mem.state.layers.values())
+    return primitives(*outputs)
+
+
+# Per δ layer and decode token on the CPU path (heads q and o, one state head): the input
+# projection (1 addmm), the step (7 computing primitives, 2 of them mx.compile fusions, and
+# 8 views), the two corrections (2 addmm), and the reshapes/broadcasts those addmms bring.
+DECODE_PRIMITIVES_PER_LAYER = 23
+
+
+def test_decode_primitives_per_layer_are_pinned():
+    """Walks the graph MLX dispatches for a decode token and pins what δ-mem adds per layer."""
+    cfg = DeltaMemConfig.from_dict({"delta_heads": ["q", "o"]})
+    plain = build_model(tiny_args("qwen3"), 0)
+    model = make_model(cfg)
+    added = decode_graph(model)
+    added.subtract(decode_graph(plain))
+    layers = len(model.delta_mem.layers)
+    assert sum(added.values()) == DECODE_PRIMITIVES_PER_LAYER * layers, dict(added)
+    assert added["AddMM"] == 3 * layers  # one input projection, one addmm per correction
+    if scan_module.can_compile():
+        assert sum(n for name, n in added.items() if name.startswith("Compiled")) == 2 * layers
 
 
 # -- OpenBLAS detection ---------------------------------------------------------------------
