@@ -18,7 +18,6 @@ import pytest
 
 from mlx.utils import tree_map
 
-from dmem_mlx import fused
 from dmem_mlx.config import DeltaMemConfig
 from dmem_mlx.delta_mem import (
     DeltaMemory, MemoryInputs, normalize_heads, read_state, row_coefficients, scan_reference,
@@ -139,7 +138,7 @@ def make_layer_case(case):
 def layer_launch(case, **overrides):
     memory, h, state, valid = make_layer_case(case)
     cfg = memory.config
-    weights = fused._weights(memory)
+    weights = memory.fused_weights()
     heads = cfg.delta_heads
     kwargs = dict(
         state_update_mode=cfg.state_update_mode,
@@ -315,7 +314,7 @@ def test_layer_decode_launch_checks_its_inputs():
     case = LAYER_CASES[1]
     with pytest.raises(ValueError, match="w_out has shape"):
         memory, h, state, valid = make_layer_case(case)
-        w = fused._weights(memory)
+        w = memory.fused_weights()
         layer_decode_launch(h, state, w["in"], w["bias"], w["q"], [48, 24, 24, 40],
                             state_update_mode="standard", separate_lambda=True,
                             normalize_qk=True)

@@ -117,7 +117,7 @@ _LAYER_DECODE_SOURCE = """
     // One threadgroup of Threads threads per (correction head g, batch row b); each group
     // computes the projection and the reads itself (a few thousand FMAs), group 0 alone writes
     // the state, group g writes the columns of head g.
-    // h: [B, D] attention input (InT); w_in: [D, P] fp32, P = H·K·r, column (head, vector, i)
+    // h: [B, D] attention input (InT); w_in: [D, P] fp32, P = H·r·K, column (head, i, vector)
     // for the vectors q, k, v, β (, λ) of each head, gates given per state row; bias: [P];
     // state_in: [B, H, r, r]; valid: [B] (false: a padding row, reads 0 and keeps its state);
     // w_out: [R, O] fp32, the scaled δ weights of the active heads side by side, head g in
@@ -158,12 +158,12 @@ _LAYER_DECODE_SOURCE = """
     // 2. state rows S[b, head, i, :]: read first, then the gated delta write
     bool real = valid[b];
     for (uint row = t; row < R; row += Threads) {
-      uint x = (row / r) * K * r;  // proj[x + m * r + j]: vector m (q, k, v, β, λ) of the head
+      uint x = (row / r) * r * K;  // proj[x + j * K + m]: entry j of vector m (q, k, v, β, λ)
       uint i = row % r;
       float qn[r], kn[r];
       for (int j = 0; j < r; ++j) {
-        qn[j] = proj[x + j];
-        kn[j] = proj[x + r + j];
+        qn[j] = proj[x + j * K];
+        kn[j] = proj[x + j * K + 1];
       }
       if (NormalizeQK) {  // tanh(x) / max(|tanh(x)|, 1e-6) per head
         float qq = 0.0f, kk = 0.0f;
@@ -181,12 +181,12 @@ _LAYER_DECODE_SOURCE = """
         }
       }
       // gates β, λ and the row coefficients (keep, erase, write) of the update mode
-      float beta = 1.0f / (1.0f + metal::precise::exp(-proj[x + 3 * r + i]));
+      float beta = 1.0f / (1.0f + metal::precise::exp(-proj[x + i * K + 3]));
       float lam = 1.0f - beta;  // coupled
       if (Mode == 2) {
         lam = 1.0f;  // no_lambda
       } else if (SeparateLambda) {
-        lam = 1.0f / (1.0f + metal::precise::exp(-proj[x + 4 * r + i]));
+        lam = 1.0f / (1.0f + metal::precise::exp(-proj[x + i * K + 4]));
       }
       float erase = Mode == 1 ? lam * beta : beta;  // lambda_outside: λβ
       uint srow = (b * R + row) * r;  // S[b, head, i, :]
@@ -200,7 +200,7 @@ _LAYER_DECODE_SOURCE = """
       reads[row] = real ? read : 0.0f;
       if (g == 0) {
         // s <- keep_i s - erase_i (s.k) k + write_i v_i k, keep = λ, write = β
-        float c = beta * proj[x + 2 * r + i] - erase * p;
+        float c = beta * proj[x + i * K + 2] - erase * p;
         for (int j = 0; j < r; ++j) {
           state_out[srow + j] = (Write && real) ? lam * s[j] + c * kn[j] : s[j];
         }
@@ -456,8 +456,9 @@ def metal_layer_decode(*args: Any, **kwargs: Any) -> tuple[mx.array, mx.array]:
     """One decode token through a δ layer in one launch: `DeltaMemory.project`, `scan_step`
     (or a read only, write=False) and `DeltaMemory.delta` of every active head.
 
-    h: [B, 1, D] attention input; state: [B, H, r, r]; w_in: [D, H·K·r] and bias: the fused
-    input projection, columns [H, K, r] head-major with K = q, k, v, β (, λ) and per-row gates;
+    h: [B, 1, D] attention input; state: [B, H, r, r]; w_in: [D, H·r·K] and bias: the fused
+    input projection (`DeltaMemory.fused_weights`), columns [H, r, K] with K = q, k, v, β (, λ)
+    and per-row gates;
     w_out: [R, O] the scaled δ weights of the active heads side by side (widths head_widths);
     norm_head: index of the head whose Δ is RMS-normalised (Δo), or -1. Arguments as
     `layer_decode_launch`.
