@@ -30,7 +30,7 @@ from .errors import AdapterError, DistributedError, ModelError, one_line
 from .hub import resolve_model_path
 from .model import attach_delta_mem, load_delta_parameters
 from .runtime.fingerprint import model_fingerprint
-from .runtime.memory_file import MemoryData, MemoryFile, MemoryFileError, decode, encode
+from .runtime.memory_file import MemoryFile, MemoryFileError, decode, encode
 from .runtime.session import ChatSession
 from .utils import cast_floats, on_cpu
 
@@ -306,25 +306,25 @@ class ShardedChatSession(ChatSession):
         if "error" in status:
             raise MemoryFileError(status["error"])
         mx.random.seed(status["seed"])
-        super().__init__(model, tokenizer, memory=memory, fingerprint=fingerprint, **kwargs)
+        # the same steps on every rank: an empty session, then the memory rank 0 read
+        super().__init__(model, tokenizer, fingerprint=fingerprint, **kwargs)
+        self.memory, self._read_only = memory, status["read_only"]
         self._saves = status["file"] and not status["read_only"]
-        if not main:
-            self._read_only = status["read_only"]
-            if body:
-                self._apply(decode(body, "memory from rank 0"))
+        if body:
+            self._apply(decode(body, "memory from rank 0"))
 
-    def _data(self) -> MemoryData:
-        data = super()._data()
-        states = gather_states(self.model, {i: mx.array(s) for i, s in data.states.items()})
-        data.states = {i: np.array(s, dtype=np.float32) for i, s in states.items()}
-        return data
+    def _state_arrays(self) -> dict[int, np.ndarray]:
+        # every snapshot of the state (saves, undo steps) holds each layer as its rank computed it
+        states = gather_states(self.model, {i: mx.array(s) for i, s in
+                                            super()._state_arrays().items()})
+        return {i: np.array(s, dtype=np.float32) for i, s in states.items()}
 
-    def _save(self, force: bool = False) -> None:
+    def _save(self, force: bool = False, backup: bool = True) -> None:
         if not self._saves or (self._read_only and not force):
             return
         data = self._data()  # every rank takes part in the gather
         if self.memory is not None:
-            self.memory.save(data)
+            self.memory.save(data, backup=backup)
 
     def close(self) -> None:
         """Release the memory file (rank 0); every rank finishes its work in flight together."""

@@ -23,7 +23,7 @@ from dmem_mlx.runtime import ChatSession, MemoryFile
 from dmem_mlx.runtime.memory_file import read_memory
 
 PROMPT = [[5, 17, 33, 101, 7, 9, 250, 3, 44, 12, 61, 2]]
-TURNS = ["My name is Ada and I live in Paris.", "Where do I live?"]
+TURNS = ["My name is Ada and I live in Paris.", "I have a cat.", "Where do I live?"]
 WORLD = mx.distributed.init()
 
 
@@ -69,6 +69,7 @@ def chat(session_cls, model, tokenizer, path, **kwargs):
         for text in TURNS:
             for _ in session.reply(text, max_tokens=6):
                 pass
+        session.undo()  # the last turn taken back; the file keeps the earlier undo steps
         transcript = session.messages
     if memory is not None:
         memory.close()
@@ -77,10 +78,12 @@ def chat(session_cls, model, tokenizer, path, **kwargs):
 
 def file_figures(reference: Path, sharded: Path) -> dict:
     a, b = read_memory(reference), read_memory(sharded)
+    undo_states = [(x.states, y.states) for x, y in zip(a.undo, b.undo)]
     return {
         "file_layers_equal": sorted(a.states) == sorted(b.states),
-        "file_state_max_diff": max(float(np.abs(a.states[i] - b.states[i]).max())
-                                   for i in a.states),
+        "file_state_max_diff": max(float(np.abs(x[i] - y[i]).max())
+                                   for x, y in [(a.states, b.states), *undo_states] for i in x),
+        "file_undo_steps": [len(a.undo), len(b.undo)],
         "file_transcript_equal": a.transcript == b.transcript,
         "file_counts_equal": (a.tokens_written, a.turns) == (b.tokens_written, b.turns),
         "file_fingerprint_equal": a.fingerprint == b.fingerprint,

@@ -112,7 +112,8 @@ def test_memory_file_matches_one_process(figures, backbone, mode):
     row = figures[backbone][mode]
     assert row["file_layers_equal"] and row["file_transcript_equal"], row
     assert row["file_counts_equal"] and row["file_fingerprint_equal"], row
-    assert row["file_state_max_diff"] <= TOLERANCE, row
+    assert row["file_undo_steps"][0] == row["file_undo_steps"][1] > 0, row
+    assert row["file_state_max_diff"] <= TOLERANCE, row  # the state and every undo step
     assert row["reload_exact_on_every_rank"], row  # broadcast on load
 
 
