@@ -7,7 +7,7 @@ Run under `mlx.launch` (one process per machine, or several on one):
   last layers), for any architecture; each layer's δ state is computed by the rank running it.
 The δ weights are loaded full-size on every rank (they are a few MB at most) and the memory is
 a few KB: `gather_states` brings it to every rank for saving, `ShardedChatSession` runs a chat
-on every rank in lockstep while rank 0 alone reads and writes the memory file.
+on every rank in lockstep while rank 0 alone reads and writes the memory file (DESIGN §12).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from mlx_lm.utils import load as _mlx_load
 
 from .adapter import WEIGHTS_NAME, is_adapter_dir, read_adapter
+from .blas import raise_cpu_cache_limit
 from .cache import DeltaKVCache
 from .config import CONFIG_NAME
 from .errors import AdapterError, DistributedError, ModelError, one_line
@@ -182,14 +183,15 @@ def sharded_load(
         raise ModelError(f"{model_path}: mlx-lm cannot load this model: {one_line(exc)}") from None
     if tensor_group is not None:
         shard(model, tensor_group)
-    attach_delta_mem(model, config)
-    load_delta_parameters(model, weights)
-    if pipeline_group is not None:
-        pipeline(model, pipeline_group, split)
     if on_cpu():
+        raise_cpu_cache_limit()  # as dmem_mlx.load
         dtype = mx.float32 if dtype is None else dtype
     if dtype is not None:
-        cast_floats(model, dtype)  # only what this rank keeps
+        cast_floats(model, dtype)  # lazy: only what this rank keeps is ever computed
+    attach_delta_mem(model, config)
+    load_delta_parameters(model, weights)  # float32, as dmem_mlx.load
+    if pipeline_group is not None:
+        pipeline(model, pipeline_group, split)
     mx.eval(model.parameters(), [l.memory.parameters() for l in model.delta_mem.layers.values()])
     world = mx.distributed.init()
     group = pipeline_group if tensor_group is None else (

@@ -7,7 +7,7 @@ products, then an `all_sum`). The δ weights stay full-size on every rank, as in
 - Δo: added by `DeltaMemAttention` to the attention's output, i.e. after o_proj's all_sum,
   once, the same full Δo on every rank;
 - the memory projections read the full hidden state h, replicated on every rank, so every rank
-  computes the same δ state bit for bit (DESIGN §1 runs unchanged).
+  computes the same δ state bit for bit (DESIGN §1 runs unchanged; §12).
 """
 
 from __future__ import annotations
