@@ -18,19 +18,21 @@ from .cache import DeltaKVCache, DeltaState
 from .config import DeltaMemConfig
 from .errors import AdapterError, ConfigError
 from .delta_mem import DeltaMemory, group_means, read_state
-from .scan import check_backend, default_backend, scan, step
+from .scan import check_backend, default_backend, layer_step, resolve, scan, step
 from .sharding import ALL_TO_SHARDED, full_out_dim, rank_slice
 
 
 class _Pending:
     """The reads of the current call, handed from the attention wrapper to the projection
-    wrappers. A plain object, so mlx never mistakes the array it carries for a parameter."""
+    wrappers (or, from the Metal layer kernel, the corrections themselves). A plain object, so
+    mlx never mistakes the array it carries for a parameter."""
 
-    __slots__ = ("reads", "weights")
+    __slots__ = ("reads", "weights", "deltas")
 
     def __init__(self) -> None:
         self.reads: Optional[mx.array] = None  # [B, T, R] float32
         self.weights: Optional[dict] = None  # DeltaMemory.fused_weights()
+        self.deltas: Optional[dict] = None  # {head: Δ [B, 1, out]}: add as is
 
 
 class CorrectedProjection(nn.Module):
@@ -48,7 +50,9 @@ class CorrectedProjection(nn.Module):
         pending = self._pending
         reads, pending.reads = pending.reads, None
         if reads is None:
-            return out
+            deltas, pending.deltas = pending.deltas, None
+            return out if deltas is None else \
+                out + rank_slice(base, deltas[self._head]).astype(out.dtype)
         weights = pending.weights
         if isinstance(base, ALL_TO_SHARDED):  # this rank's slice of the output (sharding.py)
             weights = {**weights, self._head: rank_slice(base, (reads, weights[self._head]))[1]}
@@ -112,7 +116,15 @@ class DeltaMemAttention(nn.Module):
             state = self._default_state
         memory = self["memory"]
         weights = memory.fused_weights()
-        reads = self.read_and_write(x, state, _padding_validity(cache, x.shape[1]), weights)
+        padding = _padding_validity(cache, x.shape[1])
+        if x.shape[1] == 1 and resolve(self._controls.backend) == "metal":
+            deltas = self.decode_in_one_kernel(x, state, padding, weights)
+            if deltas is not None:
+                for slot in self._slots:
+                    slot.deltas = deltas
+                out = self["attention"](x, mask, cache)
+                return out + deltas["o"].astype(out.dtype) if self._corrects_o else out
+        reads = self.read_and_write(x, state, padding, weights)
         for slot in self._slots:
             slot.reads, slot.weights = reads, weights
         out = self["attention"](x, mask, cache)
@@ -155,6 +167,24 @@ class DeltaMemAttention(nn.Module):
                 return _flat(reads)
         reads, state.layers[i] = scan(start, token, valid, backend)
         return _flat(reads)
+
+    def decode_in_one_kernel(self, h: mx.array, state: DeltaState, padding: Optional[mx.array],
+                             weights: dict) -> Optional[dict]:
+        """A decode token on the Metal layer kernel (DESIGN §9): the state update and every
+        correction in one dispatch. Returns {head: Δ [B, 1, out]}, or None when this call is
+        not one the kernel does (training's detached inputs, a message/sentence write)."""
+        writes = state.writes_enabled
+        if state.detach_inputs or not (self._token_writes or not writes):
+            return None
+        i = self.index
+        start = state.begin(i, h.shape[0])
+        valid = state.valid
+        if padding is not None:
+            valid = padding if valid is None else valid * padding
+        deltas, new_state = layer_step(self["memory"], h, start, valid, writes, weights)
+        if writes:
+            state.layers[i] = new_state
+        return deltas
 
     def _group_ids(self, state: DeltaState, B: int, T: int, valid: Optional[mx.array]):
         """(groups present in increasing order, ids [B, T], active [B, T]) or None for token writes."""

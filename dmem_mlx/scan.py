@@ -6,7 +6,9 @@ see tests/test_scan.py.
 - chunked: the portable path. One token (decode) runs `delta_mem.decode_step` compiled by
   `mx.compile` (when this machine can compile); a few tokens run the per-token loop; longer
   calls the chunked WY scan of chunked_scan.py;
-- metal: the Metal kernels of kernels/metal.py (with the chunked scan's gradient);
+- metal: the Metal kernels of kernels/metal.py: the scan for a call's tokens (with the chunked
+  scan's gradient), and for a decode token the whole δ part of the layer — projection, step,
+  corrections — in one dispatch (`layer_step`, called by model.py);
 - auto: metal on a Metal default device, else chunked.
 
 The backend is `model.delta_mem.backend`, like mlx-lm's `use_kernel=`; its default comes from
@@ -24,8 +26,7 @@ import mlx.core as mx
 
 from .chunked_scan import chunked_scan
 from .config import DeltaMemConfig
-from .delta_mem import (MemoryInputs, decode_step, gate_coefficients, projection_vectors,
-                        scan_reference)
+from .delta_mem import MemoryInputs, decode_step, scan_reference
 
 BACKENDS = ("auto", "reference", "chunked", "metal")
 ENVIRONMENT = "DMEM_BACKEND"
@@ -100,9 +101,7 @@ def step(
     [B, H, r, r]).
     """
     w = memory.fused_weights() if weights is None else weights
-    path = resolve(backend)
-    if path == "metal" and write:
-        return _metal_step(memory.config, h, state, w, valid)
+    path = resolve(backend)  # (on Metal the model decodes with `layer_step` instead)
     key = (write, valid is not None, path != "reference")
     steps = memory.__dict__.setdefault("_steps", {})  # this layer's step functions
     fn = steps.get(key)
@@ -145,20 +144,14 @@ def _metal_scan(state, inputs, valid):
     return with_portable_vjp(metal_scan)(state, *inputs, valid)
 
 
-def _metal_step(cfg: DeltaMemConfig, h, state, w, valid):
-    """The decode step with the state update on the Metal decode kernel (q/k normalised there)."""
-    from .kernels import metal_decode_step
+def layer_step(memory, h: mx.array, state: mx.array, valid: Optional[mx.array] = None,
+               write: bool = True, weights: Optional[dict] = None):
+    """A whole decode token of a layer on the Metal layer kernel: the projection, the step (or
+    a read only) and every correction, one dispatch. Returns ({head: Δ [B, 1, out]}, new state).
+    See `kernels.metal_layer_decode`."""
+    from .kernels import metal_layer_decode
 
-    proj = mx.addmm(w["bias"], h.astype(mx.float32), w["in"])[:, 0]
-    x = proj.reshape(proj.shape[0], cfg.num_state_heads, cfg.rank, projection_vectors(cfg))
-    keep, erase, write = (c[..., 0] for c in gate_coefficients(cfg, x))
-    read, new_state = metal_decode_step(state, x[..., 0], x[..., 1], x[..., 2], keep, erase,
-                                        write, cfg.normalize_qk)
-    read = read.reshape(read.shape[0], 1, -1)
-    if valid is not None:
-        m = valid.astype(mx.float32)
-        read, new_state = read * m[..., None], mx.where(m[..., None, None] > 0, new_state, state)
-    return read, new_state
+    return metal_layer_decode(memory, h, state, valid, write, weights)
 
 
 @lru_cache(maxsize=None)

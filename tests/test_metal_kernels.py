@@ -1,15 +1,20 @@
 """The Metal kernels, executed without a Mac: tests/metal_shim compiles the exact source strings
 of dmem_mlx/kernels/metal.py, in the signature MLX generates, as C++ and runs every thread of
-the grid; the outputs must match delta_mem.scan_reference / scan_step (and, for the whole-layer
-decode kernel, DeltaMemory.project → scan_reference → DeltaMemory.delta) to ~1e-5.
+the grid; the outputs must match delta_mem.scan_reference (the scan kernel) and
+DeltaMemory.project → scan_reference → DeltaMemory.delta (the whole-layer decode kernel) to ~1e-5.
 On a Mac with Metal, the same kernels also run through MLX (test_on_metal_*)."""
 
 from __future__ import annotations
 
+import collections
+import io
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -18,14 +23,15 @@ import pytest
 
 from mlx.utils import tree_map
 
+from dmem_mlx import scan as scan_module
+from dmem_mlx.cache import make_prompt_cache
 from dmem_mlx.config import DeltaMemConfig
 from dmem_mlx.delta_mem import (
-    DeltaMemory, MemoryInputs, normalize_heads, read_state, row_coefficients, scan_reference,
-    scan_step)
+    DeltaMemory, MemoryInputs, normalize_heads, read_state, row_coefficients, scan_reference)
 from dmem_mlx.kernels import metal
-from dmem_mlx.kernels.metal import (
-    DECODE_KERNEL, LAYER_DECODE_KERNEL, SCAN_KERNEL, decode_step_launch, layer_decode_launch,
-    scan_launch)
+from dmem_mlx.kernels.metal import LAYER_DECODE_KERNEL, SCAN_KERNEL, layer_decode_launch, scan_launch
+from dmem_mlx.model import attach_delta_mem, delta_parameters, load_delta_parameters
+from dmem_mlx.tiny import build_model, tiny_args
 from metal_shim.harness import compile_kernels, generate_source, mlx_generated_source
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -40,14 +46,6 @@ SCAN_CASES = [
     (2, 7, 4, "standard", True, True, "bf16"),
     (2, 7, 2, "lambda_outside", True, False, "f16"),
     (1, 64, 4, "no_lambda", False, True, "bf16"),
-]
-# (B, H, normalize_qk, state_update_mode, input dtype)
-DECODE_CASES = [
-    (1, 1, True, "standard", "f32"),
-    (2, 4, True, "lambda_outside", "f32"),
-    (2, 4, False, "no_lambda", "f32"),
-    (1, 4, False, "standard", "f32"),
-    (2, 4, True, "standard", "bf16"),
 ]
 RANK = 8
 
@@ -86,19 +84,6 @@ def make_scan_case(case):
     return state, inputs, valid
 
 
-def make_decode_case(case):
-    """(state, q_raw, k_raw, v, keep, erase, write) — deterministic per case."""
-    B, H, _, mode, dtype = case
-    rng = _rng(case)
-    normal = lambda *s: mx.array(rng.normal(size=s), mx.float32)  # noqa: E731
-    state = 0.5 * normal(B, H, RANK, RANK)
-    q_raw, k_raw = 2.0 * normal(B, H, RANK), 2.0 * normal(B, H, RANK)
-    if H > 1:
-        k_raw[:, 1] = 0.0  # an all-zero head: the norm is clamped to 1e-6, k̃ = 0
-    vectors = (q_raw, k_raw, normal(B, H, RANK), *_gates(rng, (B, H, RANK), mode, True))
-    return (state, *(x.astype(DTYPES[dtype]) for x in vectors))
-
-
 # The whole-layer decode kernel, against DeltaMemory.project → scan_reference (or read_state)
 # → DeltaMemory.delta on random parameters.
 # (B, H, state_update_mode, couple_lambda, normalize_qk, rankwise_gates, delta_heads,
@@ -127,6 +112,8 @@ def make_layer_case(case):
     memory = DeltaMemory(cfg, HIDDEN, OUT_DIMS)
     memory.update(tree_map(
         lambda p: mx.array(rng.normal(scale=0.3, size=p.shape), mx.float32), memory.parameters()))
+    if H > 1:  # an all-zero key head: its norm is clamped to 1e-6, k̃ = 0
+        memory.memory_k_proj[RANK:2 * RANK] = 0.0
     if rmsnorm:
         memory.delta_o_rmsnorm_weight = mx.array(rng.uniform(0.5, 1.5, OUT_DIMS["o"]), mx.float32)
     h = mx.array(rng.normal(size=(B, 1, HIDDEN)), mx.float32).astype(DTYPES[dtype])
@@ -137,20 +124,8 @@ def make_layer_case(case):
 
 def layer_launch(case, **overrides):
     memory, h, state, valid = make_layer_case(case)
-    cfg = memory.config
-    weights = memory.fused_weights()
-    heads = cfg.delta_heads
-    kwargs = dict(
-        state_update_mode=cfg.state_update_mode,
-        separate_lambda=cfg.state_update_mode != "no_lambda" and not cfg.couple_lambda,
-        normalize_qk=cfg.normalize_qk,
-        norm_head=heads.index("o") if cfg.delta_o_rmsnorm else -1,
-        norm_weight=memory.delta_o_rmsnorm_weight if cfg.delta_o_rmsnorm else None,
-        norm_eps=cfg.delta_o_rmsnorm_eps, valid=valid, write=case[11], threads=case[12])
-    kwargs.update(overrides)
-    w_out = mx.concatenate([weights[x] for x in heads], axis=1)
-    return layer_decode_launch(h, state, weights["in"], weights["bias"], w_out,
-                               [OUT_DIMS[x] for x in heads], **kwargs)
+    kwargs = dict(valid=valid, write=case[11], threads=case[12])
+    return layer_decode_launch(memory, h, state, **{**kwargs, **overrides})
 
 
 def layer_reference(case):
@@ -211,32 +186,30 @@ READS_AFTER_WRITE = mutant(
     ("reads[x + i] = read;",
      "for (int j = 0; j < r; ++j) read += s[j] * static_cast<float>(q[x + j]);\n"
      "      reads[x + i] = valid[b * T + t] ? read : 0.0f;"))
-SKIPS_LAST_ROW = mutant(DECODE_KERNEL, "mutant_skips_last_row",
-                        ("uint row", "if (i == r - 1) return;\n    uint row"))
-READS_PAST_END = mutant(DECODE_KERNEL, "mutant_reads_past_end",
-                        ("q[x + j]", "q[x + j + 1]"))
+SKIPS_LAST_ROW = mutant(LAYER_DECODE_KERNEL, "mutant_skips_last_row",
+                        ("if (g == 0) {", "if (g == 0 && row != R - 1) {"))
+READS_PAST_END = mutant(LAYER_DECODE_KERNEL, "mutant_reads_past_end",
+                        ("reads[n] * w_out[n * O + start + o];\n      }\n      ss",
+                         "reads[n] * w_out[n * O + start + o + 1];\n      }\n      ss"))
 # the reads of other threads used before they are all written
 NO_BARRIER_BEFORE_CORRECTIONS = mutant(
     LAYER_DECODE_KERNEL, "mutant_no_barrier_before_corrections",
     ("    threadgroup_barrier(mem_flags::mem_threadgroup);\n\n    // 3.", "\n    // 3."))
 ERASES_WITH_LAMBDA = mutant(LAYER_DECODE_KERNEL, "mutant_erases_with_lambda",
                             ("Mode == 1 ? lam * beta : beta", "lam * beta"))
-MUTANT_SCAN_CASE, MUTANT_DECODE_CASE = SCAN_CASES[4], DECODE_CASES[1]
+MUTANT_SCAN_CASE = SCAN_CASES[4]
 MUTANT_LAYER_CASE = LAYER_CASES[3]
 
 
 def all_launches():
     calls = [(SCAN_KERNEL, scan_launch(*make_scan_case(c))) for c in SCAN_CASES]
-    calls += [(DECODE_KERNEL, decode_step_launch(*make_decode_case(c), normalize_qk=c[2]))
-              for c in DECODE_CASES]
     calls.append((SCAN_KERNEL, scan_launch(*spec_vector_scan())))
     calls += [(m, scan_launch(*make_scan_case(MUTANT_SCAN_CASE)))
               for m in (IGNORES_MASK, READS_AFTER_WRITE)]
-    calls += [(m, decode_step_launch(*make_decode_case(MUTANT_DECODE_CASE)))
-              for m in (SKIPS_LAST_ROW, READS_PAST_END)]
     calls += [(LAYER_DECODE_KERNEL, layer_launch(c)) for c in LAYER_CASES]
     calls += [(m, layer_launch(MUTANT_LAYER_CASE))
-              for m in (NO_BARRIER_BEFORE_CORRECTIONS, ERASES_WITH_LAMBDA)]
+              for m in (NO_BARRIER_BEFORE_CORRECTIONS, ERASES_WITH_LAMBDA, SKIPS_LAST_ROW,
+                        READS_PAST_END)]
     return calls
 
 
@@ -271,20 +244,6 @@ def test_scan_kernel_reproduces_spec_worked_vector(shim):
     np.testing.assert_allclose(new_state.reshape(2, 2), SPEC_STATE, atol=2e-6)
 
 
-@pytest.mark.parametrize("case", DECODE_CASES, ids=case_id)
-def test_decode_kernel_matches_scan_step(shim, case):
-    state, q_raw, k_raw, v, keep, erase, write = make_decode_case(case)
-    normalize = case[2]
-    read, new_state = shim.run(
-        DECODE_KERNEL, decode_step_launch(state, q_raw, k_raw, v, keep, erase, write, normalize))
-    q, k = f32(q_raw), f32(k_raw)
-    if normalize:
-        q, k = normalize_heads(q), normalize_heads(k)
-    ref_read, ref_state = scan_step(state, q, k, f32(v), f32(keep), f32(erase), f32(write))
-    np.testing.assert_allclose(read, np.array(ref_read), **TOL)
-    np.testing.assert_allclose(new_state, np.array(ref_state), **TOL)
-
-
 @pytest.mark.parametrize("case", LAYER_CASES, ids=case_id)
 def test_layer_decode_kernel_matches_the_readable_layer(shim, case):
     """Projection, gates, read, write and every correction of one token, in one launch."""
@@ -311,19 +270,17 @@ def test_layer_decode_kernel_matches_the_readable_layer(shim, case):
 
 
 def test_layer_decode_launch_checks_its_inputs():
-    case = LAYER_CASES[1]
-    with pytest.raises(ValueError, match="w_out has shape"):
-        memory, h, state, valid = make_layer_case(case)
-        w = memory.fused_weights()
-        layer_decode_launch(h, state, w["in"], w["bias"], w["q"], [48, 24, 24, 40],
-                            state_update_mode="standard", separate_lambda=True,
-                            normalize_qk=True)
-    with pytest.raises(ValueError, match="unknown state_update_mode"):
-        layer_launch(case, state_update_mode="sideways")
-    with pytest.raises(ValueError, match="RMSNorm weight"):
-        layer_launch(case, norm_weight=None)
+    memory, h, state, valid = make_layer_case(LAYER_CASES[1])
+    with pytest.raises(ValueError, match="state has shape"):
+        layer_decode_launch(memory, h, state[:, :2])
+    with pytest.raises(ValueError, match="h has shape"):
+        layer_decode_launch(memory, mx.concatenate([h, h], axis=1), state)
+    with pytest.raises(ValueError, match="valid has shape"):
+        layer_decode_launch(memory, h, state, valid=mx.ones((3, 1)))
     with pytest.raises(ValueError, match="threadgroup memory"):
-        layer_launch(case, threads=16384)
+        layer_decode_launch(memory, h, state, threads=16384)
+    launch = layer_decode_launch(memory, h, state)
+    assert launch["inputs"][5] is memory.fused_weights()["out"]  # concatenated once, kept
 
 
 def test_harness_catches_wrong_kernels(shim):
@@ -332,12 +289,11 @@ def test_harness_catches_wrong_kernels(shim):
     for wrong in (IGNORES_MASK, READS_AFTER_WRITE):
         reads, new_state = shim.run(wrong, scan_launch(state, inputs, valid))
         assert not np.allclose(reads, np.array(ref_reads), **TOL), wrong["name"]
-    decode = decode_step_launch(*make_decode_case(MUTANT_DECODE_CASE))
-    with pytest.raises(RuntimeError, match="no thread writes"):
-        shim.run(SKIPS_LAST_ROW, decode)
-    with pytest.raises(RuntimeError, match="AddressSanitizer: heap-buffer-overflow"):
-        shim.run(READS_PAST_END, decode)
     layer = layer_launch(MUTANT_LAYER_CASE)
+    with pytest.raises(RuntimeError, match="no thread writes"):
+        shim.run(SKIPS_LAST_ROW, layer)
+    with pytest.raises(RuntimeError, match="AddressSanitizer: heap-buffer-overflow"):
+        shim.run(READS_PAST_END, layer)
     with pytest.raises(RuntimeError, match="differs between the two runs"):
         shim.run(NO_BARRIER_BEFORE_CORRECTIONS, layer)
     _, ref_state = layer_reference(MUTANT_LAYER_CASE)
@@ -365,9 +321,6 @@ def test_launch_checks_shapes():
         scan_launch(state, inputs._replace(keep=inputs.keep[:, :, :1]), valid)
     with pytest.raises(ValueError, match="valid has shape"):
         scan_launch(state, inputs, valid[:, :2])
-    decode = make_decode_case(DECODE_CASES[1])
-    with pytest.raises(ValueError, match="state has shape"):
-        decode_step_launch(decode[0][:1], *decode[1:])
 
 
 def test_mixed_or_unsupported_dtypes_run_in_fp32():
@@ -400,13 +353,88 @@ def test_on_metal_scan(case):
 
 
 @pytest.mark.skipif(not metal.metal_available(), reason="needs a Metal GPU")
-@pytest.mark.parametrize("case", DECODE_CASES, ids=case_id)
-def test_on_metal_decode_step(case):
-    state, q_raw, k_raw, v, keep, erase, write = make_decode_case(case)
-    read, new_state = metal.metal_decode_step(state, q_raw, k_raw, v, keep, erase, write, case[2])
-    q, k = f32(q_raw), f32(k_raw)
-    if case[2]:
-        q, k = normalize_heads(q), normalize_heads(k)
-    ref_read, ref_state = scan_step(state, q, k, f32(v), f32(keep), f32(erase), f32(write))
-    np.testing.assert_allclose(np.array(read), np.array(ref_read), **TOL)
+@pytest.mark.parametrize("case", LAYER_CASES, ids=case_id)
+def test_on_metal_layer_decode(case):
+    memory, h, state, valid = make_layer_case(case)
+    deltas, new_state = metal.metal_layer_decode(memory, h, state, valid, write=case[11])
+    ref_deltas, ref_state = layer_reference(case)
+    tol = TOL if case[10] == "f32" else dict(rtol=2 ** -7, atol=1e-3)
+    for head, ref in ref_deltas.items():
+        np.testing.assert_allclose(np.array(deltas[head].astype(mx.float32)),
+                                   rounded(ref, case[10]), **tol, err_msg=head)
     np.testing.assert_allclose(np.array(new_state), np.array(ref_state), **TOL)
+
+
+# -- what a decode token costs on the Metal path -------------------------------------------------
+
+def dot_graph(*outputs: mx.array) -> tuple[dict, dict, dict]:
+    """(primitive node → label, primitive → its output arrays, array → the primitives consuming
+    it) of the graph MLX would run for `outputs` (from mx.export_to_dot)."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    text = dot.getvalue()
+    labels = dict(re.findall(r'\{ (\d+) \[label ="(\w+)", shape=rectangle\]; \}', text))
+    produces, consumers = collections.defaultdict(list), collections.defaultdict(list)
+    for a, b in re.findall(r'^"?(\w+)"? -> "?(\w+)"?$', text, re.MULTILINE):
+        if a in labels:
+            produces[a].append(b)
+        else:
+            consumers[a].append(b)
+    return labels, produces, consumers
+
+
+def delta_primitives(labels, produces, consumers) -> collections.Counter:
+    """The primitives the δ layers add around their custom kernels: each kernel, what feeds only
+    kernels, and the views of their outputs up to the additions into the backbone's arrays."""
+    ours = {n for n, label in labels.items() if label == "CustomKernel"}
+    grown = True
+    while grown:  # producers whose every output feeds only what is already ours
+        grown = False
+        for node in labels.keys() - ours:
+            outs = produces[node]
+            if outs and all(consumers[x] and set(consumers[x]) <= ours for x in outs):
+                ours.add(node)
+                grown = True
+    frontier = [x for n in ours if labels[n] == "CustomKernel" for x in produces[n]]
+    while frontier:  # downstream: views of the outputs, then the additions they end in
+        users = {u for x in frontier for u in consumers[x]} - ours
+        ours |= users
+        frontier = [x for u in users if labels[u] != "Add" for x in produces[u]]
+    return collections.Counter(labels[n] for n in ours)
+
+
+def test_metal_decode_is_one_kernel_per_layer(monkeypatch):
+    """A decode token on the Metal backend, traced (no Metal here: `mx.export_function` builds
+    the graph without running it): per δ layer one kernel dispatch does the projection, the
+    state update and every correction; around it only views of its output and the additions
+    of Δq and Δo into the projections."""
+    monkeypatch.setattr(scan_module, "metal_available", lambda: True)
+    model = build_model(tiny_args("qwen3"), 0)
+    attach_delta_mem(model, DeltaMemConfig.from_dict({"delta_heads": ["q", "o"]}))
+    rng = np.random.default_rng(1)
+    load_delta_parameters(model, {
+        k: mx.array(rng.normal(scale=0.1, size=v.shape).astype(np.float32))
+        for k, v in delta_parameters(model).items()})
+    state = model.delta_mem.new_state()
+    cache = make_prompt_cache(model, state)
+    model.delta_mem.backend = "reference"  # the prompt, on this machine
+    mx.eval(model(mx.array([[1, 2, 3]]), cache=cache), [c.state for c in cache])
+    mx.eval(list(state.layers.values()))
+    for layer in model.delta_mem.layers.values():  # the concatenated δ weights, made once
+        weights = layer.memory.fused_weights()
+        layer_decode_launch(layer.memory, mx.zeros((1, 1, 64)), mx.zeros((1, 1, RANK, RANK)),
+                            weights=weights)
+        mx.eval(weights)
+    model.delta_mem.backend = "metal"
+    graphs = []
+
+    def decode(ids):
+        logits = model(ids, cache=cache)
+        graphs.append(dot_graph(logits, *state.layers.values()))
+        return logits
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mx.export_function(str(Path(tmp) / "decode.mlxfn"), decode, mx.array([[4]]))
+    layers = len(model.delta_mem.layers)
+    added = delta_primitives(*graphs[0])
+    assert added == {"CustomKernel": layers, "Slice": 2 * layers, "Add": 2 * layers}, added

@@ -15,8 +15,8 @@ from dmem_mlx import blas
 from dmem_mlx import scan as scan_module
 from dmem_mlx.chunked_scan import chunked_scan, unit_lower_inverse
 from dmem_mlx.config import DeltaMemConfig
-from dmem_mlx.delta_mem import (DeltaMemory, MemoryInputs, normalize_heads, row_coefficients,
-                                scan_reference, scan_step)
+from dmem_mlx.delta_mem import (DeltaMemory, MemoryInputs, normalize_heads, read_state,
+                                row_coefficients, scan_reference, scan_step)
 from dmem_mlx.model import attach_delta_mem, delta_parameters, load_delta_parameters
 from dmem_mlx.scan import scan, step, with_portable_vjp
 from dmem_mlx.tiny import build_model, tiny_args
@@ -227,21 +227,26 @@ def test_metal_wiring_with_stand_in_kernels(monkeypatch):
         calls.append("scan")
         return scan_reference(state, inputs, valid)
 
-    def fake_decode(state, q, k, v, keep, erase, write, normalize_qk=True):
-        calls.append("decode")
-        if normalize_qk:
-            q, k = normalize_heads(q), normalize_heads(k)
-        return scan_step(state, q, k, v, keep, erase, write)
+    def fake_layer(memory, h, state, valid=None, write=True, weights=None):
+        calls.append("layer")
+        inputs = memory.project(h, weights)
+        if write:
+            reads, new_state = scan_reference(state, inputs, valid)
+        else:
+            reads, new_state = read_state(state, inputs.q, valid), state
+        reads = reads.reshape(*reads.shape[:2], -1)
+        return {x: memory.delta(x, reads, weights).astype(h.dtype)
+                for x in memory.config.delta_heads}, new_state
 
     monkeypatch.setattr(kernels, "metal_scan", fake_scan)
-    monkeypatch.setattr(kernels, "metal_decode_step", fake_decode)
+    monkeypatch.setattr(kernels, "metal_layer_decode", fake_layer)
     monkeypatch.setattr(scan_module, "metal_available", lambda: True)
     for mode in MODES[:3]:
         want = run_model(make_model(mode_config(mode)), backend="reference")
         got = run_model(make_model(mode_config(mode)), backend="metal")
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, atol=1e-5)
-    assert "scan" in calls and "decode" in calls
+    assert "scan" in calls and "layer" in calls
 
 
 # -- the projection, the corrections and the decode step ---------------------------------------

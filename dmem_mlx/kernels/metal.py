@@ -1,15 +1,17 @@
 """Metal kernels for the δ-mem state update (DESIGN §1), through `mx.fast.metal_kernel`.
 
-The scan and decode-step kernels give one thread to each state row S[b, h, i, :]: rows are
-independent (DESIGN §1), so a row's r floats live in that thread's registers and no thread ever
-waits for another. Grid (r, H, B): thread_position_in_grid = (row i, head h, batch b).
-The layer decode kernel does a whole decode token of a layer (projection, gates, read, write,
-corrections) in one launch; its threadgroups share the projection and the reads through
-threadgroup memory.
+Two kernels:
+- the scan (a prefill call's tokens): one thread per state row S[b, h, i, :]. Rows are
+  independent (DESIGN §1), so a row's r floats live in that thread's registers and no thread
+  ever waits for another. Grid (r, H, B): thread_position_in_grid = (row i, head h, batch b).
+- the layer decode (one token): the whole δ part of a layer in one launch — the fused input
+  projection, q/k normalisation, gates, read, write and every correction; its threadgroups
+  share the projection and the reads through threadgroup memory.
 
 The kernels are built on first use, so importing this module never needs Metal.  The harness in
 tests/metal_shim/ compiles the exact `source` strings below, wrapped in the signature MLX
-generates, as C++ and runs them against `delta_mem.scan_reference` on every test run.
+generates, as C++ and runs them against delta_mem.py (`scan_reference`; `DeltaMemory.project`,
+`scan_reference` and `DeltaMemory.delta`) on every test run.
 
 Shapes: B batch, T tokens, H state heads, r rank.
 """
@@ -17,13 +19,13 @@ Shapes: B batch, T tokens, H state heads, r rank.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import mlx.core as mx
 
-from ..delta_mem import MemoryInputs
+from ..delta_mem import DeltaMemory, MemoryInputs, projection_vectors
 
-# Template arguments shared by both kernels: InT the input dtype (float, float16_t or
+# Template arguments of both kernels: InT the input dtype (float, float16_t or
 # bfloat16_t; it also gives each dtype its own kernel name on every MLX version), H and r.
 # Inputs are cast to float in the kernel; the state and all outputs are float32.
 
@@ -63,62 +65,15 @@ _SCAN_SOURCE = """
     }
 """
 
-_DECODE_SOURCE = """
-    // q, k (raw), v, keep, erase, write: [B, H, r]; state_in: [B, H, r, r];
-    // reads: [B, H, r]; state_out: [B, H, r, r].
-    uint i = thread_position_in_grid.x;
-    uint h = thread_position_in_grid.y;
-    uint b = thread_position_in_grid.z;
-    uint x = (b * H + h) * r;  // q[b, h, :]
-    uint row = (x + i) * r;    // S[b, h, i, :]
-
-    float qn[r], kn[r];
-    for (int j = 0; j < r; ++j) {
-      qn[j] = static_cast<float>(q[x + j]);
-      kn[j] = static_cast<float>(k[x + j]);
-    }
-    if (NormalizeQK) {
-      // tanh(x) / max(|tanh(x)|, 1e-6) per head; each of the head's r threads does its own.
-      float qq = 0.0f, kk = 0.0f;
-      for (int j = 0; j < r; ++j) {
-        qn[j] = metal::precise::tanh(qn[j]);
-        kn[j] = metal::precise::tanh(kn[j]);
-        qq += qn[j] * qn[j];
-        kk += kn[j] * kn[j];
-      }
-      float q_norm = metal::max(metal::sqrt(qq), 1e-6f);
-      float k_norm = metal::max(metal::sqrt(kk), 1e-6f);
-      for (int j = 0; j < r; ++j) {
-        qn[j] = qn[j] / q_norm;
-        kn[j] = kn[j] / k_norm;
-      }
-    }
-
-    float s[r];
-    float read = 0.0f, p = 0.0f;
-    for (int j = 0; j < r; ++j) {
-      s[j] = state_in[row + j];
-      read += s[j] * qn[j];  // read first: S before this write
-      p += s[j] * kn[j];
-    }
-    // s <- keep_i s - erase_i (s.k) k + write_i v_i k
-    float keep_i = static_cast<float>(keep[x + i]);
-    float c = static_cast<float>(write[x + i]) * static_cast<float>(v[x + i])
-              - static_cast<float>(erase[x + i]) * p;
-    for (int j = 0; j < r; ++j) {
-      state_out[row + j] = keep_i * s[j] + c * kn[j];
-    }
-    reads[x + i] = read;
-"""
-
 _LAYER_DECODE_SOURCE = """
     // One decode token through one δ layer (DESIGN §1): the fused input projection, q/k
     // normalisation, gates, the read and the write of every state row, and the corrections.
     // One threadgroup of Threads threads per (correction head g, batch row b); each group
     // computes the projection and the reads itself (a few thousand FMAs), group 0 alone writes
     // the state, group g writes the columns of head g.
-    // h: [B, D] attention input (InT); w_in: [D, P] fp32, P = H·r·K, column (head, i, vector)
-    // for the vectors q, k, v, β (, λ) of each head, gates given per state row; bias: [P];
+    // h: [B, D] attention input (InT); w_in: [D, P] fp32, P = H·r·K, column (head, row i, m)
+    // for entry i of the vector m = q, k, v, β (, λ) of each head (`DeltaMemory.fused_weights`:
+    // gates given per state row); bias: [P];
     // state_in: [B, H, r, r]; valid: [B] (false: a padding row, reads 0 and keeps its state);
     // w_out: [R, O] fp32, the scaled δ weights of the active heads side by side, head g in
     // columns head_start[g] .. head_start[g + 1] - 1; norm_weight, norm_eps: the RMSNorm of
@@ -126,7 +81,7 @@ _LAYER_DECODE_SOURCE = """
     // them in the kernel's name).
     // Outputs: deltas [B, O] (InT), state_out [B, H, r, r] fp32.
     constexpr int K = SeparateLambda ? 5 : 4;
-    constexpr int P = H * K * r;
+    constexpr int P = H * r * K;
     constexpr int R = H * r;
     uint t = thread_position_in_threadgroup.x;
     uint g = threadgroup_position_in_grid.x;
@@ -247,13 +202,6 @@ SCAN_KERNEL = dict(
     output_names=["reads", "state_out"],
     source=_SCAN_SOURCE,
 )
-DECODE_KERNEL = dict(
-    name="dmem_decode_step",
-    input_names=["q", "k", "v", "keep", "erase", "write", "state_in"],
-    output_names=["reads", "state_out"],
-    source=_DECODE_SOURCE,
-)
-
 LAYER_DECODE_KERNEL = dict(
     name="dmem_layer_decode",
     input_names=["h", "w_in", "bias", "state_in", "valid", "w_out", "head_start", "norm_weight",
@@ -262,7 +210,7 @@ LAYER_DECODE_KERNEL = dict(
     source=_LAYER_DECODE_SOURCE,
 )
 
-_SPECS = {spec["name"]: spec for spec in (SCAN_KERNEL, DECODE_KERNEL, LAYER_DECODE_KERNEL)}
+_SPECS = {spec["name"]: spec for spec in (SCAN_KERNEL, LAYER_DECODE_KERNEL)}
 _FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
@@ -313,106 +261,69 @@ def scan_launch(
     )
 
 
-def decode_step_launch(
-    state: mx.array,
-    q_raw: mx.array,
-    k_raw: mx.array,
-    v: mx.array,
-    keep: mx.array,
-    erase: mx.array,
-    write: mx.array,
-    normalize_qk: bool = True,
-) -> dict[str, Any]:
-    """The keyword arguments of the decode-step kernel call (see `metal_decode_step`)."""
-    B, H, r = q_raw.shape
-    vectors = (q_raw, k_raw, v, keep, erase, write)
-    for name, x in zip(("q_raw", "k_raw", "v", "keep", "erase", "write"), vectors):
-        if tuple(x.shape) != (B, H, r):
-            raise ValueError(f"metal_decode_step: {name} has shape {x.shape}, expected {(B, H, r)}")
-    if tuple(state.shape) != (B, H, r, r):
-        raise ValueError(
-            f"metal_decode_step: state has shape {state.shape}, expected {(B, H, r, r)}")
-    dtype = _common_dtype(vectors)
-    return dict(
-        inputs=[*(x.astype(dtype) for x in vectors), state.astype(mx.float32)],
-        template=[("InT", dtype), ("H", H), ("r", r), ("NormalizeQK", bool(normalize_qk))],
-        grid=(r, H, B),
-        threadgroup=_threadgroup(H, r),
-        output_shapes=[(B, H, r), (B, H, r, r)],
-        output_dtypes=[mx.float32, mx.float32],
-    )
-
-
 UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")  # the kernel's Mode 0, 1, 2
 THREADGROUP_MEMORY = 32768  # bytes per threadgroup on every Apple GPU
 
 
 def layer_decode_launch(
+    memory: DeltaMemory,
     h: mx.array,
     state: mx.array,
-    w_in: mx.array,
-    bias: mx.array,
-    w_out: mx.array,
-    head_widths: Sequence[int],
-    *,
-    state_update_mode: str,
-    separate_lambda: bool,
-    normalize_qk: bool,
-    norm_head: int = -1,
-    norm_weight: Optional[mx.array] = None,
-    norm_eps: float = 0.0,
     valid: Optional[mx.array] = None,
     write: bool = True,
+    weights: Optional[dict] = None,
     threads: int = 256,
 ) -> dict[str, Any]:
-    """The keyword arguments of the whole-layer decode kernel call (see `metal_layer_decode`)."""
+    """The keyword arguments of the whole-layer decode kernel call (see `metal_layer_decode`).
+
+    The kernel reads the layer's `fused_weights()` (input projection, scaled δ weights); the δ
+    weights of the active heads are concatenated once per set of weights (kept in that dict).
+    """
+    cfg = memory.config
+    w = memory.fused_weights() if weights is None else weights
     B, D = h.shape[0], h.shape[-1]
+    H, r = cfg.num_state_heads, cfg.rank
     if h.size != B * D:
         raise ValueError(f"metal_layer_decode: h has shape {h.shape}, expected [B, 1, D]")
-    H, r = state.shape[1], state.shape[-1]
     if tuple(state.shape) != (B, H, r, r):
         raise ValueError(f"metal_layer_decode: state has shape {state.shape}, expected "
                          f"{(B, H, r, r)}")
-    K = 5 if separate_lambda else 4
-    P, R, O = H * K * r, H * r, sum(head_widths)
-    expected = {"w_in": (w_in, (D, P)), "bias": (bias, (P,)), "w_out": (w_out, (R, O))}
-    for name, (x, shape) in expected.items():
-        if tuple(x.shape) != shape:
-            raise ValueError(f"metal_layer_decode: {name} has shape {x.shape}, expected {shape}")
-    if state_update_mode not in UPDATE_MODES:
-        raise ValueError(f"metal_layer_decode: unknown state_update_mode {state_update_mode!r}")
-    if not head_widths or min(head_widths) < 1:
-        raise ValueError("metal_layer_decode: every correction head needs a width >= 1")
-    if norm_head >= 0 and (norm_weight is None or norm_weight.size != head_widths[norm_head]):
-        raise ValueError("metal_layer_decode: the normalised head needs its RMSNorm weight")
-    slices = max(1, min(threads // P, D))
-    memory = 4 * (P * slices + P + R + threads)
-    if memory > THREADGROUP_MEMORY:
-        raise ValueError(f"metal_layer_decode: {memory} bytes of threadgroup memory "
-                         f"(H = {H}, r = {r}) exceed {THREADGROUP_MEMORY}")
-    if valid is None:
-        valid = mx.ones((B,), mx.bool_)
-    elif valid.size != B:
+    if valid is not None and valid.size != B:
         raise ValueError(f"metal_layer_decode: valid has shape {valid.shape}, expected [B, 1]")
+    heads = cfg.delta_heads
+    if not heads:
+        raise ValueError("metal_layer_decode: the layer corrects no head")
+    K = projection_vectors(cfg)
+    P, R = H * r * K, H * r
+    slices = max(1, min(threads // P, D))
+    memory_bytes = 4 * (P * slices + P + R + threads)
+    if memory_bytes > THREADGROUP_MEMORY:
+        raise ValueError(f"metal_layer_decode: {memory_bytes} bytes of threadgroup memory "
+                         f"(H = {H}, r = {r}) exceed {THREADGROUP_MEMORY}")
+    if "out" not in w:  # [R, O]: the active heads' scaled δ weights side by side
+        w["out"] = mx.concatenate([w[x] for x in heads], axis=1)
+    widths = [w[x].shape[1] for x in heads]
     starts = [0]
-    for width in head_widths:
+    for width in widths:
         starts.append(starts[-1] + width)
+    normalized = cfg.delta_o_rmsnorm and "o" in heads
+    # (constants made from Python lists: no primitive to run per call)
+    norm_weight = memory.delta_o_rmsnorm_weight if normalized else mx.array([0.0])
     dtype = h.dtype if h.dtype in _FLOAT_TYPES else mx.float32
     return dict(
-        inputs=[h.astype(dtype), w_in.astype(mx.float32), bias.astype(mx.float32),
-                state.astype(mx.float32), valid.astype(mx.bool_), w_out.astype(mx.float32),
-                mx.array(starts, mx.int32),
-                (mx.zeros((1,)) if norm_weight is None else norm_weight).astype(mx.float32),
-                mx.array(norm_eps, mx.float32)],
-        template=[("InT", dtype), ("D", D), ("H", H), ("r", r), ("O", O),
-                  ("Mode", UPDATE_MODES.index(state_update_mode)),
-                  ("SeparateLambda", bool(separate_lambda)), ("NormalizeQK", bool(normalize_qk)),
-                  ("Write", bool(write)), ("DeltaNorm", norm_head >= 0),
-                  ("NormGroup", max(norm_head, 0)), ("Threads", threads),
+        inputs=[h.astype(dtype), w["in"], w["bias"], state.astype(mx.float32),
+                (mx.array([True] * B) if valid is None else valid.astype(mx.bool_)),
+                w["out"], mx.array(starts, mx.int32), norm_weight.astype(mx.float32),
+                mx.array(cfg.delta_o_rmsnorm_eps, mx.float32)],
+        template=[("InT", dtype), ("D", D), ("H", H), ("r", r), ("O", starts[-1]),
+                  ("Mode", UPDATE_MODES.index(cfg.state_update_mode)),
+                  ("SeparateLambda", K == 5), ("NormalizeQK", bool(cfg.normalize_qk)),
+                  ("Write", bool(write)), ("DeltaNorm", normalized),
+                  ("NormGroup", heads.index("o") if normalized else 0), ("Threads", threads),
                   ("Slices", slices)],
-        grid=(threads * len(head_widths), 1, B),
+        grid=(threads * len(heads), 1, B),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(*h.shape[:-1], O), (B, H, r, r)],
+        output_shapes=[(*h.shape[:-1], starts[-1]), (B, H, r, r)],
         output_dtypes=[dtype, mx.float32],
     )
 
@@ -430,40 +341,30 @@ def metal_scan(
     return reads, new_state
 
 
-def metal_decode_step(
+def metal_layer_decode(
+    memory: DeltaMemory,
+    h: mx.array,
     state: mx.array,
-    q_raw: mx.array,
-    k_raw: mx.array,
-    v: mx.array,
-    keep: mx.array,
-    erase: mx.array,
-    write: mx.array,
-    normalize_qk: bool = True,
-) -> tuple[mx.array, mx.array]:
-    """One token for all heads of a layer in one launch: normalise q/k, read, then write.
-
-    state: [B, H, r, r]; q_raw, k_raw (before tanh/L2 normalisation when normalize_qk, else
-    used as given), v, keep, erase, write: [B, H, r].
-    Returns (read [B, H, r] fp32, new state [B, H, r, r] fp32), as `delta_mem.scan_step` on
-    normalised q/k.
-    """
-    launch = decode_step_launch(state, q_raw, k_raw, v, keep, erase, write, normalize_qk)
-    read, new_state = _kernel(DECODE_KERNEL["name"])(**launch)
-    return read, new_state
-
-
-def metal_layer_decode(*args: Any, **kwargs: Any) -> tuple[mx.array, mx.array]:
+    valid: Optional[mx.array] = None,
+    write: bool = True,
+    weights: Optional[dict] = None,
+) -> tuple[dict[str, mx.array], mx.array]:
     """One decode token through a δ layer in one launch: `DeltaMemory.project`, `scan_step`
-    (or a read only, write=False) and `DeltaMemory.delta` of every active head.
+    (or only the read, write=False) and `DeltaMemory.delta` of every active head.
 
-    h: [B, 1, D] attention input; state: [B, H, r, r]; w_in: [D, H·r·K] and bias: the fused
-    input projection (`DeltaMemory.fused_weights`), columns [H, r, K] with K = q, k, v, β (, λ)
-    and per-row gates;
-    w_out: [R, O] the scaled δ weights of the active heads side by side (widths head_widths);
-    norm_head: index of the head whose Δ is RMS-normalised (Δo), or -1. Arguments as
-    `layer_decode_launch`.
-    Returns (Δ of every head side by side [B, 1, O] in h's dtype, new state [B, H, r, r] fp32).
+    memory: the layer's `DeltaMemory`; h: [B, 1, D] attention input; state: [B, H, r, r];
+    valid: [B, 1] (0 = a padding row: reads 0, state kept) or None; weights: its
+    `fused_weights()` if at hand. Returns ({head: Δ [B, 1, out_x] in h's dtype}, new state
+    [B, H, r, r] float32).
     """
-    launch = layer_decode_launch(*args, **kwargs)
+    w = memory.fused_weights() if weights is None else weights
+    launch = layer_decode_launch(memory, h, state, valid, write, w)
     deltas, new_state = _kernel(LAYER_DECODE_KERNEL["name"])(**launch)
-    return deltas, new_state
+    heads = memory.config.delta_heads
+    if len(heads) == 1:
+        return {heads[0]: deltas}, new_state
+    out, start = {}, 0
+    for x in heads:  # each head's columns: views, no copy
+        width = w[x].shape[1]
+        out[x], start = deltas[..., start:start + width], start + width
+    return out, new_state
