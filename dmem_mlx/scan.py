@@ -27,6 +27,7 @@ import mlx.core as mx
 from .chunked_scan import chunked_scan
 from .config import DeltaMemConfig
 from .delta_mem import MemoryInputs, decode_step, scan_reference
+from .errors import ConfigError
 
 BACKENDS = ("auto", "reference", "chunked", "metal")
 ENVIRONMENT = "DMEM_BACKEND"
@@ -37,15 +38,21 @@ MAX_STEPS = 4
 
 def default_backend() -> str:
     """The backend named by DMEM_BACKEND, or "auto" (the only place the environment is read)."""
-    return check_backend(os.environ.get(ENVIRONMENT, "") or "auto")
+    backend = os.environ.get(ENVIRONMENT, "") or "auto"
+    try:
+        return check_backend(backend)
+    except ConfigError as exc:
+        raise ConfigError(f"{ENVIRONMENT}={backend}: {exc}") from None
 
 
 def check_backend(backend: str) -> str:
-    """`backend` if it is one of BACKENDS (and "metal" only where the kernels can run)."""
+    """`backend` if it is one of BACKENDS (and "metal" only where the kernels can run); else
+    ConfigError (a ValueError), one line."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown δ backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown δ backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "metal" and not metal_available():
-        raise ValueError("the δ backend 'metal' needs a Metal GPU as MLX's default device")
+        raise ConfigError("the δ backend 'metal' needs a Metal GPU as MLX's default device "
+                          "(use 'auto' or 'chunked' here)")
     return backend
 
 

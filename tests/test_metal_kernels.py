@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import re
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ from dmem_mlx.model import attach_delta_mem, delta_parameters, load_delta_parame
 from dmem_mlx.tiny import build_model, tiny_args
 from metal_shim.harness import compile_kernels, generate_source, mlx_generated_source
 
+ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(rtol=1e-5, atol=1e-5)
 MODES = ("standard", "lambda_outside", "no_lambda")
 DTYPES = {"f32": mx.float32, "bf16": mx.bfloat16, "f16": mx.float16}
@@ -340,6 +342,24 @@ def test_without_metal_nothing_is_built_and_calls_fail_loudly():
     assert out.stdout.strip() == "0"  # importing builds no kernel
     with pytest.raises(RuntimeError, match="Metal"):
         mx.eval(metal.metal_scan(*make_scan_case(SCAN_CASES[4])))
+
+
+@pytest.mark.skipif(metal.metal_available(), reason="this machine has Metal")
+def test_without_metal_the_metal_backend_is_refused_in_one_line(tmp_path):
+    from dmem_mlx.errors import ConfigError
+    from dmem_mlx.tiny import make_tiny_dmem
+
+    path = make_tiny_dmem(tmp_path / "tiny")
+    env = {**os.environ, "DMEM_BACKEND": "metal", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "dmem_mlx.generate", "--model", str(path),
+                          "-p", "Hi"], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and "needs a Metal GPU" in out.stderr, out.stderr
+    model = build_model(tiny_args("qwen3"), 0)
+    attach_delta_mem(model, DeltaMemConfig())
+    with pytest.raises(ConfigError, match="needs a Metal GPU"):
+        model.delta_mem.backend = "metal"
+    assert model.delta_mem.backend == "auto" and scan_module.resolve("auto") == "chunked"
 
 
 @pytest.mark.skipif(not metal.metal_available(), reason="needs a Metal GPU")
