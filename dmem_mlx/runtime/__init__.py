@@ -18,8 +18,8 @@ from typing import Any
 # public name → the submodule defining it
 _EXPORTS = {
     **dict.fromkeys(("ChatSession", "ContextTooLongError", "SessionBusyError", "ReplyChunk",
-                     "ReplyStats", "SessionInfo", "default_kv_budget", "NothingToUndoError"),
-                    "session"),
+                     "ReplyStats", "SessionInfo", "Turn", "default_kv_budget",
+                     "NothingToUndoError"), "session"),
     **dict.fromkeys(("MemoryFile", "MemoryFileError", "MemoryLockedError", "MemoryData",
                      "read_memory", "default_memory_path", "FORMAT_VERSION", "UndoStep",
                      "PastConversation"), "memory_file"),

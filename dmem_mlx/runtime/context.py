@@ -220,6 +220,12 @@ class Context:
         self.owners.append(owner)
         return out
 
+    def record(self, ids: Sequence[int], write: bool, owner: int = -1) -> None:
+        """Note tokens fed to this context's sequence by someone else (a batched call, token
+        writes) as if `ingest` had fed them."""
+        self._append(list(ids), write, None, None)
+        self.owners += [owner] * len(ids)
+
     def _append(self, ids, write, message_ids, sentence_ids) -> None:
         if not write:
             wrote = [False] * len(ids)

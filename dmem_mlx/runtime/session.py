@@ -81,6 +81,29 @@ class ReplyStats:
 
 
 @dataclass
+class Turn:
+    """A reply under way (`ChatSession.begin_reply`): `logits` [vocab] float32 of its next token,
+    its tokens so far, and what feeding the next one and closing the turn need."""
+
+    logits: mx.array
+    max_tokens: int
+    prompt_tokens: int
+    prompt_time: float
+    rolled: bool
+    evicted: int
+    writing: bool
+    message_id: int
+    first_sentence: int
+    previous_message_id: Optional[int]
+    before: UndoStep  # the state before the turn (undo)
+    head: list[str] = field(default_factory=list)  # leading parts written into δ only
+    head_tokens: int = 0
+    context_tokens: int = 0  # the KV context when the reply starts (the whole prompt)
+    tokens: list[int] = field(default_factory=list)
+    started: float = 0.0
+
+
+@dataclass
 class SessionInfo:
     """The memory at a glance. tokens_written / turns: written into δ since the last reset (all
     conversations); turns_in_memory_only: of those, turns no longer in the KV context (evicted or
@@ -223,6 +246,57 @@ class ChatSession:
         finally:
             self._busy = False
             self._save()
+
+    def follow(self, history: Sequence[dict[str, str]]) -> int:
+        """Take the conversation a client resends (its messages before the new one, system
+        prompt first if any) as this one (DESIGN §3). The messages it shares with the
+        transcript stay as they are (written once). The transcript's messages after the first
+        difference are dropped (an edited message, a regenerated reply) — their δ writes taken
+        back with the undo history where it reaches, else while they are still in this
+        process's context — and the client's from there are fed (written, saved). A history that begins further on in the transcript (the client
+        dropped its oldest messages) leaves the skipped ones in δ only; one that shares nothing
+        with it, or has another system prompt, starts a new conversation (δ kept). Returns how
+        many messages were fed."""
+        self._check_idle()
+        history = [_checked_message(m) for m in history]
+        system = history[0]["content"] if history and history[0]["role"] == "system" else None
+        body = history[1:] if system is not None else history
+        own = 1 if self._messages and self._messages[0]["role"] == "system" else 0
+        mine = self._messages[own:]
+        start, shared = 0, 0  # where the history begins in the transcript, and for how long
+        for j in range(len(mine)):
+            n = 0
+            while n < len(body) and j + n < len(mine) and mine[j + n] == body[n]:
+                n += 1
+            if n > shared:
+                start, shared = j, n
+        if system != self.system or (mine and not shared):
+            self.system = system
+            if mine:
+                self.new_conversation()
+            else:  # nothing said yet: only the system prompt changes
+                self._messages = [{"role": "system", "content": system}] if system else []
+                self._incognito = [False] * len(self._messages)
+                self._context_start, self._committed = len(self._messages), 0
+                self._ctx.reset()
+            start = shared = 0
+        else:
+            cut = own + start + shared
+            while self._undo_steps and self._undo_steps[-1][0].messages >= cut:
+                self._restore_step(self._undo_steps.pop()[0])  # exact, even after a restart
+            if len(self._messages) > cut:  # no undo step reaches back there
+                in_context = set(self._ctx.owners)  # their writes are undone at the next sync
+                self._turns -= sum(1 for i in range(cut, self._committed)
+                                   if i in in_context and self._messages[i]["role"] == "user"
+                                   and not self._incognito[i])
+                del self._messages[cut:], self._incognito[cut:]
+                self._committed = min(self._committed, cut)
+            if own + start > self._context_start:
+                self._context_start = own + start
+                self._ctx.reset()
+        if shared < len(body):
+            self.feed(body[shared:])
+        return len(body) - shared
 
     def edit_message(self, index: int, content: str) -> None:
         """Change an earlier message. At the next turn the context goes back to the last point
@@ -590,15 +664,24 @@ class ChatSession:
         return out, len(ids) - start, rolled, evicted
 
     # -- internals: a turn -------------------------------------------------------------------
-    def _reply(self, user_text: str, max_tokens: int, sampler: Callable, seed: Optional[int],
-               stop: Optional[threading.Event], processors: list) -> Iterator[ReplyChunk]:
+    # -- a turn, step by step (a server decoding several sessions in one batch) ---------------
+    def begin_reply(self, user_text: str, max_tokens: int = 256,
+                    stop: Optional[Callable[[], bool]] = None) -> Optional[Turn]:
+        """Add `user_text` and ingest the conversation up to the reply (evicting old turns, or
+        writing a too-long message into δ in parts, as the budget asks). Returns the Turn,
+        holding the logits of the reply's first token, or None if `stop()` turned true before
+        that (the turn is then taken back). The session stays busy until `end_reply`; tokens go
+        in with `feed_token` (or `record_token`)."""
+        if not isinstance(user_text, str):
+            raise TypeError("user_text must be a str")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         self._check_idle()
         self._busy = True
         n, states, written = len(self._messages), self._ctx.states(), self._tokens_written
         before = UndoStep(self._state_arrays(), n, self._context_start, written, self._turns,
                           user_text)
         writing = not self._read_only
-        should_stop = stop.is_set if stop is not None else None
         head: list[str] = []
         tic = time.perf_counter()
         try:
@@ -607,13 +690,12 @@ class ChatSession:
             for part in head:  # too long for the context: the leading parts go to δ only
                 self._messages.append({"role": "user", "content": part})
                 self._incognito.append(not writing)
-                head_tokens += self._sync(False, stop=should_stop, strict=True)[1]
+                head_tokens += self._sync(False, stop=stop, strict=True)[1]
                 self._committed = len(self._messages)
             self._messages.append({"role": "user", "content": in_context})
             self._incognito.append(not writing)
             logits, prompt_tokens, rolled, evicted = self._sync(
-                True, max_tokens + len(self._closing), logits=True, stop=should_stop,
-                strict=True)
+                True, max_tokens + len(self._closing), logits=True, stop=stop, strict=True)
         except BaseException as exc:
             if head:
                 self._restore_step(before)
@@ -623,22 +705,96 @@ class ChatSession:
             if not isinstance(exc, Stopped):
                 raise
             self.last_reply = ReplyStats("", 0, 0.0, 0, True, "stopped", taken_back=True)
-            return
-        prompt_tokens += head_tokens
-        prompt_time = time.perf_counter() - tic
-        max_tokens = min(max_tokens, self.max_kv_tokens - len(self._ctx) - len(self._closing))
+            return None
         numbers, sentence_starts = self._numbering()
-        message_id = numbers[-1] + 1  # the user message just added has numbers[-1] >= 0
-        previous_id = self.state.generation_message_id
-        self.state.generation_message_id = message_id
+        turn = Turn(
+            logits=logits, writing=writing, prompt_tokens=prompt_tokens + head_tokens,
+            prompt_time=time.perf_counter() - tic, rolled=rolled, evicted=evicted,
+            max_tokens=min(max_tokens, self.max_kv_tokens - len(self._ctx) - len(self._closing)),
+            message_id=numbers[-1] + 1,  # the user message just added has numbers[-1] >= 0
+            first_sentence=sentence_starts[-1] + count_sentences(in_context),
+            previous_message_id=self.state.generation_message_id, before=before, head=head,
+            head_tokens=head_tokens, context_tokens=len(self._ctx))
+        self.state.generation_message_id = turn.message_id
+        self._ctx.mark()
+        turn.started = time.perf_counter()
+        return turn
+
+    def is_end(self, token: int) -> bool:
+        """Whether `token` ends a reply (end-of-sequence or the template's end of turn)."""
+        return token in self._eos
+
+    def repeating(self, turn: Turn) -> bool:
+        """Whether the reply loops (and `stop_repetition` asks to cut it there)."""
+        return self.stop_repetition and looping(turn.tokens)
+
+    def feed_token(self, turn: Turn, token: int) -> mx.array:
+        """Feed a sampled token (never an end token) of `turn`; the logits of the next one
+        [vocab] float32, being computed."""
+        message_id, sentence_id = None, None
+        if self._groups:
+            message_id = turn.message_id
+            sentence_id = self._sentence_id(turn.tokens, token, turn.first_sentence)
+        logits = self._ctx.step(token, turn.writing, message_id, sentence_id,
+                                owner=len(self._messages))
+        self._record(turn, token)
+        return logits
+
+    def record_token(self, turn: Turn, token: int) -> None:
+        """Note a token of `turn` (token writes) that a batched forward call fed; its KV and δ
+        write live in the batch's cache until they are handed back to this session's."""
+        self._ctx.record([token], turn.writing, owner=len(self._messages))
+        self._record(turn, token)
+
+    def end_reply(self, turn: Turn, finish: str, text: Optional[str] = None) -> ReplyStats:
+        """Close `turn`: the reply (`text`, default the decoded tokens; a shorter text, e.g.
+        cut at a stop string, is re-read so that context and δ hold exactly it) goes into the
+        transcript, the template's closing tokens are ingested, the memory file is saved.
+        finish: "stop", "length", "repetition", "stopped" or "interrupted"."""
+        decode_time = time.perf_counter() - turn.started
+        try:
+            if text is None:
+                text = self.tokenizer.decode(turn.tokens)
+            self._messages.append({"role": "assistant", "content": text})
+            self._incognito.append(not turn.writing)
+            rolled = self._sync(False)[2] or turn.rolled
+            self._committed = len(self._messages)
+            if turn.writing:
+                self._turns += 1
+            self._undo_steps = [*self._undo_steps, (turn.before, not turn.writing)][-UNDO_DEPTH:]
+            if self._started is None:
+                self._started = datetime.now().astimezone().isoformat(timespec="milliseconds")
+            self.last_reply = ReplyStats(
+                text=text, tokens=len(turn.tokens),
+                tokens_per_sec=len(turn.tokens) / decode_time if decode_time > 0 else 0.0,
+                prompt_tokens=turn.prompt_tokens, stopped=finish in ("stopped", "interrupted"),
+                finish_reason=finish,
+                prompt_tps=turn.prompt_tokens / turn.prompt_time if turn.prompt_time > 0 else 0.0,
+                rebuilt=rolled, evicted_turns=turn.evicted, memory_only_parts=len(turn.head),
+                memory_only_tokens=turn.head_tokens,
+                memory_only_chars=sum(map(len, turn.head)))
+            self._save()
+        finally:
+            self.state.generation_message_id = turn.previous_message_id
+            self._busy = False
+        return self.last_reply
+
+    def _record(self, turn: Turn, token: int) -> None:
+        turn.tokens.append(token)
+        self._tokens_written += self._ctx.wrote[-1]
+
+    # -- internals: a turn -------------------------------------------------------------------
+    def _reply(self, user_text: str, max_tokens: int, sampler: Callable, seed: Optional[int],
+               stop: Optional[threading.Event], processors: list) -> Iterator[ReplyChunk]:
+        turn = self.begin_reply(user_text, max_tokens, stop.is_set if stop is not None else None)
+        if turn is None:
+            return
         if seed is not None:
             mx.random.seed(seed)
         detok = self.tokenizer.detokenizer
         detok.reset()
-        tokens: list[int] = []
         finish, error, closed = "length", None, False
-        self._ctx.mark()
-        tic = time.perf_counter()
+
         def sample(logits: mx.array) -> mx.array:
             for processor in processors:
                 logits = processor(mx.array(self._ctx.ids), logits[None])[0]
@@ -649,59 +805,29 @@ class ChatSession:
         try:
             # The next token is sampled while the current one is streamed out; it is fed only
             # once known not to be the EOS and if no stop was asked for in between.
-            y = sample(logits)
-            while len(tokens) < max_tokens:
+            y = sample(turn.logits)
+            while len(turn.tokens) < turn.max_tokens:
                 token = int(y.item())
-                if token in self._eos:
+                if self.is_end(token):
                     finish = "stop"
                     break
                 if stop is not None and stop.is_set():
                     finish = "stopped"
                     break
-                sentence_id = None
-                if self._groups:
-                    sentence_id = self._sentence_id(tokens, token, sentence_starts[-1]
-                                                    + count_sentences(user_text))
-                logits = self._ctx.step(token, writing, message_id if self._groups else None,
-                                        sentence_id, owner=len(self._messages))
-                tokens.append(token)
-                self._tokens_written += self._ctx.wrote[-1]
-                if len(tokens) < max_tokens:
+                logits = self.feed_token(turn, token)
+                if len(turn.tokens) < turn.max_tokens:
                     y = sample(logits)
                 detok.add_token(token)
                 yield ReplyChunk(detok.last_segment, token)
-                if self.stop_repetition and looping(tokens):
+                if self.repeating(turn):
                     finish = "repetition"
                     break
         except GeneratorExit:  # the consumer closed the stream (or dropped it)
             finish, closed = "stopped", True
         except BaseException as exc:  # Ctrl-C or an error: what was fed so far stays consistent
             finish, error = "interrupted", exc
-        decode_time = time.perf_counter() - tic
-        try:
-            detok.finalize()
-            text = detok.text
-            self._messages.append({"role": "assistant", "content": text})
-            self._incognito.append(not writing)
-            rolled = self._sync(False)[2] or rolled
-            self._committed = len(self._messages)
-            if writing:
-                self._turns += 1
-            self._undo_steps = [*self._undo_steps, (before, not writing)][-UNDO_DEPTH:]
-            if self._started is None:
-                self._started = datetime.now().astimezone().isoformat(timespec="milliseconds")
-            self.last_reply = ReplyStats(
-                text=text, tokens=len(tokens),
-                tokens_per_sec=len(tokens) / decode_time if decode_time > 0 else 0.0,
-                prompt_tokens=prompt_tokens, stopped=finish in ("stopped", "interrupted"),
-                finish_reason=finish,
-                prompt_tps=prompt_tokens / prompt_time if prompt_time > 0 else 0.0,
-                rebuilt=rolled, evicted_turns=evicted, memory_only_parts=len(head),
-                memory_only_tokens=head_tokens, memory_only_chars=sum(map(len, head)))
-            self._save()
-        finally:
-            self.state.generation_message_id = previous_id
-            self._busy = False
+        detok.finalize()
+        self.end_reply(turn, finish, detok.text)
         if error is not None:
             raise error
         tail = detok.last_segment
