@@ -1,0 +1,45 @@
+"""dmem-serve: an OpenAI-compatible HTTP server for a δ-mem model, one memory per user.
+
+    dmem-serve                                  # the demo model on http://127.0.0.1:8080/v1
+    python -m dmem_mlx.server --model DIR --api-key KEY
+
+From Python (e.g. tests): `build_app(model, tokenizer, memories=DIR)` returns the ASGI app.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from .schemas import APIError, Limits
+
+
+def build_app(model: Any, tokenizer: Any, memories: Path, model_id: str = "dmem",
+              limits: Optional[Limits] = None, api_key: Optional[str] = None,
+              max_kv_tokens: Optional[int] = None, max_concurrent: int = 8,
+              max_queue: int = 64, max_open: int = 64, max_body_bytes: int = 1 << 20) -> Any:
+    """The ASGI app serving a loaded δ-mem model; memory files live in `memories`."""
+    from ..runtime import ChatSession, model_fingerprint
+    from .app import create_app
+    from .engine import Engine
+    from .store import MemoryStore
+
+    fingerprint = model_fingerprint(model, tokenizer)
+
+    def session(memory: Any) -> ChatSession:
+        return ChatSession(model, tokenizer, memory=memory, max_kv_tokens=max_kv_tokens,
+                           fingerprint=fingerprint)
+
+    store = MemoryStore(Path(memories), fingerprint, session, max_open=max_open)
+    engine = Engine(model, tokenizer, store, max_concurrent=max_concurrent, max_queue=max_queue)
+    return create_app(engine, model_id, limits or Limits(), api_key=api_key,
+                      max_body_bytes=max_body_bytes)
+
+
+def main(argv: Optional[list] = None) -> int:
+    from .cli import main as cli_main
+
+    return cli_main(argv)
+
+
+__all__ = ["build_app", "main", "APIError", "Limits"]

@@ -1,0 +1,228 @@
+"""The HTTP API (FastAPI on uvicorn): OpenAI's chat completions and models, health, memories.
+
+Every error is OpenAI's error body with a 4xx/5xx status — never a traceback. The API key, when
+set, is compared in constant time; request bodies are bounded before they are read whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import ChatJob, Engine, Reply
+from .schemas import APIError, Limits, chat_request, chunk, completion, error_body, memory_id, usage
+
+log = logging.getLogger("dmem_mlx.server")
+MEMORY_HEADER = "x-dmem-memory"
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` is answered 413 without reading it all."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        too_big = JSONResponse(error_body(413, f"the request body is larger than "
+                                               f"{self.max_bytes} bytes", None,
+                                          "request_too_large"), status_code=413)
+        if length is not None:
+            try:
+                if int(length) > self.max_bytes:
+                    return await too_big(scope, receive, send)
+            except ValueError:
+                return await JSONResponse(error_body(400, "bad Content-Length header"),
+                                          status_code=400)(scope, receive, send)
+        seen = 0
+
+        async def bounded() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, bounded, send)
+        except _TooLarge:
+            await too_big(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(engine: Engine, model_id: str, limits: Limits, api_key: Optional[str] = None,
+               max_body_bytes: int = 1 << 20) -> Any:
+    """The ASGI application serving `engine` (started and stopped with the app)."""
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        engine.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+    app = FastAPI(title="dmem-serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    created = int(time.time())
+    key = api_key.encode() if api_key else None
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next: Any) -> Any:
+        if key is not None and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            scheme, _, given = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
+                return JSONResponse(error_body(401, "invalid or missing API key (send "
+                                                    "'Authorization: Bearer <key>')", None,
+                                               "invalid_api_key"), status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(
+            exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(400, "invalid request"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return JSONResponse(error_body(500, "internal server error"), status_code=500)
+
+    @app.get("/health")
+    async def health() -> Any:
+        ok = engine.healthy
+        return JSONResponse({"status": "ok" if ok else "unavailable"},
+                            status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [{"id": model_id, "object": "model",
+                                            "created": created, "owned_by": "dmem-mlx"}]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> Any:
+        if name != model_id:
+            raise APIError(404, f"no model {name[:80]!r}", "model", "model_not_found")
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "dmem-mlx"}
+
+    async def on_worker(memory: str, method: Any, *args: Any) -> Any:
+        future = engine.call(memory, lambda: method(memory, *args))
+        return await asyncio.wrap_future(future)
+
+    @app.get("/v1/memories/{memory}")
+    async def memory_get(memory: str) -> Any:
+        return await on_worker(memory_id(memory, "id"), engine.memory_info)
+
+    @app.delete("/v1/memories/{memory}")
+    async def memory_delete(memory: str) -> Any:
+        return await on_worker(memory_id(memory, "id"), engine.memory_delete)
+
+    @app.post("/v1/memories/{memory}/snapshot")
+    async def memory_snapshot(memory: str, request: Request) -> Any:
+        memory = memory_id(memory, "id")
+        body = await _json(request, empty_ok=True)
+        name = body.get("name") if isinstance(body, dict) else None
+        if body is not None and (not isinstance(body, dict)
+                                 or (name is not None and not isinstance(name, str))):
+            raise APIError(400, "the body must be {\"name\": \"...\"} or empty", "name")
+        return await on_worker(memory, engine.memory_snapshot, name)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        req = chat_request(await _json(request), request.headers.get(MEMORY_HEADER), limits)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(kind: str, value: Any) -> None:  # called on the worker thread
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+        job = ChatJob(req, emit)
+        engine.submit(job)
+        if not req.stream:
+            parts = []
+            try:
+                while True:
+                    kind, value = await events.get()
+                    if kind == "delta":
+                        parts.append(value)
+                    elif kind == "error":
+                        raise value
+                    else:
+                        reply: Reply = value
+                        body = completion(req, model_id, reply.text, reply.finish_reason,
+                                          reply.prompt_tokens, reply.completion_tokens)
+                        body["usage"]["prompt_tokens_details"] = {
+                            "cached_tokens": reply.cached_tokens}
+                        return body
+            finally:
+                job.cancelled.set()  # no effect once done; stops the reply if the client left
+
+        first_kind, first = await events.get()  # errors before any text get a proper status
+        if first_kind == "error":
+            raise first
+
+        async def stream() -> Any:
+            try:
+                yield _sse(chunk(req, model_id, {"role": "assistant", "content": ""}))
+                kind, value = first_kind, first
+                while True:
+                    if kind == "delta":
+                        yield _sse(chunk(req, model_id, {"content": value}))
+                    elif kind == "error":
+                        yield _sse(value.body())
+                        break
+                    else:
+                        yield _sse(chunk(req, model_id, {}, value.finish_reason))
+                        if req.include_usage:
+                            yield _sse(chunk(req, model_id, {}, usage_=usage(
+                                value.prompt_tokens, value.completion_tokens)))
+                        break
+                    kind, value = await events.get()
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled.set()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    return BodyLimit(app, max_body_bytes)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _json(request: Request, empty_ok: bool = False) -> Any:
+    raw = await request.body()
+    if not raw.strip() and empty_ok:
+        return None
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({type(exc).__name__}: "
+                            f"{str(exc)[:120]})", None, "invalid_json") from None

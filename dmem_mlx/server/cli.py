@@ -1,0 +1,149 @@
+"""`dmem-serve`: the command line (flags in mlx_lm.server's style), then uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn, Optional, Sequence
+
+PROG = "dmem-serve"
+API_KEY_ENV = "DMEM_API_KEY"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog=PROG, description="An OpenAI-compatible HTTP server for a δ-mem model that "
+                                      "keeps one memory per user (the request's `user` field or "
+                                      "an X-Dmem-Memory header).")
+    p.add_argument("--model", help="converted δ-mem model: a directory or a Hugging Face repo "
+                                   "(default: the bundled demo model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    p.add_argument("--memories", help="directory of the memory files, one per user id "
+                                      "(default: a directory per model in dmem-chat's data "
+                                      "directory)")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: the "
+                                     f"{API_KEY_ENV} environment variable; none: no key)")
+    p.add_argument("--max-kv-tokens", type=int, default=None,
+                   help="context budget per memory in tokens; older turns then live only in "
+                        "the δ memory (default: from the model)")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="default reply length in tokens (default: %(default)s)")
+    p.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the most max_tokens a request may ask for (default: %(default)s)")
+    p.add_argument("--temp", type=float, default=0.0,
+                   help="default sampling temperature (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="default nucleus sampling top-p (default: %(default)s)")
+    p.add_argument("--max-concurrent", type=int, default=8,
+                   help="replies decoded together in one batch (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond those; more are answered 429 "
+                        "(default: %(default)s)")
+    p.add_argument("--max-open", type=int, default=64,
+                   help="memories kept open with their KV context (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                   help="logging level (default: %(default)s)")
+    return p
+
+
+def check(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the flags, or None."""
+    if not 0 <= args.port <= 65535:
+        return f"--port must be in [0, 65535], got {args.port}"
+    if args.temp < 0:
+        return f"--temp must be ≥ 0, got {args.temp}"
+    if not 0 < args.top_p <= 1:
+        return f"--top-p must be in (0, 1], got {args.top_p}"
+    for flag in ("max_tokens", "max_tokens_limit", "max_concurrent", "max_open",
+                 "max_body_bytes"):
+        if getattr(args, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}"
+    if args.max_queue < 0:
+        return f"--max-queue must be ≥ 0, got {args.max_queue}"
+    if args.max_tokens > args.max_tokens_limit:
+        return "--max-tokens must not exceed --max-tokens-limit"
+    if args.max_kv_tokens is not None and args.max_kv_tokens < 16:
+        return f"--max-kv-tokens must be ≥ 16, got {args.max_kv_tokens}"
+    return None
+
+
+def resolve(args: argparse.Namespace) -> tuple[Path, str, Path]:
+    """(model directory, model id, memories directory); ValueError with one line if not usable."""
+    from ..adapter import is_adapter_dir
+    from ..hub import resolve_model_path
+    from ..runtime import default_memory_path
+
+    if args.model:
+        model_id = args.model
+        try:
+            path = resolve_model_path(args.model, extra_patterns=["delta_mem_config.json",
+                                                                  "delta_mem.safetensors"])
+        except Exception as exc:  # the hub's errors: one line
+            raise ValueError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+    else:
+        from ..demo import DEMO_NAME, demo_model_path
+
+        path, model_id = demo_model_path(), DEMO_NAME
+    if not (Path(path) / "config.json").is_file() or not is_adapter_dir(Path(path)):
+        raise ValueError(f"{path} is not a converted δ-mem model directory")
+    if args.memories:
+        memories = Path(args.memories).expanduser()
+    else:  # next to dmem-chat's memory of this model: <data>/memories/<model>/<id>.safetensors
+        default = default_memory_path(model_id)
+        memories = default.with_name(default.name[:-len(".safetensors")])
+    if memories.exists() and not memories.is_dir():
+        raise ValueError(f"--memories {memories}: not a directory")
+    return Path(path), Path(model_id).name or model_id, memories
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..blas import reexec_with_openblas
+
+    reexec_with_openblas()
+    args = build_parser().parse_args(argv)
+    if why := check(args):
+        print(f"{PROG}: error: {why}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(asctime)s - %(levelname)s - %(message)s")
+    try:
+        model_path, model_id, memories = resolve(args)
+        memories.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        logging.warning("listening on %s without an API key: anyone who can reach it can read "
+                        "and change every memory (set --api-key or %s)", args.host, API_KEY_ENV)
+    import uvicorn
+
+    from ..utils import load
+    from . import build_app
+    from .schemas import Limits
+
+    logging.info("loading %s", model_path)
+    model, tokenizer = load(str(model_path))
+    limits = Limits(max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
+                    temperature=args.temp, top_p=args.top_p)
+    app = build_app(model, tokenizer, memories, model_id, limits, api_key=api_key,
+                    max_kv_tokens=args.max_kv_tokens, max_concurrent=args.max_concurrent,
+                    max_queue=args.max_queue, max_open=args.max_open,
+                    max_body_bytes=args.max_body_bytes)
+    logging.info("serving %s on http://%s:%d/v1 (memories in %s)", model_id, args.host,
+                 args.port, memories)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=10)
+    return 0

@@ -1,0 +1,452 @@
+"""The engine: one worker thread that owns the model and serves every request.
+
+Requests for different memories decode together in one batch (continuous batching: a request
+joins after its own prefill and leaves when its reply ends); each batch row carries its own KV
+cache and δ state, so a row never sees another's memory. Requests for the same memory wait for
+each other. Each turn goes through the memory's `ChatSession` (the chat semantics of DESIGN §3:
+only what is new is written, a sampled end token is never fed, old turns leave the context at
+the budget) and the memory file is saved when the turn ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+from mlx_lm.models import cache as cache_lib
+from mlx_lm.sample_utils import apply_top_p
+
+from ..runtime import ChatSession, ContextTooLongError, MemoryFileError, Turn
+from .schemas import APIError, ChatRequest
+from .store import MemoryStore
+
+log = logging.getLogger("dmem_mlx.server")
+
+
+@dataclass
+class Reply:
+    """How a request's reply went (the last event of a chat job)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ChatJob:
+    """A chat request waiting for, or being given, its reply. `emit(kind, value)` is called from
+    the worker: ("delta", text) pieces, then ("done", Reply) or ("error", APIError)."""
+
+    request: ChatRequest
+    emit: Callable[[str, Any], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    queued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> Any:
+        return self.request.memory if self.request.memory is not None else self
+
+
+@dataclass
+class CallJob:
+    """A memory operation run on the worker once its memory is idle."""
+
+    key: str
+    fn: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
+class Row:
+    """One reply being decoded: its session and turn, sampler, detokenizer and next token."""
+
+    def __init__(self, job: ChatJob, session: ChatSession, turn: Turn, tokenizer: Any):
+        req = job.request
+        self.job, self.session, self.turn = job, session, turn
+        self.temperature, self.top_p = req.temperature, req.top_p
+        self.key = mx.random.key(req.seed if req.seed is not None else secrets.randbits(63))
+        self.stop = req.stop
+        self.hold = max((len(s) for s in req.stop), default=1) - 1  # chars kept back for stops
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.sent = 0  # characters of the text streamed out
+        self.text: Optional[str] = None  # set when a stop string cut the reply
+        self.y = self.sample(turn.logits)
+
+    def sample(self, logits: mx.array) -> mx.array:
+        """The next token from logits [vocab]: greedy at temperature 0, else top-p sampling with
+        this row's own random key (a seed gives the same reply whatever the batch holds)."""
+        if self.temperature == 0:
+            y = mx.argmax(logits, axis=-1)
+        else:
+            logprobs = logits - mx.logsumexp(logits, keepdims=True)
+            if self.top_p < 1.0:
+                logprobs = apply_top_p(logprobs[None], self.top_p)[0]
+            self.key, k = mx.random.split(self.key)
+            y = mx.random.categorical(logprobs * (1 / self.temperature), key=k)
+        mx.async_eval(y)
+        return y
+
+    def accept(self, token: int) -> Optional[str]:
+        """Take a sampled token; the finish reason if the reply ends before feeding it."""
+        if self.session.is_end(token):
+            return "stop"
+        if self.job.cancelled.is_set():
+            return "stopped"
+        self.detok.add_token(token)
+        if self.stop:
+            text = self.detok.text
+            cuts = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop)
+                    if i >= 0]
+            if cuts:
+                self.text = text[:min(cuts)]
+                return "stop"
+        return None
+
+    def flush(self, final: bool = False) -> None:
+        """Stream out the text that can no longer turn into a stop string."""
+        text = self.text if self.text is not None else self.detok.text
+        end = len(text) if final else max(self.sent, len(text) - self.hold)
+        if end > self.sent:
+            self.job.emit("delta", text[self.sent:end])
+            self.sent = end
+
+
+class Batch:
+    """The rows decoding together: a BatchKVCache per layer (rows left-padded to a common
+    length; padding is masked and was never fed through δ) and their δ states [B, H, r, r].
+
+    The δ state of a call lives on the model's layers (`ModelState`); the batch keeps its rows'
+    states between steps and puts them there for its own call.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.rows: list[Row] = []
+        self.cache: list[Any] = []
+        self.states: dict[int, mx.array] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, row: Row, kv: list[Any], states: dict[int, mx.array]) -> None:
+        one = [c.merge([c]) if hasattr(c, "merge") else c for c in kv]
+        if not self.rows:
+            self.cache, self.states = one, dict(states)
+        else:
+            for mine, other in zip(self.cache, one):
+                mine.extend(other)
+            self.states = {i: mx.concatenate([self.states[i], states[i]]) for i in self.states}
+        self.rows.append(row)
+
+    def remove(self, row: Row) -> tuple[list[Any], dict[int, mx.array]]:
+        """Take a row out; its own KV cache (padding stripped) and δ state."""
+        i = self.rows.index(row)
+        kv = [c.extract(i) for c in self.cache]
+        states = {k: s[i:i + 1] for k, s in self.states.items()}
+        keep = [j for j in range(len(self.rows)) if j != i]
+        del self.rows[i]
+        if keep:
+            for c in self.cache:
+                c.filter(keep)
+            index = mx.array(keep)
+            self.states = {k: s[index] for k, s in self.states.items()}
+        else:
+            self.cache, self.states = [], {}
+        mx.eval(states, [c.state for c in kv])
+        return kv, states
+
+    def step(self, tokens: list[int], layers: dict) -> mx.array:
+        """Feed one token per row (writes on); logits [B, vocab] float32."""
+        for i, layer in layers.items():
+            layer.delta_state = self.states[i]
+        logits = self.model(mx.array(tokens)[:, None], cache=self.cache)[:, -1, :]
+        self.states = {i: layer.delta_state for i, layer in layers.items()}
+        logits = logits.astype(mx.float32)
+        mx.async_eval(logits, list(self.states.values()))
+        return logits
+
+
+class ModelState:
+    """Which session's δ state is on the model's layers; the others' are parked here.
+
+    (A ChatSession keeps its δ state on the model; the engine serves many, so it swaps them.)
+    """
+
+    def __init__(self, model: Any):
+        self.layers = model.delta_mem.layers
+        self.active: Optional[ChatSession] = None
+        self.parked: dict[int, dict] = {}
+
+    def current(self) -> dict:
+        return {i: layer.delta_state for i, layer in self.layers.items()}
+
+    def set(self, states: dict) -> None:
+        for i, layer in self.layers.items():
+            layer.delta_state = states[i]
+
+    def use(self, session: Optional[ChatSession]) -> None:
+        """Put `session`'s state on the model (None: park the current one, clear the model)."""
+        if self.active is session and session is not None:
+            return
+        if self.active is not None:
+            self.parked[id(self.active)] = self.current()
+        self.active = session
+        if session is not None and id(session) in self.parked:
+            self.set(self.parked.pop(id(session)))
+
+    def take(self, session: ChatSession) -> dict:
+        """`session`'s state [1, H, r, r] per layer, moved off the model (into a batch)."""
+        self.use(session)
+        cfg = self.layers[next(iter(self.layers))].memory.config
+        empty = mx.zeros((1, cfg.num_state_heads, cfg.rank, cfg.rank), mx.float32)
+        states = {i: (s if s is not None else empty) for i, s in self.current().items()}
+        self.active = None
+        return states
+
+    def give(self, session: ChatSession, states: dict) -> None:
+        """Hand a state back to `session` (out of a batch) and put it on the model."""
+        self.use(None)
+        self.set(states)
+        self.active = session
+
+    def forget(self, session: ChatSession) -> None:
+        self.parked.pop(id(session), None)
+        if self.active is session:
+            self.active = None
+
+
+class Engine:
+    """Serves chat jobs and memory calls on one worker thread.
+
+    max_concurrent: rows decoding at once; max_queue: jobs waiting beyond them (more: 429).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, store: MemoryStore, max_concurrent: int = 8,
+                 max_queue: int = 64):
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.max_concurrent, self.max_queue = max_concurrent, max_queue
+        self.batchable = model.delta_mem.config.memory_write_granularity == "token"
+        self._inbox: queue.Queue = queue.Queue()
+        self._waiting: deque = deque()
+        self._pending = 0  # jobs submitted and not yet started (for 429)
+        self._lock = threading.Lock()
+        self._busy: set = set()  # keys with a row decoding
+        self._batch = Batch(model)
+        self._state = ModelState(model)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dmem-engine", daemon=True)
+        self.healthy = True
+        self.stats = {"requests": 0, "tokens": 0, "max_batch": 0}
+
+    # -- the HTTP side ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    def _enqueue(self, job: Any) -> None:
+        with self._lock:
+            if self._pending >= self.max_queue + self.max_concurrent:
+                raise APIError(429, "the server is busy: too many requests waiting; retry later",
+                               code="rate_limit_exceeded")
+            self._pending += 1
+        self._inbox.put(job)
+
+    def submit(self, job: ChatJob) -> None:
+        self._enqueue(job)
+
+    def call(self, key: str, fn: Callable[[], Any]) -> Future:
+        job = CallJob(key, fn)
+        self._enqueue(job)
+        return job.future
+
+    # -- the worker ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit(block=not self._batch.rows)
+                self._start_ready()
+                if self._batch.rows:
+                    self._step()
+            except Exception:  # a bug: fail every row cleanly, keep serving
+                log.exception("engine step failed")
+                for row in list(self._batch.rows):
+                    self._fail(row, APIError(500, "internal error while generating"))
+        for row in list(self._batch.rows):
+            self._finish(row, "stopped")
+        self.store.close()
+
+    def _admit(self, block: bool) -> None:
+        try:
+            job = self._inbox.get(timeout=0.5) if block and not self._waiting else \
+                self._inbox.get_nowait()
+            while True:
+                if job is not None:
+                    self._waiting.append(job)
+                job = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _start_ready(self) -> None:
+        held = set(self._busy)
+        for job in list(self._waiting):
+            key = job.key
+            if key in held:
+                held.add(key)
+                continue
+            if isinstance(job, ChatJob) and len(self._batch) >= (
+                    self.max_concurrent if self.batchable else 1):
+                held.add(key)
+                continue
+            self._waiting.remove(job)
+            with self._lock:
+                self._pending -= 1
+            held.add(key)
+            if isinstance(job, CallJob):
+                self._run_call(job)
+            else:
+                self._start_chat(job)
+        for session in self.store.trim(self._busy):
+            self._state.forget(session)
+
+    def _run_call(self, job: CallJob) -> None:
+        try:
+            job.future.set_result(job.fn())
+        except BaseException as exc:
+            job.future.set_exception(exc)
+
+    def session(self, memory: Optional[str]) -> ChatSession:
+        """The session of `memory` (None: ephemeral) with its δ state on the model."""
+        if memory is not None and memory in self.store:
+            session = self.store.session(memory)
+            self._state.use(session)
+        else:
+            self._state.use(None)
+            session = self.store.session(memory)  # a new session puts its state on the model
+            self._state.active = session
+        return session
+
+    # Memory operations (run them with `call`, on the worker).
+    def memory_info(self, memory: str) -> dict:
+        if memory in self.store:
+            self._state.use(self.store.session(memory))
+        return self.store.info(memory)
+
+    def memory_delete(self, memory: str) -> dict:
+        if memory in self.store:
+            self._state.forget(self.store.session(memory))
+        return self.store.delete(memory)
+
+    def memory_snapshot(self, memory: str, name: Optional[str]) -> dict:
+        self.store.check_exists(memory)
+        return self.store.snapshot(self.session(memory), memory, name)
+
+    def _start_chat(self, job: ChatJob) -> None:
+        req = job.request
+        if job.cancelled.is_set():
+            return
+        session = None
+        try:
+            session = self.session(req.memory)
+            session.follow(req.history)
+            turn = session.begin_reply(req.user_text, req.max_tokens, job.cancelled.is_set)
+        except APIError as exc:
+            job.emit("error", exc)
+            return
+        except ContextTooLongError as exc:
+            job.emit("error", APIError(400, str(exc), "messages", "context_length_exceeded"))
+            return
+        except MemoryFileError as exc:
+            job.emit("error", APIError(409, f"memory {req.memory!r}: {exc}", None,
+                                       "memory_unusable"))
+            return
+        except Exception:
+            log.exception("starting a reply failed")
+            job.emit("error", APIError(500, "internal error while reading the conversation"))
+            return
+        if turn is None:  # the client left during the prefill: the turn was taken back
+            return
+        row = Row(job, session, turn, self.tokenizer)
+        self._busy.add(job.key)
+        self.stats["requests"] += 1
+        log.info("reply %s: memory %s, %d prompt tokens (%d new), waited %.0f ms",
+                 req.id[-8:], req.memory or "-", turn.context_tokens, turn.prompt_tokens,
+                 1000 * (time.perf_counter() - job.queued))
+        if turn.max_tokens < 1:
+            self._finish_row(row, "length", batched=False)
+            return
+        self._batch.add(row, session._ctx.cache, self._state.take(session))
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(self._batch))
+
+    def _step(self) -> None:
+        rows = list(self._batch.rows)
+        mx.eval([r.y for r in rows])
+        feed = []
+        for row in rows:
+            token = int(row.y.item())
+            finish = row.accept(token)
+            if finish is not None:
+                self._finish(row, finish)
+                continue
+            feed.append((row, token))
+        if not feed:
+            return
+        self._state.use(None)
+        logits = self._batch.step([t for _, t in feed], self._state.layers)
+        for k, (row, token) in enumerate(feed):
+            row.session.record_token(row.turn, token, True)
+            self.stats["tokens"] += 1
+            row.flush()
+            if len(row.turn.tokens) >= row.turn.max_tokens:
+                self._finish(row, "length")
+            else:
+                row.y = row.sample(logits[k])
+
+    def _finish(self, row: Row, finish: str) -> None:
+        kv, states = self._batch.remove(row)
+        row.session._ctx.cache = kv
+        self._state.give(row.session, states)
+        self._finish_row(row, finish, batched=True)
+
+    def _finish_row(self, row: Row, finish: str, batched: bool) -> None:
+        self._busy.discard(row.job.key)
+        try:
+            row.detok.finalize()
+            text = row.text if row.text is not None else row.detok.text
+            stats = row.session.end_reply(row.turn, finish, text)
+        except Exception:
+            log.exception("ending a reply failed")
+            row.job.emit("error", APIError(500, "internal error while saving the turn"))
+            return
+        finally:
+            if row.job.request.memory is None:
+                self._state.forget(row.session)
+        row.flush(final=True)
+        t = row.turn
+        log.info("reply %s: %d tokens, %s, %.1f tokens/s", row.job.request.id[-8:], stats.tokens,
+                 finish, stats.tokens_per_sec)
+        row.job.emit("done", Reply(text=stats.text, finish_reason="length" if finish == "length"
+                                   else "stop", prompt_tokens=t.context_tokens,
+                                   cached_tokens=t.context_tokens - t.prompt_tokens,
+                                   completion_tokens=stats.tokens))
+
+    def _fail(self, row: Row, error: APIError) -> None:
+        try:
+            self._finish(row, "interrupted")
+        except Exception:
+            log.exception("could not close a failed reply")
+            self._busy.discard(row.job.key)
+        row.job.emit("error", error)
