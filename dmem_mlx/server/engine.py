@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
-from mlx_lm.models import cache as cache_lib
 from mlx_lm.sample_utils import apply_top_p
 
+from ..cache import state_of, with_state
 from ..runtime import ChatSession, ContextTooLongError, MemoryFileError, Turn
 from .schemas import APIError, ChatRequest
 from .store import MemoryStore
@@ -122,107 +122,55 @@ class Row:
 
 
 class Batch:
-    """The rows decoding together: a BatchKVCache per layer (rows left-padded to a common
-    length; padding is masked and was never fed through δ) and their δ states [B, H, r, r].
+    """The rows decoding together: one prompt cache whose entries are mlx-lm's BatchKVCache
+    (rows left-padded to a common length; padding is masked and was never fed through δ)
+    carrying one DeltaState [B, H, r, r] per layer (DESIGN §1) — each row its own memory.
 
-    The δ state of a call lives on the model's layers (`ModelState`); the batch keeps its rows'
-    states between steps and puts them there for its own call.
+    A row joins after its own prefill (its session's cache is merged in) and leaves with its
+    KV cache and δ state handed back to its session.
     """
 
     def __init__(self, model: Any):
         self.model = model
         self.rows: list[Row] = []
         self.cache: list[Any] = []
-        self.states: dict[int, mx.array] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, row: Row, kv: list[Any], states: dict[int, mx.array]) -> None:
-        one = [c.merge([c]) if hasattr(c, "merge") else c for c in kv]
+    def add(self, row: Row) -> None:
+        one = [c.merge([c]) for c in row.session._ctx.cache]
         if not self.rows:
-            self.cache, self.states = one, dict(states)
+            self.cache = one
         else:
             for mine, other in zip(self.cache, one):
                 mine.extend(other)
-            self.states = {i: mx.concatenate([self.states[i], states[i]]) for i in self.states}
         self.rows.append(row)
 
-    def remove(self, row: Row) -> tuple[list[Any], dict[int, mx.array]]:
-        """Take a row out; its own KV cache (padding stripped) and δ state."""
+    def remove(self, row: Row) -> None:
+        """Take `row` out: its KV cache (padding stripped) and δ state go back to its session."""
         i = self.rows.index(row)
-        kv = [c.extract(i) for c in self.cache]
-        states = {k: s[i:i + 1] for k, s in self.states.items()}
+        own = [c.extract(i) for c in self.cache]
         keep = [j for j in range(len(self.rows)) if j != i]
         del self.rows[i]
         if keep:
             for c in self.cache:
                 c.filter(keep)
-            index = mx.array(keep)
-            self.states = {k: s[index] for k, s in self.states.items()}
         else:
-            self.cache, self.states = [], {}
-        mx.eval(states, [c.state for c in kv])
-        return kv, states
+            self.cache = []
+        context = row.session._ctx
+        state = state_of(own)
+        context.set_states(state.layers)
+        context.cache = with_state([getattr(c, "kv", c) for c in own], self.model, context.state)
+        mx.eval([c.state for c in context.cache], [s for s in state.layers.values()
+                                                   if s is not None])
 
-    def step(self, tokens: list[int], layers: dict) -> mx.array:
-        """Feed one token per row (writes on); logits [B, vocab] float32."""
-        for i, layer in layers.items():
-            layer.delta_state = self.states[i]
+    def step(self, tokens: list[int]) -> mx.array:
+        """Feed one token per row (writes on); logits [B, vocab] float32, being computed."""
         logits = self.model(mx.array(tokens)[:, None], cache=self.cache)[:, -1, :]
-        self.states = {i: layer.delta_state for i, layer in layers.items()}
         logits = logits.astype(mx.float32)
-        mx.async_eval(logits, list(self.states.values()))
+        mx.async_eval(logits, [c.state for c in self.cache])
         return logits
-
-
-class ModelState:
-    """Which session's δ state is on the model's layers; the others' are parked here.
-
-    (A ChatSession keeps its δ state on the model; the engine serves many, so it swaps them.)
-    """
-
-    def __init__(self, model: Any):
-        self.layers = model.delta_mem.layers
-        self.active: Optional[ChatSession] = None
-        self.parked: dict[int, dict] = {}
-
-    def current(self) -> dict:
-        return {i: layer.delta_state for i, layer in self.layers.items()}
-
-    def set(self, states: dict) -> None:
-        for i, layer in self.layers.items():
-            layer.delta_state = states[i]
-
-    def use(self, session: Optional[ChatSession]) -> None:
-        """Put `session`'s state on the model (None: park the current one, clear the model)."""
-        if self.active is session and session is not None:
-            return
-        if self.active is not None:
-            self.parked[id(self.active)] = self.current()
-        self.active = session
-        if session is not None and id(session) in self.parked:
-            self.set(self.parked.pop(id(session)))
-
-    def take(self, session: ChatSession) -> dict:
-        """`session`'s state [1, H, r, r] per layer, moved off the model (into a batch)."""
-        self.use(session)
-        cfg = self.layers[next(iter(self.layers))].memory.config
-        empty = mx.zeros((1, cfg.num_state_heads, cfg.rank, cfg.rank), mx.float32)
-        states = {i: (s if s is not None else empty) for i, s in self.current().items()}
-        self.active = None
-        return states
-
-    def give(self, session: ChatSession, states: dict) -> None:
-        """Hand a state back to `session` (out of a batch) and put it on the model."""
-        self.use(None)
-        self.set(states)
-        self.active = session
-
-    def forget(self, session: ChatSession) -> None:
-        self.parked.pop(id(session), None)
-        if self.active is session:
-            self.active = None
 
 
 class Engine:
@@ -242,7 +190,6 @@ class Engine:
         self._lock = threading.Lock()
         self._busy: set = set()  # keys with a row decoding
         self._batch = Batch(model)
-        self._state = ModelState(model)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dmem-engine", daemon=True)
         self.healthy = True
@@ -319,8 +266,7 @@ class Engine:
                 self._run_call(job)
             else:
                 self._start_chat(job)
-        for session in self.store.trim(self._busy):
-            self._state.forget(session)
+        self.store.trim(self._busy)
 
     def _run_call(self, job: CallJob) -> None:
         try:
@@ -328,31 +274,16 @@ class Engine:
         except BaseException as exc:
             job.future.set_exception(exc)
 
-    def session(self, memory: Optional[str]) -> ChatSession:
-        """The session of `memory` (None: ephemeral) with its δ state on the model."""
-        if memory is not None and memory in self.store:
-            session = self.store.session(memory)
-            self._state.use(session)
-        else:
-            self._state.use(None)
-            session = self.store.session(memory)  # a new session puts its state on the model
-            self._state.active = session
-        return session
-
     # Memory operations (run them with `call`, on the worker).
     def memory_info(self, memory: str) -> dict:
-        if memory in self.store:
-            self._state.use(self.store.session(memory))
         return self.store.info(memory)
 
     def memory_delete(self, memory: str) -> dict:
-        if memory in self.store:
-            self._state.forget(self.store.session(memory))
         return self.store.delete(memory)
 
     def memory_snapshot(self, memory: str, name: Optional[str]) -> dict:
         self.store.check_exists(memory)
-        return self.store.snapshot(self.session(memory), memory, name)
+        return self.store.snapshot(self.store.session(memory), memory, name)
 
     def _start_chat(self, job: ChatJob) -> None:
         req = job.request
@@ -360,7 +291,7 @@ class Engine:
             return
         session = None
         try:
-            session = self.session(req.memory)
+            session = self.store.session(req.memory)
             session.follow(req.history)
             turn = session.begin_reply(req.user_text, req.max_tokens, job.cancelled.is_set)
         except APIError as exc:
@@ -386,9 +317,9 @@ class Engine:
                  req.id[-8:], req.memory or "-", turn.context_tokens, turn.prompt_tokens,
                  1000 * (time.perf_counter() - job.queued))
         if turn.max_tokens < 1:
-            self._finish_row(row, "length", batched=False)
+            self._finish_row(row, "length")
             return
-        self._batch.add(row, session._ctx.cache, self._state.take(session))
+        self._batch.add(row)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(self._batch))
 
     def _step(self) -> None:
@@ -404,8 +335,7 @@ class Engine:
             feed.append((row, token))
         if not feed:
             return
-        self._state.use(None)
-        logits = self._batch.step([t for _, t in feed], self._state.layers)
+        logits = self._batch.step([t for _, t in feed])
         for k, (row, token) in enumerate(feed):
             row.session.record_token(row.turn, token, True)
             self.stats["tokens"] += 1
@@ -416,12 +346,10 @@ class Engine:
                 row.y = row.sample(logits[k])
 
     def _finish(self, row: Row, finish: str) -> None:
-        kv, states = self._batch.remove(row)
-        row.session._ctx.cache = kv
-        self._state.give(row.session, states)
-        self._finish_row(row, finish, batched=True)
+        self._batch.remove(row)
+        self._finish_row(row, finish)
 
-    def _finish_row(self, row: Row, finish: str, batched: bool) -> None:
+    def _finish_row(self, row: Row, finish: str) -> None:
         self._busy.discard(row.job.key)
         try:
             row.detok.finalize()
@@ -431,9 +359,6 @@ class Engine:
             log.exception("ending a reply failed")
             row.job.emit("error", APIError(500, "internal error while saving the turn"))
             return
-        finally:
-            if row.job.request.memory is None:
-                self._state.forget(row.session)
         row.flush(final=True)
         t = row.turn
         log.info("reply %s: %d tokens, %s, %.1f tokens/s", row.job.request.id[-8:], stats.tokens,
