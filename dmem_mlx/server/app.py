@@ -26,46 +26,61 @@ log = logging.getLogger("dmem_mlx.server")
 MEMORY_HEADER = "x-dmem-memory"
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` is answered 413 without reading it all."""
+class Guard:
+    """ASGI middleware in front of the app: the API key (compared in constant time; /health is
+    open) and the body size (read up to `max_bytes`, else 413 — with or without a
+    Content-Length)."""
 
-    def __init__(self, app: Any, max_bytes: int):
+    def __init__(self, app: Any, max_bytes: int, api_key: Optional[str]):
         self.app, self.max_bytes = app, max_bytes
+        self.key = api_key.encode() if api_key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
+        headers = {k.lower(): v for k, v in scope.get("headers") or []}
+        if self.key is not None and scope.get("path") != "/health":
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+                return await _refuse(send, 401, "invalid or missing API key (send "
+                                                "'Authorization: Bearer <key>')",
+                                     "invalid_api_key")
         length = headers.get(b"content-length")
-        too_big = JSONResponse(error_body(413, f"the request body is larger than "
-                                               f"{self.max_bytes} bytes", None,
-                                          "request_too_large"), status_code=413)
-        if length is not None:
-            try:
-                if int(length) > self.max_bytes:
-                    return await too_big(scope, receive, send)
-            except ValueError:
-                return await JSONResponse(error_body(400, "bad Content-Length header"),
-                                          status_code=400)(scope, receive, send)
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            if not length.isdigit():
+                return await _refuse(send, 400, "bad Content-Length header", "invalid_body")
+            return await _refuse(send, 413, f"the request body is larger than {self.max_bytes} "
+                                            "bytes", "request_too_large")
+        body, more = [], True
         seen = 0
-
-        async def bounded() -> dict:
-            nonlocal seen
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return message
+            if message["type"] != "http.request":
+                return
+            body.append(message.get("body", b""))
+            seen += len(body[-1])
+            if seen > self.max_bytes:
+                return await _refuse(send, 413, f"the request body is larger than "
+                                                f"{self.max_bytes} bytes", "request_too_large")
+            more = message.get("more_body", False)
+        replayed = False
 
-        try:
-            await self.app(scope, bounded, send)
-        except _TooLarge:
-            await too_big(scope, receive, send)
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(body), "more_body": False}
+            return await receive()  # later: the client's disconnect
+
+        await self.app(scope, replay, send)
 
 
-class _TooLarge(Exception):
-    pass
+async def _refuse(send: Any, status: int, message: str, code: str) -> None:
+    payload = json.dumps(error_body(status, message, None, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def create_app(engine: Engine, model_id: str, limits: Limits, api_key: Optional[str] = None,
@@ -80,18 +95,6 @@ def create_app(engine: Engine, model_id: str, limits: Limits, api_key: Optional[
     app = FastAPI(title="dmem-serve", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
     created = int(time.time())
-    key = api_key.encode() if api_key else None
-
-    @app.middleware("http")
-    async def authorize(request: Request, call_next: Any) -> Any:
-        if key is not None and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
-                return JSONResponse(error_body(401, "invalid or missing API key (send "
-                                                    "'Authorization: Bearer <key>')", None,
-                                               "invalid_api_key"), status_code=401)
-        return await call_next(request)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -210,7 +213,7 @@ def create_app(engine: Engine, model_id: str, limits: Limits, api_key: Optional[
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    return BodyLimit(app, max_body_bytes)
+    return Guard(app, max_body_bytes, api_key)
 
 
 def _sse(payload: dict) -> str:

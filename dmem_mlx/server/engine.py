@@ -42,7 +42,7 @@ class Reply:
     completion_tokens: int
 
 
-@dataclass
+@dataclass(eq=False)
 class ChatJob:
     """A chat request waiting for, or being given, its reply. `emit(kind, value)` is called from
     the worker: ("delta", text) pieces, then ("done", Reply) or ("error", APIError)."""
@@ -57,7 +57,7 @@ class ChatJob:
         return self.request.memory if self.request.memory is not None else self
 
 
-@dataclass
+@dataclass(eq=False)
 class CallJob:
     """A memory operation run on the worker once its memory is idle."""
 
@@ -264,8 +264,12 @@ class Engine:
             held.add(key)
             if isinstance(job, CallJob):
                 self._run_call(job)
-            else:
+                continue
+            try:
                 self._start_chat(job)
+            except Exception:  # a bug: this request fails cleanly, the others go on
+                log.exception("starting a reply failed")
+                job.emit("error", APIError(500, "internal error while starting the reply"))
         self.store.trim(self._busy)
 
     def _run_call(self, job: CallJob) -> None:

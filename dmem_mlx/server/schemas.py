@@ -109,7 +109,7 @@ def _integer(body: dict, key: str) -> Optional[int]:
 def _content(message: dict, at: str) -> str:
     """The text of a message: a string, or a list of text parts (joined)."""
     content = message.get("content")
-    if content is None:
+    if content is None and message.get("role") == "assistant":  # e.g. a reply of tool calls
         return ""
     if isinstance(content, str):
         return content
@@ -122,7 +122,7 @@ def _content(message: dict, at: str) -> str:
                                 "({'type': 'text', 'text': ...})")
             parts.append(part["text"])
         return "".join(parts)
-    raise _fail(at, "content must be a string or a list of text parts")
+    raise _fail(at, f"{at} must be a string or a list of text parts")
 
 
 def chat_request(body: Any, header_memory: Optional[str], limits: Limits) -> ChatRequest:

@@ -1,0 +1,432 @@
+"""dmem-serve: the OpenAI API over HTTP on localhost (official `openai` client and raw HTTP),
+memory per user, batching that never mixes memories, and clean errors for bad requests."""
+
+import hmac
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import mlx.core as mx
+import numpy as np
+import pytest
+import uvicorn
+
+from dmem_mlx.runtime import ChatSession, MemoryFile, read_memory
+from dmem_mlx.server import Limits, build_app
+from dmem_mlx.server.cli import build_parser
+from dmem_mlx.server.engine import Batch, ChatJob, Engine, Row
+from dmem_mlx.server.schemas import APIError, ChatRequest
+
+openai = pytest.importorskip("openai")
+
+
+class Server:
+    """A dmem-serve app run by uvicorn in a thread on a free localhost port."""
+
+    def __init__(self, app):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tiny, tmp_path_factory):
+    model, tokenizer = tiny
+    memories = tmp_path_factory.mktemp("memories")
+    server = Server(build_app(model, tokenizer, memories, "tiny", max_concurrent=4,
+                              limits=Limits(max_tokens=8, max_tokens_limit=64),
+                              max_body_bytes=64 * 1024))
+    yield server, memories
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    server, _ = served
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def ask(client, user, messages, **kw):
+    r = client.chat.completions.create(model="tiny", messages=messages, user=user,
+                                       max_tokens=kw.pop("max_tokens", 6), **kw)
+    return r.choices[0].message.content, r
+
+
+def alone(tiny, turns, max_tokens=6):
+    """What a ChatSession gives for `turns` (user texts) on a fresh memory, greedy."""
+    model, tokenizer = tiny
+    session = ChatSession(model, tokenizer)
+    replies = ["".join(c.text for c in session.reply(t, max_tokens=max_tokens)) for t in turns]
+    return replies, session
+
+
+def states_of(session):
+    return {i: np.array(s[0]) for i, s in session._ctx.states().items() if s is not None}
+
+
+# -- the OpenAI API ------------------------------------------------------------------------------
+def test_openai_client_turns_are_saved_like_a_chat_session(tiny, served, client):
+    _, memories = served
+    history = [{"role": "user", "content": "Hi, I am Ada."}]
+    first, r = ask(client, "ada", history)
+    assert r.object == "chat.completion" and r.model == "tiny"
+    assert r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    history += [{"role": "assistant", "content": first},
+                {"role": "user", "content": "Where do I live?"}]
+    second, _ = ask(client, "ada", history)
+    replies, session = alone(tiny, ["Hi, I am Ada.", "Where do I live?"])
+    assert [first, second] == replies
+    data = read_memory(memories / "ada.safetensors")
+    assert data.transcript == session.messages  # written once: the resent turn not again
+    assert data.turns == 2 and data.tokens_written == session.info().tokens_written
+    for i, s in states_of(session).items():
+        np.testing.assert_allclose(data.states[i], s, atol=1e-5)
+
+
+def test_streaming_sends_chunks_usage_and_done(served):
+    server, _ = served
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello there."}],
+            "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 5,
+            "user": "streamer"}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    finish = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert len(finish) == 1 and finish[0]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert events[-1]["usage"]["completion_tokens"] <= 5
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert read_memory(served[1] / "streamer.safetensors").transcript[-1]["content"] == text
+
+
+def test_openai_client_streams(client):
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi!"}], stream=True, max_tokens=4)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert isinstance("".join(pieces), str)
+
+
+def test_models_and_health(served, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    r = httpx.get(served[0].url + "/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_no_memory_writes_nothing(served, client):
+    before = sorted(p.name for p in served[1].iterdir())
+    ask(client, None, [{"role": "user", "content": "Nobody knows me."}])
+    assert sorted(p.name for p in served[1].iterdir()) == before
+
+
+def test_header_chooses_the_memory(served):
+    r = httpx.post(served[0].url + "/v1/chat/completions", timeout=60,
+                   headers={"X-Dmem-Memory": "Header-User"},
+                   json={"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 3})
+    assert r.status_code == 200
+    assert (served[1] / "header-user.safetensors").is_file()  # ids are case-insensitive
+
+
+def test_regenerated_and_edited_messages(tiny, served, client):
+    """A client that resends a turn (regenerate) or edits an earlier message: the dropped
+    messages' writes are undone (they are still in the server's context), and the memory ends
+    as if the conversation had always been the client's."""
+    _, memories = served
+    h = [{"role": "user", "content": "My cat is Milo."}]
+    a1, _ = ask(client, "editor", h)
+    h += [{"role": "assistant", "content": a1}, {"role": "user", "content": "And my dog?"}]
+    a2, _ = ask(client, "editor", h)
+    again, _ = ask(client, "editor", h)  # regenerate the last reply
+    assert again == a2
+    replies, session = alone(tiny, ["My cat is Milo.", "And my dog?"])
+    assert read_memory(memories / "editor.safetensors").transcript == session.messages
+    h[-1] = {"role": "user", "content": "And my bird?"}  # edit the last question
+    a3, _ = ask(client, "editor", h)
+    replies, session = alone(tiny, ["My cat is Milo.", "And my bird?"])
+    assert a3 == replies[1]
+    data = read_memory(memories / "editor.safetensors")
+    assert data.transcript == session.messages and data.turns == 2
+    for i, s in states_of(session).items():
+        np.testing.assert_allclose(data.states[i], s, atol=1e-5)
+
+
+def test_new_conversation_keeps_the_memory(served, client):
+    _, memories = served
+    ask(client, "newconv", [{"role": "user", "content": "I live in Rome."}])
+    before = read_memory(memories / "newconv.safetensors")
+    ask(client, "newconv", [{"role": "user", "content": "Where do I live?"}])
+    after = read_memory(memories / "newconv.safetensors")
+    assert after.conversations == before.conversations + 1
+    assert after.transcript[0]["content"] == "Where do I live?"
+    assert after.tokens_written > before.tokens_written  # the old writes are kept
+
+
+def test_stop_strings_cut_the_reply_and_the_memory(served, client):
+    _, memories = served
+    text, r = ask(client, None, [{"role": "user", "content": "Hi, I am Ada."}], max_tokens=8)
+    assert len(text) > 2
+    stop = text[2:4]
+    cut, r = ask(client, "stopper", [{"role": "user", "content": "Hi, I am Ada."}],
+                 max_tokens=8, stop=[stop])
+    assert cut == text[:text.find(stop)] and r.choices[0].finish_reason == "stop"
+    assert read_memory(memories / "stopper.safetensors").transcript[-1]["content"] == cut
+
+
+def test_memory_endpoints(served, client):
+    server, memories = served
+    ask(client, "memo", [{"role": "user", "content": "I like tea."}])
+    info = httpx.get(server.url + "/v1/memories/memo").json()
+    assert info["id"] == "memo" and info["turns"] == 1 and info["tokens_written"] > 0
+    assert info["bytes"] == (memories / "memo.safetensors").stat().st_size
+    assert info["last_saved"]
+    snap = httpx.post(server.url + "/v1/memories/memo/snapshot", json={"name": "before"}).json()
+    assert snap["name"] == "before"
+    assert (memories / "memo.snapshots" / "before.safetensors").is_file()
+    assert httpx.get(server.url + "/v1/memories/memo").json()["snapshots"] == ["before"]
+    r = httpx.delete(server.url + "/v1/memories/memo")
+    assert r.status_code == 200 and r.json()["deleted"] is True
+    assert not [p for p in memories.iterdir() if p.name.startswith("memo.")]
+    assert httpx.get(server.url + "/v1/memories/memo").status_code == 404
+
+
+# -- many users at once ----------------------------------------------------------------------------
+def test_batch_rows_never_see_each_other(tiny):
+    """Row B's logits when decoded in one batch with A (longer context: B is left-padded) equal
+    B's logits served alone, step after step."""
+    model, tokenizer = tiny
+    a = ChatSession(model, tokenizer)
+    for _ in a.reply("I am Ada and I live in Paris with my cat Milo, a very old cat.",
+                     max_tokens=4):
+        pass
+    b, b_alone = ChatSession(model, tokenizer), ChatSession(model, tokenizer)
+    turn_a = a.begin_reply("Where do I live?", 8)
+    turn_b = b.begin_reply("Who am I?", 8)
+    turn_ref = b_alone.begin_reply("Who am I?", 8)
+    assert np.abs(np.array(turn_b.logits) - np.array(turn_ref.logits)).max() <= 1e-5
+    batch = Batch(model)
+    job = ChatJob(ChatRequest([], "", "tiny", None), lambda *a: None)
+    rows = [Row(job, a, turn_a, tokenizer), Row(job, b, turn_b, tokenizer)]
+    for row in rows:
+        batch.add(row)
+    assert batch.cache[0].left_padding.tolist()[1] > 0
+    tokens_a, tokens_b = [5, 17, 9, 33], [40, 2, 61, 7]
+    worst = 0.0
+    for ta, tb in zip(tokens_a, tokens_b):
+        logits = batch.step([ta, tb])
+        a.record_token(turn_a, ta, True)
+        b.record_token(turn_b, tb, True)
+        ref = b_alone.feed_token(turn_ref, tb)
+        worst = max(worst, float(mx.abs(logits[1] - ref).max()))
+    assert worst <= 1e-5
+    batch.remove(rows[1])  # B's cache and state go back to its session
+    b.end_reply(turn_b, "length", None)
+    b_alone.end_reply(turn_ref, "length", None)
+    assert b.messages == b_alone.messages
+    for i, s in states_of(b_alone).items():
+        np.testing.assert_allclose(states_of(b)[i], s, atol=1e-5)
+    batch.remove(rows[0])
+    a.end_reply(turn_a, "length", None)
+    assert len(batch) == 0
+
+
+def test_concurrent_users_get_what_they_get_alone(tiny, served, client):
+    """Four users at once (decoded in one batch) get the replies and memories they get alone;
+    requests for one memory are served one after the other."""
+    _, memories = served
+    users = {f"u{k}": f"Hello, my name is {name}." for k, name in
+             enumerate(["Ada", "Bob", "Cleo", "Dan"])}
+    results = {}
+
+    def run(user, text):
+        results[user] = ask(client, user, [{"role": "user", "content": text}], max_tokens=8)[0]
+
+    threads = [threading.Thread(target=run, args=item) for item in users.items()]
+    threads += [threading.Thread(target=run, args=("u0-again", "x"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for user, text in users.items():
+        replies, session = alone(tiny, [text], max_tokens=8)
+        assert results[user] == replies[0]
+        data = read_memory(memories / f"{user}.safetensors")
+        assert data.transcript == session.messages
+        for i, s in states_of(session).items():
+            np.testing.assert_allclose(data.states[i], s, atol=1e-5)
+
+
+def test_same_memory_requests_are_serialized(served, client):
+    _, memories = served
+    threads = [threading.Thread(target=ask, args=(client, "shared",
+                                                  [{"role": "user", "content": f"Turn {k}."}]))
+               for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = read_memory(memories / "shared.safetensors")
+    assert data.turns == 3 and data.conversations == 3  # each a whole turn, none interleaved
+
+
+# -- bad requests ----------------------------------------------------------------------------------
+def check_error(r, status):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["message"] and body["error"]["type"]
+    assert "Traceback" not in r.text and "File \"" not in r.text
+    return body["error"]
+
+
+def chat(server, body=None, content=None, headers=None):
+    return httpx.post(server.url + "/v1/chat/completions", json=body, content=content,
+                      headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json", b"", b"[1, 2]", b'"text"', b"\xff\xfe", b"[" * 5000,
+    json.dumps({"messages": []}).encode(),
+    json.dumps({"messages": "hello"}).encode(),
+    json.dumps({"messages": [{"role": "user"}]}).encode(),
+    json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(),
+    json.dumps({"messages": [{"role": "assistant", "content": "x"}]}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 9}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": True}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}], "top_p": 2}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 3}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}], "stop": [1]}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}], "seed": -1}).encode(),
+    json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}).encode(),
+])
+def test_malformed_requests_get_400(served, body):
+    check_error(chat(served[0], content=body, headers={"content-type": "application/json"}), 400)
+
+
+@pytest.mark.parametrize("user", ["../etc/passwd", "a/b", "a\\b", "..", "a..b", ".hidden",
+                                  "x" * 65, "", "naïve", "a b", "nul\x00", 42, "end."])
+def test_bad_memory_ids_get_400_and_touch_nothing(served, user):
+    server, memories = served
+    before = sorted(p.name for p in memories.parent.rglob("*"))
+    error = check_error(chat(server, {"messages": [{"role": "user", "content": "x"}],
+                                      "user": user}), 400)
+    assert error["param"] == "user"
+    assert sorted(p.name for p in memories.parent.rglob("*")) == before
+
+
+@pytest.mark.parametrize("path", ["/v1/memories/..%2F..%2Fetc%2Fpasswd", "/v1/memories/%2e%2e",
+                                  "/v1/memories/a%5Cb", "/v1/memories/" + "y" * 100])
+def test_traversal_in_memory_urls_is_refused(served, path):
+    r = httpx.get(served[0].url + path)
+    check_error(r, 400 if r.status_code == 400 else 404)
+    check_error(httpx.delete(served[0].url + path), r.status_code)
+
+
+def test_unknown_routes_and_memories_get_404(served):
+    check_error(httpx.get(served[0].url + "/v1/nothing"), 404)
+    check_error(httpx.get(served[0].url + "/v1/memories/never-seen"), 404)
+    check_error(httpx.delete(served[0].url + "/v1/memories/never-seen"), 404)
+    check_error(httpx.post(served[0].url + "/v1/memories/never-seen/snapshot"), 404)
+    check_error(httpx.get(served[0].url + "/v1/chat/completions"), 405)
+
+
+def test_oversized_bodies_get_413(served):
+    big = {"messages": [{"role": "user", "content": "x" * (70 * 1024)}]}
+    check_error(chat(served[0], big), 413)
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(70):
+            yield b" " * 1024
+    check_error(httpx.post(served[0].url + "/v1/chat/completions", content=chunks(),
+                           timeout=60), 413)
+
+
+def test_context_too_long_is_a_clean_400(tiny, tmp_path):
+    model, tokenizer = tiny
+    server = Server(build_app(model, tokenizer, tmp_path, "tiny", max_kv_tokens=32))
+    try:
+        error = check_error(chat(server, {"messages": [{"role": "user", "content": "word " * 200}],
+                                          "user": "long"}), 400)
+        assert error["code"] == "context_length_exceeded"
+        assert not (tmp_path / "long.safetensors").exists()
+    finally:
+        server.stop()
+
+
+def test_api_key_required_and_compared_in_constant_time(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
+    server = Server(build_app(model, tokenizer, tmp_path, "tiny", api_key="s3cret"))
+    try:
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        check_error(chat(server, body), 401)
+        check_error(chat(server, body, headers={"Authorization": "Bearer wrong"}), 401)
+        check_error(chat(server, body, headers={"Authorization": "s3cret"}), 401)
+        check_error(httpx.get(server.url + "/v1/memories/x"), 401)
+        assert compared
+        assert httpx.get(server.url + "/health").status_code == 200
+        good = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.models.list().data[0].id == "tiny"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key="nope",
+                          max_retries=0).models.list()
+    finally:
+        server.stop()
+
+
+def test_a_full_queue_answers_429(tiny, tmp_path):
+    model, tokenizer = tiny
+    from dmem_mlx.server.store import MemoryStore
+
+    store = MemoryStore(tmp_path, {}, lambda m: ChatSession(model, tokenizer, memory=m))
+    engine = Engine(model, tokenizer, store, max_concurrent=1, max_queue=1)  # not started
+    req = ChatRequest([], "x", "tiny", None)
+    engine.submit(ChatJob(req, lambda *a: None))
+    engine.submit(ChatJob(req, lambda *a: None))
+    with pytest.raises(APIError) as caught:
+        engine.submit(ChatJob(req, lambda *a: None))
+    assert caught.value.status == 429 and caught.value.body()["error"]["type"]
+
+
+def test_a_memory_open_elsewhere_is_a_clean_409(served, client):
+    server, memories = served
+    with MemoryFile.open(memories / "taken.safetensors"):  # e.g. a dmem-chat on it
+        error = check_error(chat(server, {"messages": [{"role": "user", "content": "x"}],
+                                          "user": "taken"}), 409)
+    assert error["code"] == "memory_locked"
+
+
+def test_cli_binds_to_localhost_and_refuses_bad_flags(tmp_path):
+    args = build_parser().parse_args([])
+    assert args.host == "127.0.0.1"
+    run = subprocess.run([sys.executable, "-m", "dmem_mlx.server", "--port", "99999"],
+                         capture_output=True, text=True, timeout=120,
+                         env={"DMEM_NO_OPENBLAS": "1", "PATH": "/usr/bin:/bin",
+                              "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "--port" in run.stderr
+    assert "Traceback" not in run.stderr
