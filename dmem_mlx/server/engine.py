@@ -169,7 +169,9 @@ class Batch:
         """Feed one token per row (writes on); logits [B, vocab] float32, being computed."""
         logits = self.model(mx.array(tokens)[:, None], cache=self.cache)[:, -1, :]
         logits = logits.astype(mx.float32)
-        mx.async_eval(logits, [c.state for c in self.cache])
+        state = state_of(self.cache)
+        mx.async_eval(logits, [c.keys for c in self.cache if getattr(c, "keys", None) is not None],
+                      [s for s in (state.layers.values() if state else ()) if s is not None])
         return logits
 
 
@@ -340,6 +342,7 @@ class Engine:
         if not feed:
             return
         logits = self._batch.step([t for _, t in feed])
+        greedy = mx.argmax(logits, axis=-1)  # one op for every row sampled greedily
         for k, (row, token) in enumerate(feed):
             row.session.record_token(row.turn, token, True)
             self.stats["tokens"] += 1
@@ -347,7 +350,7 @@ class Engine:
             if len(row.turn.tokens) >= row.turn.max_tokens:
                 self._finish(row, "length")
             else:
-                row.y = row.sample(logits[k])
+                row.y = greedy[k] if row.temperature == 0 else row.sample(logits[k])
 
     def _finish(self, row: Row, finish: str) -> None:
         self._batch.remove(row)
