@@ -235,8 +235,8 @@ def test_batch_rows_never_see_each_other(tiny):
     worst = 0.0
     for ta, tb in zip(tokens_a, tokens_b):
         logits = batch.step([ta, tb])
-        a.record_token(turn_a, ta, True)
-        b.record_token(turn_b, tb, True)
+        a.record_token(turn_a, ta)
+        b.record_token(turn_b, tb)
         ref = b_alone.feed_token(turn_ref, tb)
         worst = max(worst, float(mx.abs(logits[1] - ref).max()))
     assert worst <= 1e-5

@@ -252,8 +252,9 @@ class ChatSession:
         prompt first if any) as this one (DESIGN §3). The messages it shares with the
         transcript stay as they are (written once). The transcript's messages after the first
         difference are dropped (an edited message, a regenerated reply) — their δ writes taken
-        back with the undo history where it reaches, else while they are still in this
-        process's context — and the client's from there are fed (written, saved). A history that begins further on in the transcript (the client
+        back: exactly while they are in this process's KV context (rolled back), else with the
+        undo history where it reaches (the context is then re-read) — and the client's from
+        there are fed (written, saved). A history that begins further on in the transcript (the client
         dropped its oldest messages) leaves the skipped ones in δ only; one that shares nothing
         with it, or has another system prompt, starts a new conversation (δ kept). Returns how
         many messages were fed."""
@@ -282,15 +283,18 @@ class ChatSession:
             start = shared = 0
         else:
             cut = own + start + shared
-            while self._undo_steps and self._undo_steps[-1][0].messages >= cut:
-                self._restore_step(self._undo_steps.pop()[0])  # exact, even after a restart
-            if len(self._messages) > cut:  # no undo step reaches back there
-                in_context = set(self._ctx.owners)  # their writes are undone at the next sync
+            if cut < len(self._messages) and cut not in self._ctx.owners:
+                # not in this process's KV context: the undo history takes them back
+                while self._undo_steps and self._undo_steps[-1][0].messages >= cut:
+                    self._restore_step(self._undo_steps.pop()[0])
+            if cut < len(self._messages):  # the next sync rolls the KV context back (exact)
+                in_context = set(self._ctx.owners)
                 self._turns -= sum(1 for i in range(cut, self._committed)
                                    if i in in_context and self._messages[i]["role"] == "user"
                                    and not self._incognito[i])
                 del self._messages[cut:], self._incognito[cut:]
                 self._committed = min(self._committed, cut)
+                self._undo_steps = [u for u in self._undo_steps if u[0].messages < cut]
             if own + start > self._context_start:
                 self._context_start = own + start
                 self._ctx.reset()

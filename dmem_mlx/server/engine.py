@@ -344,11 +344,13 @@ class Engine:
         logits = self._batch.step([t for _, t in feed])
         greedy = mx.argmax(logits, axis=-1)  # one op for every row sampled greedily
         for k, (row, token) in enumerate(feed):
-            row.session.record_token(row.turn, token, True)
+            row.session.record_token(row.turn, token)
             self.stats["tokens"] += 1
             row.flush()
             if len(row.turn.tokens) >= row.turn.max_tokens:
                 self._finish(row, "length")
+            elif row.session.repeating(row.turn):  # a looping reply is cut (as in dmem-chat)
+                self._finish(row, "repetition")
             else:
                 row.y = greedy[k] if row.temperature == 0 else row.sample(logits[k])
 

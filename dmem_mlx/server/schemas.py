@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..errors import DmemError
+
 # A memory id names a file: letters, digits and . _ @ - only (no path separators), at most 64
 # characters, starting with a letter or digit, no "..". Ids are case-insensitive.
 MEMORY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
@@ -25,7 +27,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
-class APIError(Exception):
+class APIError(DmemError):
     """A refused request: HTTP `status`, a one-line `message`, the offending `param` if any."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None,
