@@ -122,17 +122,17 @@ def resolve_model(name: str) -> Path:
 def memory_location(memory: Optional[str], model_id: str) -> Path:
     """--memory as given: a NAME (no directory part) always in the data directory, else a path;
     by default the one memory of `model_id` (a hub repo id, a directory or the demo's name)."""
+    if memory is not None and ("/" in memory or "\\" in memory or memory.startswith("~")
+                               or memory in (".", "..")):
+        return Path(memory).expanduser()  # a path (and nothing imported to say so)
     from dmem_mlx.runtime.memory_file import SUFFIX, default_memory_path
 
     if memory is None:
         return default_memory_path(model_id)
-    if "/" not in memory and "\\" not in memory and not memory.startswith("~") \
-            and memory not in (".", ".."):
-        if not NAME.fullmatch(memory):
-            raise UsageError(f"--memory {memory!r}: a NAME is up to 64 letters, digits, spaces, "
-                             "'.', '_' or '-'; give a path with a '/' for a file elsewhere")
-        return memory_directory() / (memory if memory.endswith(SUFFIX) else memory + SUFFIX)
-    return Path(memory).expanduser()
+    if not NAME.fullmatch(memory):
+        raise UsageError(f"--memory {memory!r}: a NAME is up to 64 letters, digits, spaces, "
+                         "'.', '_' or '-'; give a path with a '/' for a file elsewhere")
+    return memory_directory() / (memory if memory.endswith(SUFFIX) else memory + SUFFIX)
 
 
 def check_memory_path(path: Path) -> None:

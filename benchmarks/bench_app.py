@@ -1,4 +1,13 @@
-"""Decode speed inside dmem-chat vs the library alone (issue 6: app ≥ 0.9× library).
+"""dmem-chat: decode speed inside the app vs the library alone (issue 6: app ≥ 0.9× library),
+and start-up times (issue 13).
+
+Start-up (`--what startup`): `dmem-chat` on the bundled demo model run in a pseudo-terminal
+(160×48, a fresh data directory, OpenBLAS re-exec as a user gets it), timed from the command to
+the first screen with the input box ("ui"), and to the model loaded and the memory shown
+("ready"); `dmem-chat --help`; and refusing a bad path (`--memory /no/such/dir/x`, `--model
+/no/such/model`). The reference is plain mlx-lm loading the same model in a fresh process
+(`python -c "import mlx_lm; mlx_lm.load(demo)"`, under the same OpenBLAS preload), measured in
+the same run. Targets: ready ≤ 2 s, --help ≤ 0.5 s, a bad path refused ≤ 0.5 s.
 
 Three copies of the model hold three sessions with their own memory files: two consumed by
 `ChatSession.reply` in a plain loop (library A and B) and one in the Textual app running headless
@@ -24,14 +33,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import json
+import os
+import pty
+import re
+import select
+import signal
 import statistics
+import struct
+import subprocess
 import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ANSI = re.compile(r"\x1b(\[[0-9;?<>=$]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 PROMPTS = [
     "Hello! My name is Ada and I live in Paris.",
@@ -83,9 +104,9 @@ async def run(model_dir: Path, tmp: Path, max_tokens: int, rounds: int) -> list[
                                                        memory=open_memory(tmp / "app.memory")))
     triples = []
     async with app.run_test(size=(120, 40)) as pilot:
-        while app.session is None or app.query_one(ChatInput).disabled:
-            if any(n.severity == "error" for n in app._notifications):
-                raise SystemExit(f"the app could not start: {list(app._notifications)[0].message}")
+        while app.last_info is None:
+            if app.start_error:
+                raise SystemExit(f"the app could not start: {app.start_error}")
             await pilot.pause(0.02)
         for library in libraries:
             library_turn(library, "warm up", max_tokens)
@@ -105,12 +126,99 @@ async def run(model_dir: Path, tmp: Path, max_tokens: int, rounds: int) -> list[
     return triples
 
 
+def in_terminal(argv: list[str], env: dict, marks: dict[str, str], size=(48, 160),
+                timeout: float = 60.0) -> dict[str, float]:
+    """Run `argv` in a pseudo-terminal of `size` (rows, columns); seconds until each text of
+    `marks` (name → text) is on screen; then Ctrl+Q."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the terminal size first, then the command
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
+        os.execvpe(argv[0], argv, env)
+    start, raw, seen = time.perf_counter(), b"", {}
+    try:
+        while len(seen) < len(marks) and time.perf_counter() - start < timeout:
+            ready, _, _ = select.select([fd], [], [], 0.01)
+            if ready:
+                try:
+                    raw += os.read(fd, 1 << 16)
+                except OSError:
+                    break
+                text = ANSI.sub("", raw.decode(errors="ignore"))
+                for name, mark in marks.items():
+                    if name not in seen and mark in text:
+                        seen[name] = time.perf_counter() - start
+        os.write(fd, b"\x11")  # Ctrl+Q
+        deadline = time.perf_counter() + 10
+        while time.perf_counter() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                break
+            try:
+                select.select([fd], [], [], 0.05) and os.read(fd, 1 << 16)
+            except OSError:  # the terminal closed: the process is exiting
+                pass
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    if len(seen) < len(marks):
+        raise SystemExit(f"{argv}: never showed {set(marks) - set(seen)}")
+    return seen
+
+
+def timed(argv: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, capture_output=True, timeout=120)
+    return time.perf_counter() - start
+
+
+def startup(rounds: int) -> dict:
+    from dmem_mlx.demo import demo_model_path
+
+    base = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm-256color"}
+    base.pop("LD_PRELOAD", None)
+    base.pop("DMEM_NO_OPENBLAS", None)
+    preloaded = {**base, "LD_PRELOAD": OPENBLAS} if Path(OPENBLAS).is_file() else base
+    chat = [sys.executable, "-m", "app.main"]
+    reference = [sys.executable, "-c", f"import mlx_lm; mlx_lm.load({str(demo_model_path())!r})"]
+    rows: dict[str, list[float]] = {k: [] for k in ("ui", "ready", "mlx_lm_load", "help",
+                                                     "bad_memory", "bad_model")}
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory() as data:
+            seen = in_terminal(chat, {**base, "XDG_DATA_HOME": data},
+                               {"ui": "Enter sends", "ready": "Tell me about yourself"})
+        rows["ui"].append(seen["ui"])
+        rows["ready"].append(seen["ready"])
+        rows["mlx_lm_load"].append(timed(reference, preloaded))
+        rows["help"].append(timed([*chat, "--help"], base))
+        rows["bad_memory"].append(timed([*chat, "--memory", "/no/such/dir/x.safetensors"], base))
+        rows["bad_model"].append(timed([*chat, "--model", "/no/such/model"], base))
+    result = {k: round(statistics.median(v), 3) for k, v in rows.items()}
+    result["ready_over_mlx_lm_load"] = round(result["ready"] / result["mlx_lm_load"], 2)
+    targets = {"ready": 2.0, "help": 0.5, "bad_memory": 0.5, "bad_model": 0.5}
+    print(f"{'start-up (s, median of ' + str(rounds) + ')':34}{'time':>8}{'target':>8}")
+    for key, label in [("ui", "first screen, input usable"), ("ready", "demo loaded, memory shown"),
+                       ("mlx_lm_load", "plain mlx-lm load (reference)"),
+                       ("help", "dmem-chat --help"), ("bad_memory", "bad --memory refused"),
+                       ("bad_model", "bad --model refused")]:
+        target = f"≤ {targets[key]}" if key in targets else ""
+        print(f"{label:34}{result[key]:>8.3f}{target:>8}")
+    print(f"ready / plain mlx-lm load: {result['ready_over_mlx_lm_load']}")
+    return {"bench": "app_startup", "rounds": rounds, **result,
+            "openblas": Path(OPENBLAS).is_file()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", choices=["decode", "startup", "all"], default="all")
     parser.add_argument("--model", help="converted δ-mem model (default: a tiny random one)")
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    if args.what in ("startup", "all"):
+        print(json.dumps(startup(args.rounds)))
+    if args.what == "startup":
+        return
 
     from dmem_mlx.tiny import make_tiny_dmem
 
