@@ -7,8 +7,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Optional, Union
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Label, Markdown, ProgressBar, Static, TextArea
@@ -113,11 +113,7 @@ class ChatInput(TextArea):
     Shift+Enter and Alt+Enter where the terminal reports them as such (most send plain Enter);
     a line ending in a backslash followed by Enter also becomes a new line."""
 
-    BINDINGS = [
-        Binding("enter", "submit", "Send", show=False, priority=True),
-        Binding("ctrl+j,shift+enter,alt+enter", "newline", "New line", show=False,
-                priority=True),
-    ]
+    NEWLINE_KEYS = ("ctrl+j", "shift+enter", "alt+enter")
 
     @dataclass
     class Submitted(Message):
@@ -126,8 +122,15 @@ class ChatInput(TextArea):
         chat_input: "ChatInput"
         text: str
 
-    def action_submit(self) -> None:
-        if self.read_only:
+    def on_key(self, event: events.Key) -> None:
+        """Enter and the newline keys, handled in the input's own queue (so in order with the
+        characters typed before them) ahead of TextArea's default handling."""
+        if self.read_only or event.key not in ("enter", *self.NEWLINE_KEYS):
+            return
+        event.prevent_default()
+        event.stop()
+        if event.key != "enter":
+            self.replace("\n", *self.selection, maintain_selection_offset=False)
             return
         row, column = self.cursor_location
         line = self.document.get_line(row)
@@ -135,12 +138,6 @@ class ChatInput(TextArea):
             self.replace("\n", (row, column - 1), (row, column), maintain_selection_offset=False)
             return
         self.post_message(self.Submitted(self, self.text))
-
-    def action_newline(self) -> None:
-        if self.read_only:
-            return
-        start, end = self.selection
-        self.replace("\n", start, end, maintain_selection_offset=False)
 
 
 def saved_when(when: Optional[datetime]) -> str:

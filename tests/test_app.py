@@ -533,3 +533,19 @@ async def test_history_export_and_copy(tiny_model, tmp_path):
         await pilot.press("escape")
         await wait_until(pilot, lambda: idle(app))
         assert app.focused is app.query_one(ChatInput)
+
+
+async def test_fast_typing_then_enter_sends_every_character(tiny_model, tmp_path):
+    from textual import events
+
+    app = make_app(tiny_model, tmp_path / "m")
+    text = "i live in lisbon with my cat pixel. next month im going to peru"
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        app.query_one(ChatInput).focus()
+        for character in text:  # a burst, as a terminal delivers fast typing (or tmux send-keys)
+            app.post_message(events.Key(character, character))
+        app.post_message(events.Key("enter", "\r"))
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        assert app.query_one(UserMessage).text == text
+        assert app.session.messages[0]["content"] == text
