@@ -226,7 +226,7 @@ class DmemChatApp(App[int]):
 
     def on_key(self, event: events.Key) -> None:
         """Typing while the focus is elsewhere on the main screen (the panel …) goes to the input."""
-        if (event.is_printable and event.character and self.screen is self.screen_stack[0]
+        if (event.is_printable and event.character and len(self.screen_stack) == 1
                 and self.focused is not self.chat_input and self.query_one("#chat").display):
             event.stop()
             self.chat_input.focus()
@@ -288,7 +288,9 @@ class DmemChatApp(App[int]):
         if self.startup_hint:
             self.notify(self.startup_hint, severity="warning", timeout=15)
         if self.send_when_loaded and self.chat_input.text.strip():
-            self.submit_text(self.chat_input.text)
+            text = self.chat_input.text
+            self.chat_input.clear()
+            self.submit_text(text)
         self.send_when_loaded = False
 
     def greeting(self) -> str:
@@ -324,7 +326,8 @@ class DmemChatApp(App[int]):
         self.submit_text(event.text)
 
     def submit_text(self, raw: str) -> None:
-        """A message or a command from the input; the input is cleared only when it runs."""
+        """A message or a command taken from the input; what cannot run now goes back into it
+        (so that keys typed ahead land in an empty input, never in a command or a dialog)."""
         text = raw.strip()
         if not text:
             return
@@ -333,13 +336,15 @@ class DmemChatApp(App[int]):
                 command, argument = parse_command(text)
             except CommandError as exc:
                 self.notify(str(exc), severity="error")
+                self.chat_input.give_back(raw)
                 return
             if command.name not in BUSY_OK and not self.can_run(command.name):
+                self.chat_input.give_back(raw)
                 return
-            self.chat_input.clear()
             self.run_command(command.name, argument)
             return
         if self.session is None:
+            self.chat_input.give_back(raw)
             if self.start_error:
                 self.notify(self.not_ready(), severity="error")
             else:
@@ -347,11 +352,17 @@ class DmemChatApp(App[int]):
                 self.notify("the model is still loading: your message is sent as soon as it "
                             "is ready")
             return
-        if self.replying:
-            self.notify("a reply is streaming — Escape or Ctrl+C stops it", severity="warning")
+        if self.replying or self.command_running:
+            self.chat_input.give_back(raw)
+            self.notify("a reply is streaming — Escape or Ctrl+C stops it" if self.replying
+                        else "a command is still running: your message is kept in the input",
+                        severity="warning")
             return
-        self.chat_input.clear()
         self.start_reply(text)
+
+    @property
+    def command_running(self) -> bool:
+        return any(w.is_running for w in self.workers if w.group == "command")
 
     def start_reply(self, text: str, temp: Optional[float] = None) -> None:
         self.replying = True
@@ -430,9 +441,7 @@ class DmemChatApp(App[int]):
         """The runtime kept nothing of this turn: remove it and give the text back."""
         await event.user.remove()
         await event.reply.remove()
-        if not self.chat_input.text.strip():
-            self.chat_input.text = event.text
-            self.chat_input.move_cursor(self.chat_input.document.end)
+        self.chat_input.give_back(event.text)
         if event.error is not None:
             self.notify(f"{event.error} — your message is back in the input",
                         title="Not sent", severity="error", timeout=15)
@@ -465,6 +474,9 @@ class DmemChatApp(App[int]):
             self.run_command(name, "")
 
     def can_run(self, name: str) -> bool:
+        if self.command_running:
+            self.notify(f"/{name} must wait: a command is still running", severity="warning")
+            return False
         if self.session is None:
             self.notify(self.not_ready(), severity="warning")
             return False
@@ -481,8 +493,12 @@ class DmemChatApp(App[int]):
         except Exception as exc:  # runtime errors (missing snapshot, locked file …) → notification
             self.notify(str(exc), title=f"/{name} failed", severity="error", timeout=10)
         finally:
-            if self.screen is self.screen_stack[0] and self.query_one("#chat").display:
-                self.chat_input.focus()
+            self.refocus()
+
+    def refocus(self) -> None:
+        """Focus back on the input, when the main screen shows the chat."""
+        if len(self.screen_stack) == 1 and self.is_running and self.query_one("#chat").display:
+            self.chat_input.focus()
 
     async def confirm(self, question: str, yes: str) -> bool:
         return bool(await self.push_screen_wait(ConfirmScreen(question, yes=yes)))

@@ -109,7 +109,8 @@ class ReplyFinished(Message):
 
 
 class ChatInput(TextArea):
-    """Multi-line input. Enter sends; Ctrl+J adds a line in every terminal, and so do
+    """Multi-line input. Enter sends (the input is emptied at once; the app gives back what it
+    cannot run); Ctrl+J adds a line in every terminal, and so do
     Shift+Enter and Alt+Enter where the terminal reports them as such (most send plain Enter);
     a line ending in a backslash followed by Enter also becomes a new line."""
 
@@ -137,7 +138,16 @@ class ChatInput(TextArea):
         if column > 0 and line[column - 1] == "\\" and self.selection.is_empty:
             self.replace("\n", (row, column - 1), (row, column), maintain_selection_offset=False)
             return
-        self.post_message(self.Submitted(self, self.text))
+        text = self.text
+        if text.strip():
+            self.clear()  # what is typed next starts afresh; the app gives back what it refuses
+            self.post_message(self.Submitted(self, text))
+
+    def give_back(self, text: str) -> None:
+        """Put `text` back at the start of the input (before anything typed since)."""
+        rest = self.text
+        self.text = text + ("\n" + rest if rest.strip() else "")
+        self.move_cursor(self.document.end)
 
 
 def saved_when(when: Optional[datetime]) -> str:

@@ -549,3 +549,27 @@ async def test_fast_typing_then_enter_sends_every_character(tiny_model, tmp_path
         await wait_until(pilot, lambda: app.replies_finished == 1)
         assert app.query_one(UserMessage).text == text
         assert app.session.messages[0]["content"] == text
+
+
+async def test_keys_typed_ahead_of_a_dialog_stay_in_the_input(tiny_model, tmp_path):
+    from textual import events
+
+    app = make_app(tiny_model, tmp_path / "m")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "I like tea.")
+        written = app.last_info.tokens_written
+        app.query_one(ChatInput).focus()
+        for key in [*"/forget", "enter", *"maybe later, yes", "enter"]:  # one burst
+            app.post_message(events.Key(key, "\r" if key == "enter" else key))
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.pause(ConfirmScreen.ARM_SECONDS + 0.2)
+        assert isinstance(app.screen, ConfirmScreen)  # nothing typed answered it
+        await pilot.press("enter")  # the focused button: Cancel
+        await wait_until(pilot, lambda: idle(app))
+        assert app.query_one(ChatInput).text == "maybe later, yes"  # kept, not sent
+        assert app.last_info.tokens_written == written and len(app.query(UserMessage)) == 1
+        app.query_one(ChatInput).clear()
+        await open_dialog(pilot, "/forget")
+        await pilot.press("ctrl+q")  # quitting with a dialog open is clean too
+    assert app.return_code == 0
