@@ -166,7 +166,7 @@ class DmemChatApp(App[int]):
         self.last_info: Optional["SessionInfo"] = None
         self.notices: list[Notice] = []
         self.panel_open: Optional[bool] = None  # None: shown when the terminal is wide
-        self.send_when_loaded = False
+        self.pending: list[str] = []  # sent while the model loaded: submitted once it is ready
         self._stop = threading.Event()
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dmem-engine")
         self._session_closed = False
@@ -287,11 +287,9 @@ class DmemChatApp(App[int]):
             await self.add_note("read-only: nothing you say now is written or saved", "yellow")
         if self.startup_hint:
             self.notify(self.startup_hint, severity="warning", timeout=15)
-        if self.send_when_loaded and self.chat_input.text.strip():
-            text = self.chat_input.text
-            self.chat_input.clear()
-            self.submit_text(text)
-        self.send_when_loaded = False
+        pending, self.pending = self.pending, []
+        for text in pending:
+            self.submit_text(text, queued=True)
 
     def greeting(self) -> str:
         """What to tell on a new memory: for the demo, the kinds of things it can remember."""
@@ -325,35 +323,35 @@ class DmemChatApp(App[int]):
     def submitted(self, event: ChatInput.Submitted) -> None:
         self.submit_text(event.text)
 
-    def submit_text(self, raw: str) -> None:
+    def submit_text(self, raw: str, queued: bool = False) -> None:
         """A message or a command taken from the input; what cannot run now goes back into it
-        (so that keys typed ahead land in an empty input, never in a command or a dialog)."""
+        (so that keys typed ahead land in an empty input, never in a command or a dialog).
+        queued: sent while the model loaded (given back after earlier ones, not before)."""
         text = raw.strip()
         if not text:
+            return
+        if self.session is None and not self.start_error:  # loading: in order, once loaded
+            self.pending.append(raw)
+            self.notify("the model is still loading: sent as soon as it is ready")
             return
         if text.startswith("/"):
             try:
                 command, argument = parse_command(text)
             except CommandError as exc:
                 self.notify(str(exc), severity="error")
-                self.chat_input.give_back(raw)
+                self.chat_input.give_back(raw, queued)
                 return
             if command.name not in BUSY_OK and not self.can_run(command.name):
-                self.chat_input.give_back(raw)
+                self.chat_input.give_back(raw, queued)
                 return
             self.run_command(command.name, argument)
             return
         if self.session is None:
-            self.chat_input.give_back(raw)
-            if self.start_error:
-                self.notify(self.not_ready(), severity="error")
-            else:
-                self.send_when_loaded = True
-                self.notify("the model is still loading: your message is sent as soon as it "
-                            "is ready")
+            self.chat_input.give_back(raw, queued)
+            self.notify(self.not_ready(), severity="error")
             return
         if self.replying or self.command_running:
-            self.chat_input.give_back(raw)
+            self.chat_input.give_back(raw, queued)
             self.notify("a reply is streaming — Escape or Ctrl+C stops it" if self.replying
                         else "a command is still running: your message is kept in the input",
                         severity="warning")
@@ -362,7 +360,7 @@ class DmemChatApp(App[int]):
 
     @property
     def command_running(self) -> bool:
-        return any(w.is_running for w in self.workers if w.group == "command")
+        return any(not w.is_finished for w in self.workers if w.group == "command")
 
     def start_reply(self, text: str, temp: Optional[float] = None) -> None:
         self.replying = True

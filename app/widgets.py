@@ -143,10 +143,14 @@ class ChatInput(TextArea):
             self.clear()  # what is typed next starts afresh; the app gives back what it refuses
             self.post_message(self.Submitted(self, text))
 
-    def give_back(self, text: str) -> None:
-        """Put `text` back at the start of the input (before anything typed since)."""
+    def give_back(self, text: str, at_end: bool = False) -> None:
+        """Put `text` back into the input: before anything typed since it was sent, or after
+        what is there (`at_end`, for texts given back in the order they were sent)."""
         rest = self.text
-        self.text = text + ("\n" + rest if rest.strip() else "")
+        if not rest.strip():
+            self.text = text
+        else:
+            self.text = f"{rest}\n{text}" if at_end else f"{text}\n{rest}"
         self.move_cursor(self.document.end)
 
 

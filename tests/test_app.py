@@ -470,12 +470,14 @@ async def test_typing_during_start_up_is_kept_and_sent(tiny_model, tmp_path):
         await pilot.pause()
         await pilot.press(*"my name is ada")
         assert app.query_one(ChatInput).text == "my name is ada"
-        await pilot.press("enter")
-        assert app.query_one(ChatInput).text == "my name is ada"  # kept until sent
-        loaded.set()
-        await wait_until(pilot, lambda: app.replies_finished == 1)
+        await pilot.press("enter", *"/forget", "enter", *"maybe later", "enter")
+        assert any("still loading" in n.message for n in notices(app))
+        loaded.set()  # then, in order: the message is sent; the command must wait for its
+        # reply, so it comes back to the input with what was typed after it — nothing is lost
+        await wait_until(pilot, lambda: app.replies_finished == 1 and idle(app))
         assert app.query_one(UserMessage).text == "my name is ada"
-        assert app.query_one(ChatInput).text == ""
+        assert app.query_one(ChatInput).text == "/forget\nmaybe later"
+        assert app.last_info.tokens_written > 0 and not isinstance(app.screen, ConfirmScreen)
 
 
 async def test_undo_retry_edit_survive_a_restart(tiny_model, tmp_path):
