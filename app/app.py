@@ -118,7 +118,7 @@ class DmemChatApp(App[int]):
     TITLE = "dmem-chat"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
     BINDINGS = [
-        Binding("escape", "escape", "Stop reply"),
+        Binding("escape", "escape", "Stop/close"),
         Binding("ctrl+c", "interrupt", "Stop", show=False, priority=True),
         Binding("ctrl+b", "toggle_panel", "Memory"),
         Binding("ctrl+n", "new_conversation", "New chat"),
