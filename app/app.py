@@ -29,7 +29,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Footer, Header, LoadingIndicator
+from textual.widgets import Footer, Header
 
 from .commands import (BY_NAME, COMMANDS, CommandError, export_target, help_markdown,
                        parse_command, transcript_json, transcript_markdown)
@@ -177,9 +177,10 @@ class DmemChatApp(App[int]):
         with Horizontal(id="main"):
             with Vertical(id="chat"):
                 with ChatView(id="conversation"):
+                    # a still note, no animation: redrawing would take the GIL (and a core)
+                    # from the engine thread importing mlx-lm
                     yield Note(f"loading {self.model_name} … (you can type already)",
                                id="loading-note")
-                    yield LoadingIndicator(id="loading")
                 yield ChatInput(id="input", show_line_numbers=False,
                                 placeholder="Message — Enter sends, Ctrl+J new line, /help")
             yield MemoryPanel(self.blas, id="memory-panel")
@@ -262,14 +263,12 @@ class DmemChatApp(App[int]):
             loaded = await self.on_engine(self._start)
         except Exception as exc:  # shown in the app; dmem-chat repeats it on stderr, exit 1
             self.session = None
-            self.query_one("#loading").display = False
             self.start_error = str(exc)
             self.query_one("#loading-note", Note).update(
                 f"Could not start: {exc}\nCtrl+Q quits.")
             self.query_one("#loading-note", Note).add_class("error")
             self.notify(str(exc), title="Could not start", severity="error", timeout=30)
             return
-        await self.query_one("#loading").remove()
         await self.query_one("#loading-note").remove()
         self.snapshot_names = loaded.snapshots
         await self.chat_view.show_transcript(loaded.messages)

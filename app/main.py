@@ -119,12 +119,17 @@ def resolve_model(name: str) -> Path:
     return path
 
 
+def is_path(memory: Optional[str]) -> bool:
+    """--memory names a path (a '/', '~', '.' or '..'), not a NAME in the data directory."""
+    return memory is not None and ("/" in memory or "\\" in memory or memory.startswith("~")
+                                   or memory in (".", ".."))
+
+
 def memory_location(memory: Optional[str], model_id: str) -> Path:
     """--memory as given: a NAME (no directory part) always in the data directory, else a path;
     by default the one memory of `model_id` (a hub repo id, a directory or the demo's name)."""
-    if memory is not None and ("/" in memory or "\\" in memory or memory.startswith("~")
-                               or memory in (".", "..")):
-        return Path(memory).expanduser()  # a path (and nothing imported to say so)
+    if is_path(memory):
+        return Path(memory).expanduser()  # type: ignore[arg-type]
     from dmem_mlx.runtime.memory_file import SUFFIX, default_memory_path
 
     if memory is None:
@@ -191,15 +196,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if local:  # cheap checks first: a bad path is refused before anything is imported
             model_path, model_id = (resolve_model(args.model), args.model) if args.model \
                 else default_model()
-            memory_path = memory_location(args.memory, model_id)
-            check_memory_path(memory_path)
+            if is_path(args.memory):
+                check_memory_path(memory_location(args.memory, model_id))
         from dmem_mlx.blas import reexec_with_openblas
 
         reexec_with_openblas(hint=False)  # before any heavy import (it restarts the process)
         if not local:  # a hub repo id: resolving it imports mlx-lm (and may download)
             model_path, model_id = resolve_model(args.model), args.model
-            memory_path = memory_location(args.memory, model_id)
-            check_memory_path(memory_path)
+        memory_path = memory_location(args.memory, model_id)
+        check_memory_path(memory_path)
         check_memory_contents(memory_path, model_path)
         memory = open_memory(memory_path, read_only=args.read_only)
     except (DmemError, OSError) as exc:

@@ -169,9 +169,10 @@ async def test_a_start_up_failure_is_shown_and_exits_1(tiny_model, tmp_path):
 
 async def test_commands(tiny_model, tmp_path):
     memory = tmp_path / "chat.memory"
-    app = make_app(tiny_model, memory)
+    app = make_app(tiny_model, memory, blas="OpenBLAS (preloaded)")
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot)
+        assert "BLAS: OpenBLAS (preloaded)" in str(app.query_one("#fingerprint").render())
         await send(pilot, "I like tea.")
         written = app.last_info.tokens_written
 
@@ -194,10 +195,13 @@ async def test_commands(tiny_model, tmp_path):
         await send(pilot, "/info")
         assert app.last_info.tokens_written == written
 
+        assert memory.with_name(memory.name + ".bak").exists()
         await open_dialog(pilot, "/forget")
         await confirm(pilot)
         await wait_until(pilot, lambda: app.last_info.tokens_written == 0)
         assert "tokens written  0" in counts(app)
+        assert not memory.with_name(memory.name + ".bak").exists()  # nothing of it is left
+        assert b"I like tea" not in memory.read_bytes()
 
         await open_dialog(pilot, "/restore tea")
         await wait_until(pilot, lambda: not app.screen.query_one("#confirm-yes").disabled)

@@ -198,7 +198,8 @@ def run_cli(*argv, env=None):
     probe = ("import sys, runpy; sys.argv = ['dmem-chat', *sys.argv[1:]]\n"
              "try:\n    runpy.run_module('app.main', run_name='__main__')\n"
              "except SystemExit as e:\n"
-             "    heavy = sorted(m for m in ('mlx_lm', 'mlx.core', 'textual', 'transformers')"
+             "    heavy = sorted(m for m in ('mlx_lm', 'mlx.core', 'textual', 'transformers',"
+             " 'numpy')"
              " if m in sys.modules)\n"
              "    print('HEAVY', heavy, file=sys.stderr); raise\n")
     env = {**os.environ, "PYTHONPATH": str(root), "DMEM_NO_OPENBLAS": "1", **(env or {})}
