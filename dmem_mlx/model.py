@@ -172,9 +172,11 @@ class DeltaMemAttention(nn.Module):
                              weights: dict) -> Optional[dict]:
         """A decode token on the Metal layer kernel (DESIGN §9): the state update and every
         correction in one dispatch. Returns {head: Δ [B, 1, out]}, or None when this call is
-        not one the kernel does (training's detached inputs, a message/sentence write)."""
+        not one the kernel does (training's detached inputs, a message/sentence write, a
+        layer that corrects no head)."""
         writes = state.writes_enabled
-        if state.detach_inputs or not (self._token_writes or not writes):
+        if state.detach_inputs or not (self._token_writes or not writes) or not (
+                self._slots or self._corrects_o):
             return None
         i = self.index
         start = state.begin(i, h.shape[0])

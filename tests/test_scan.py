@@ -241,12 +241,24 @@ def test_metal_wiring_with_stand_in_kernels(monkeypatch):
     monkeypatch.setattr(kernels, "metal_scan", fake_scan)
     monkeypatch.setattr(kernels, "metal_layer_decode", fake_layer)
     monkeypatch.setattr(scan_module, "metal_available", lambda: True)
-    for mode in MODES[:3]:
-        want = run_model(make_model(mode_config(mode)), backend="reference")
-        got = run_model(make_model(mode_config(mode)), backend="metal")
+    for cfg in [mode_config(mode) for mode in MODES[:3]] + CONFIGS[-3:]:
+        want = run_model(make_model(cfg), backend="reference")
+        got = run_model(make_model(cfg), backend="metal")
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, atol=1e-5)
     assert "scan" in calls and "layer" in calls
+    model = make_model(CONFIGS[0])  # a read-only decode token reads and keeps the state
+    model.delta_mem.backend = "metal"
+    model(mx.array([[3, 1, 4, 1, 5, 9, 2, 6]]))
+    before = model.delta_mem.snapshot()
+    with model.delta_mem.read_only():
+        got = model(mx.array([[7]]))
+    model.delta_mem.backend = "reference"
+    with model.delta_mem.read_only():
+        want = model(mx.array([[7]]))
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
+    for name, state in model.delta_mem.snapshot().items():
+        np.testing.assert_array_equal(np.array(state), np.array(before[name]))
 
 
 # -- the projection, the corrections and the decode step ---------------------------------------
