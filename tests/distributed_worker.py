@@ -19,7 +19,7 @@ import dmem_mlx
 from dmem_mlx.cache import make_prompt_cache, state_of
 from dmem_mlx.distributed import (ShardedChatSession, gather_states, pipeline_load, shard,
                                   sharded_load)
-from dmem_mlx.runtime import ChatSession, MemoryFile
+from dmem_mlx.runtime import ChatSession, MemoryFile, MemoryFileError
 from dmem_mlx.runtime.memory_file import read_memory
 
 PROMPT = [[5, 17, 33, 101, 7, 9, 250, 3, 44, 12, 61, 2]]
@@ -105,6 +105,21 @@ def reload_figures(model, tokenizer, path: Path) -> dict:
     return {"reload_exact_on_every_rank": int(agreed.item()) == WORLD.size()}
 
 
+def refusal_figures(model, tokenizer, foreign: Path) -> dict:
+    """A memory file of another model: refused on every rank (none left waiting), one line."""
+    memory = MemoryFile.open(foreign, read_only=True) if WORLD.rank() == 0 else None
+    try:
+        ShardedChatSession(model, tokenizer, memory=memory).close()
+        refused, line = False, ""
+    except MemoryFileError as exc:
+        refused, line = True, str(exc)
+    if memory is not None:
+        memory.close()
+    agreed = mx.distributed.all_sum(mx.array([int(refused)]), group=WORLD, stream=mx.cpu)
+    return {"foreign_file_refused_on_every_rank": int(agreed.item()) == WORLD.size(),
+            "foreign_file_message_one_line": refused and "\n" not in line}
+
+
 def main() -> None:
     out, directories = Path(sys.argv[1]), [Path(d) for d in sys.argv[2:]]
     main_rank = WORLD.rank() == 0
@@ -142,6 +157,9 @@ def main() -> None:
             if main_rank:
                 row[mode].update(file_figures(single_file, path))
             row[mode].update(reload_figures(model, tok, path))
+            if figures:  # the first backbone's memory, offered to this one
+                first = out.parent / directories[0].name / "single.safetensors"
+                row[mode].update(refusal_figures(model, tok, first))
             del model
         figures[name] = row
     if main_rank:

@@ -115,6 +115,9 @@ def test_memory_file_matches_one_process(figures, backbone, mode):
     assert row["file_undo_steps"][0] == row["file_undo_steps"][1] > 0, row
     assert row["file_state_max_diff"] <= TOLERANCE, row  # the state and every undo step
     assert row["reload_exact_on_every_rank"], row  # broadcast on load
+    if backbone != BACKBONES[0]:  # offered the first backbone's memory file: refused by all
+        assert row["foreign_file_refused_on_every_rank"], row
+        assert row["foreign_file_message_one_line"], row
 
 
 @pytest.mark.parametrize("extra", [[], ["--pipeline"]])
