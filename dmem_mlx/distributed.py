@@ -107,13 +107,18 @@ class PipelineStage(nn.Module):
     def __call__(self, h: mx.array, *args: Any, **kwargs: Any) -> mx.array:
         if self.receive:
             h = mx.distributed.recv_like(h, self.owner + 1, group=self.group)
+        cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
+        if isinstance(cache, DeltaKVCache):
+            cache = cache.kv
         if "block" in self:
             h = self["block"](h, *args, **kwargs)
+        elif hasattr(cache, "update_and_fetch"):
+            # The layer runs elsewhere; its cache still advances, with zero-width keys, so that
+            # offsets, masks (cache[0] makes a model's mask) and batch operations stay right.
+            empty = mx.zeros((h.shape[0], 1, h.shape[1], 0), h.dtype)
+            cache.update_and_fetch(empty, empty)
         if self.send:
             h = mx.distributed.send(h, self.owner - 1, group=self.group)
-            cache = kwargs.get("cache", args[1] if len(args) > 1 else None)
-            if isinstance(cache, DeltaKVCache):
-                cache = cache.kv
             if getattr(cache, "keys", None) is not None:  # a prefill evaluates only the caches
                 cache.keys = mx.depends(cache.keys, h)
         if self.gather:

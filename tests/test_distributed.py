@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import httpx
 import mlx.core as mx
 import pytest
+import uvicorn
 from mlx_lm.models.pipeline import PipelineMixin
 
+import dmem_mlx
 from dmem_mlx import attach_delta_mem
 from dmem_mlx.cache import make_prompt_cache
 from dmem_mlx.config import DeltaMemConfig
@@ -25,6 +31,8 @@ from dmem_mlx.errors import DistributedError
 from dmem_mlx.distributed import pipeline, pipeline_split
 from dmem_mlx.generate import main as generate_main
 from dmem_mlx.model import delta_parameters, load_delta_parameters
+from dmem_mlx.runtime import read_memory
+from dmem_mlx.server import build_app
 from dmem_mlx.tiny import build_model, make_tiny_dmem, tiny_args
 
 HERE = Path(__file__).parent
@@ -194,3 +202,93 @@ def test_shard_refuses_heads_that_do_not_split():
     model = build_model(tiny_args("qwen3", num_key_value_heads=1))
     with pytest.raises(DistributedError, match="1 key/value heads"):
         shard(model, _Group(0, 2))  # refused before any communication
+
+
+# -- dmem-serve on 2 ranks ------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _conversation(url: str) -> dict:
+    """Replies and memory calls, the first two requests sent together (one batch)."""
+    def chat(user: str, text: str, **sampling) -> str:
+        body = {"model": "tiny", "user": user, "max_tokens": 8,
+                "messages": [{"role": "user", "content": text}], **sampling}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    out: dict = {}
+    pair = [threading.Thread(target=lambda: out.update(ada=chat("ada", "My name is Ada."))),
+            threading.Thread(target=lambda: out.update(bob=chat(
+                "bob", "I live in Paris.", temperature=0.8, seed=3)))]
+    for t in pair:
+        t.start()
+    for t in pair:
+        t.join()
+    out["ada2"] = chat("ada", "What is my name?")
+    out["info"] = httpx.get(url + "/v1/memories/ada", timeout=300).json()["turns"]
+    out["snapshot"] = httpx.post(url + "/v1/memories/ada/snapshot", json={"name": "s1"},
+                                 timeout=300).status_code
+    out["delete"] = httpx.delete(url + "/v1/memories/bob", timeout=300).status_code
+    out["carol"] = chat("carol", "I have a cat.")  # the ranks are still in step
+    return out
+
+
+def test_dmem_serve_under_mlx_launch(launcher, tiny_dirs, tmp_path):
+    """dmem-serve on 2 ranks (pipeline parallel): the replies and memory files of one process."""
+    path = tiny_dirs["qwen3"]
+    model, tokenizer = dmem_mlx.load(str(path))
+    server = uvicorn.Server(uvicorn.Config(build_app(model, tokenizer, tmp_path / "single"),
+                                           host="127.0.0.1", port=_free_port(),
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    try:
+        single = _conversation(f"http://127.0.0.1:{server.config.port}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DMEM_NO_OPENBLAS="1")
+    ranks = subprocess.Popen(
+        [str(LAUNCH), "--backend", "ring", "-n", "2", "-p", str(_free_port_pair()), "--python",
+         sys.executable, "--env", f"PYTHONPATH={ROOT}", "--env", "DMEM_NO_OPENBLAS=1", "--",
+         "-m", "dmem_mlx.server", "--model", str(path), "--memories", str(tmp_path / "two"),
+         "--port", str(port), "--pipeline", "--log-level", "WARNING"],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            assert ranks.poll() is None, ranks.stdout.read().decode()[-2000:]
+            assert time.time() < deadline, "the 2-rank server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        two = _conversation(url)
+    finally:
+        os.killpg(ranks.pid, signal.SIGTERM)  # the launcher and both ranks (their own group)
+        try:
+            ranks.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ranks.pid, signal.SIGKILL)
+    assert two == single
+    for user in ("ada", "carol"):
+        a = read_memory(tmp_path / "single" / f"{user}.safetensors")
+        b = read_memory(tmp_path / "two" / f"{user}.safetensors")
+        assert a.transcript == b.transcript and sorted(a.states) == sorted(b.states)
+        for i in a.states:
+            assert float(abs(a.states[i] - b.states[i]).max()) <= TOLERANCE
+    assert (tmp_path / "two" / "ada.snapshots" / "s1.safetensors").is_file()
+    assert not (tmp_path / "two" / "bob.safetensors").exists()

@@ -17,13 +17,26 @@ from .schemas import APIError, Limits
 def build_app(model: Any, tokenizer: Any, memories: Path, model_id: str = "dmem",
               limits: Optional[Limits] = None, api_key: Optional[str] = None,
               max_kv_tokens: Optional[int] = None, max_concurrent: int = 8,
-              max_queue: int = 64, max_open: int = 64, max_body_bytes: int = 1 << 20) -> Any:
-    """The ASGI app serving a loaded δ-mem model; memory files live in `memories`."""
+              max_queue: int = 64, max_open: int = 64, max_body_bytes: int = 1 << 20,
+              group: Any = None) -> Any:
+    """The ASGI app serving a loaded δ-mem model; memory files live in `memories`.
+
+    group: the `mx.distributed` group of a sharded model (rank 0 serves; the other ranks run
+    `distributed.build_sharded(...)._run()`).
+    """
     from ..runtime import ChatSession, model_fingerprint
     from .app import create_app
     from .engine import Engine
     from .store import MemoryStore
 
+    if group is not None and group.size() > 1:
+        from .distributed import build_sharded
+
+        engine = build_sharded(model, tokenizer, memories, group, max_kv_tokens=max_kv_tokens,
+                               max_concurrent=max_concurrent, max_queue=max_queue,
+                               max_open=max_open)
+        return create_app(engine, model_id, limits or Limits(), api_key=api_key,
+                          max_body_bytes=max_body_bytes)
     fingerprint = model_fingerprint(model, tokenizer)
 
     def session(memory: Any) -> ChatSession:

@@ -134,7 +134,7 @@ def create_app(engine: Engine, model_id: str, limits: Limits, api_key: Optional[
         return {"id": model_id, "object": "model", "created": created, "owned_by": "dmem-mlx"}
 
     async def on_worker(memory: str, method: Any, *args: Any) -> Any:
-        future = engine.call(memory, lambda: method(memory, *args))
+        future = engine.call(memory, lambda: method(memory, *args), (method.__name__, *args))
         return await asyncio.wrap_future(future)
 
     @app.get("/v1/memories/{memory}")

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memories kept open with their KV context (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
                    help="largest request body (default: %(default)s)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="under mlx.launch: split the layers over the ranks (pipeline parallel) "
+                        "instead of sharding every layer (tensor parallel)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                    help="logging level (default: %(default)s)")
@@ -128,6 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         logging.warning("listening on %s without an API key: anyone who can reach it can read "
                         "and change every memory (set --api-key or %s)", args.host, API_KEY_ENV)
+    import mlx.core as mx
     import uvicorn
 
     from ..utils import load
@@ -135,13 +139,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .schemas import Limits
 
     logging.info("loading %s", model_path)
-    model, tokenizer = load(str(model_path))
+    world = mx.distributed.init()  # a group of one unless started by mlx.launch
+    if world.size() > 1:  # rank 0 serves HTTP, every rank runs the model (distributed.py)
+        from ..distributed import sharded_load
+        from .distributed import build_sharded
+
+        group = {"pipeline_group" if args.pipeline else "tensor_group": world}
+        model, tokenizer = sharded_load(str(model_path), **group)
+        if world.rank() != 0:
+            build_sharded(model, tokenizer, memories, world, max_kv_tokens=args.max_kv_tokens,
+                          max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                          max_open=args.max_open)._run()
+            return 0
+    else:
+        model, tokenizer = load(str(model_path))
     limits = Limits(max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
                     temperature=args.temp, top_p=args.top_p)
     app = build_app(model, tokenizer, memories, model_id, limits, api_key=api_key,
                     max_kv_tokens=args.max_kv_tokens, max_concurrent=args.max_concurrent,
                     max_queue=args.max_queue, max_open=args.max_open,
-                    max_body_bytes=args.max_body_bytes)
+                    max_body_bytes=args.max_body_bytes, group=world)
     logging.info("serving %s on http://%s:%d/v1 (memories in %s)", model_id, args.host,
                  args.port, memories)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),

@@ -63,6 +63,7 @@ class CallJob:
 
     key: str
     fn: Callable[[], Any]
+    op: Optional[tuple] = None  # (engine method name, *args): replayed by the other ranks
     future: Future = field(default_factory=Future)
 
 
@@ -217,8 +218,8 @@ class Engine:
     def submit(self, job: ChatJob) -> None:
         self._enqueue(job)
 
-    def call(self, key: str, fn: Callable[[], Any]) -> Future:
-        job = CallJob(key, fn)
+    def call(self, key: str, fn: Callable[[], Any], op: Optional[tuple] = None) -> Future:
+        job = CallJob(key, fn, op)
         self._enqueue(job)
         return job.future
 

@@ -59,8 +59,20 @@ class MemoryStore:
         if memory in self._open:
             self._open.move_to_end(memory)
             return self._open[memory]
+        file = self._open_file(memory)  # None on a rank that does not hold the files
         try:
-            file = MemoryFile.open(self.path(memory), self.fingerprint)
+            session = self._factory(file)
+        except BaseException:
+            if file is not None:
+                file.close()
+            raise
+        self._open[memory] = session
+        return session
+
+    def _open_file(self, memory: str) -> Optional[MemoryFile]:
+        """The memory file of `memory`, opened and locked; APIError 409 if it cannot be."""
+        try:
+            return MemoryFile.open(self.path(memory), self.fingerprint)
         except MemoryLockedError:
             raise APIError(409, f"memory {memory!r} is open in another process",
                            code="memory_locked") from None
@@ -68,13 +80,6 @@ class MemoryStore:
             raise APIError(409, f"memory {memory!r} cannot be used: "
                                 f"{_tail(str(exc), self.path(memory))}",
                            code="memory_unusable") from None
-        try:
-            session = self._factory(file)
-        except BaseException:
-            file.close()
-            raise
-        self._open[memory] = session
-        return session
 
     def trim(self, busy: set) -> list[ChatSession]:
         """Close the least recently used idle sessions beyond `max_open`; returns them."""
