@@ -454,7 +454,12 @@ def test_metal_decode_is_one_kernel_per_layer(monkeypatch):
         return logits
 
     with tempfile.TemporaryDirectory() as tmp:
-        mx.export_function(str(Path(tmp) / "decode.mlxfn"), decode, mx.array([[4]]))
+        try:
+            mx.export_function(str(Path(tmp) / "decode.mlxfn"), decode, mx.array([[4]]))
+        except RuntimeError as exc:  # MLX < 0.32.4 cannot trace a Metal kernel without Metal
+            if graphs or "Metal" not in str(exc):
+                raise
+            pytest.skip(f"this MLX cannot trace a metal_kernel here: {exc}")
     layers = len(model.delta_mem.layers)
     added = delta_primitives(*graphs[0])
     assert added == {"CustomKernel": layers, "Slice": 2 * layers, "Add": 2 * layers}, added
