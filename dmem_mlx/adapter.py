@@ -26,14 +26,20 @@ def is_adapter_dir(path: str | Path) -> bool:
 def save_adapter(model: nn.Module, directory: str | Path, dtype: Optional[mx.Dtype] = None,
                  metadata: Optional[dict] = None) -> None:
     """Write the δ weights (as stored, or cast to `dtype`) and the config into `directory`."""
+    write_adapter(directory, model.delta_mem.config, delta_parameters(model), dtype, metadata)
+
+
+def write_adapter(directory: str | Path, config: DeltaMemConfig, weights: dict[str, mx.array],
+                  dtype: Optional[mx.Dtype] = None, metadata: Optional[dict] = None) -> None:
+    """Write δ weights (DESIGN §4 names; as given, or cast to `dtype`) and their config into
+    `directory`: the adapter files `load_adapter` reads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = delta_parameters(model)
     if dtype is not None:
         weights = {k: v.astype(dtype) for k, v in weights.items()}
     meta = {"format": "mlx", "delta_mem": json.dumps(metadata or {})}
     mx.save_safetensors(str(directory / WEIGHTS_NAME), weights, metadata=meta)
-    model.delta_mem.config.save(directory)
+    config.save(directory)
 
 
 def read_adapter(directory: str | Path,

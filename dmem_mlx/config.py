@@ -14,13 +14,24 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, brief, one_line
+from .files import read_regular
 
 CONFIG_NAME = "delta_mem_config.json"
 DELTA_HEADS = ("q", "k", "v", "o")
 UPDATE_MODES = ("standard", "lambda_outside", "no_lambda")
 GRANULARITIES = ("token", "message_mean", "sentence_mean")
 OUTPUT_INITS = ("zero", "random", "base_slice", "base_slice_fixed")
+MAX_CONFIG_BYTES = 1 << 20
+MAX_RANK = 1024
+MAX_STATE_HEADS = 256
+INT_FIELDS = ("rank", "num_state_heads", "base_slice_ref_width")
+FLOAT_FIELDS = ("alpha", "delta_o_rmsnorm_eps", "delta_scale_max", "beta_bias_init",
+                "online_gain", "delta_scale_init")
+BOOL_FIELDS = ("normalize_qk", "couple_lambda", "rankwise_gates", "delta_o_rmsnorm",
+               "trainable_delta_scale")
+STR_FIELDS = ("state_update_mode", "memory_write_granularity", "delta_scale_granularity",
+              "output_init")
 
 # Archived options: they must hold exactly these values (DESIGN §4).
 ARCHIVED_DEFAULTS: dict[str, Any] = {
@@ -89,35 +100,38 @@ class DeltaMemConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        _check_types(self)
         heads = self.delta_heads
         if isinstance(heads, str):
             heads = [h for h in heads.split(",")]
-        heads = tuple(dict.fromkeys(str(h).strip().lower() for h in heads if str(h).strip()))
+        heads = tuple(dict.fromkeys(h.strip().lower() for h in heads if h.strip()))
         if heads == ("none",):
             heads = ()
         if bad := [h for h in heads if h not in DELTA_HEADS]:
-            raise ConfigError(f"delta_heads: unknown head(s) {bad}; expected a subset of q,k,v,o")
+            raise ConfigError(f"delta_heads: unknown head(s) {brief(bad)}; expected a subset of "
+                              "q,k,v,o")
         set_("delta_heads", heads)
         set_("target_modules", tuple(self.target_modules))
-        set_("target_layers", tuple(int(i) for i in self.target_layers))
-        _check(int(self.rank) >= 1, "rank must be >= 1")
-        _check(int(self.num_state_heads) >= 1, "num_state_heads must be >= 1")
-        _check(math.isfinite(self.alpha), "alpha must be finite")
+        set_("target_layers", tuple(self.target_layers))
+        _check(1 <= self.rank <= MAX_RANK, f"rank must be in 1..{MAX_RANK}")
+        _check(1 <= self.num_state_heads <= MAX_STATE_HEADS,
+               f"num_state_heads must be in 1..{MAX_STATE_HEADS}")
+        for name in FLOAT_FIELDS:
+            _check(math.isfinite(getattr(self, name)), f"{name} must be finite")
         _check(self.state_update_mode in UPDATE_MODES,
                f"state_update_mode {self.state_update_mode!r} is not one of {UPDATE_MODES}")
         _check(self.memory_write_granularity in GRANULARITIES,
                f"memory_write_granularity {self.memory_write_granularity!r} is not one of "
                f"{GRANULARITIES}")
         _check(self.target_modules == ("self_attn",),
-               f"target_modules {list(self.target_modules)} is not supported (only ['self_attn'])")
+               f"target_modules {brief(list(self.target_modules))} is not supported (only "
+               "['self_attn'])")
         _check(self.delta_scale_granularity in ("layer", "head"),
                f"delta_scale_granularity {self.delta_scale_granularity!r} is not 'layer' or 'head'")
         _check(self.delta_o_rmsnorm_eps > 0, "delta_o_rmsnorm_eps must be > 0")
         _check(self.delta_scale_max > 0, "delta_scale_max must be > 0")
         _check(self.output_init in OUTPUT_INITS,
                f"output_init {self.output_init!r} is not one of {OUTPUT_INITS}")
-        set_("rank", int(self.rank))
-        set_("num_state_heads", int(self.num_state_heads))
 
     # Derived sizes (DESIGN §1 notation).
     @property
@@ -153,19 +167,16 @@ class DeltaMemConfig:
             elif key in ARCHIVED_DEFAULTS:
                 default = ARCHIVED_DEFAULTS[key]
                 normalized = list(value) if isinstance(value, (list, tuple)) else value
-                if normalized != default:
+                if normalized != default or isinstance(value, bool) != isinstance(default, bool):
                     raise ConfigError(
-                        f"{key}={value!r} is an archived δ-mem option that is not implemented "
-                        f"(only {default!r} is supported)")
+                        f"{key}={brief(value)} is an archived δ-mem option that is not "
+                        f"implemented (only {default!r} is supported)")
                 extra[key] = value
             elif key in INERT_FIELDS:
                 extra[key] = value
             else:
-                raise ConfigError(f"unknown δ-mem config field {key!r}")
-        try:
-            return cls(**kwargs, extra=extra)
-        except TypeError as exc:  # a value of the wrong type
-            raise ConfigError(f"bad δ-mem config: {exc}") from None
+                raise ConfigError(f"unknown δ-mem config field {brief(key)}")
+        return cls(**kwargs, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -176,18 +187,54 @@ class DeltaMemConfig:
     @classmethod
     def load(cls, directory: str | Path) -> "DeltaMemConfig":
         path = Path(directory) / CONFIG_NAME
+        if not path.exists():
+            raise ConfigError(f"{path} not found")
+        raw = read_regular(path, ConfigError, MAX_CONFIG_BYTES, "δ-mem config")
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path} not found") from None
+            data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+            raise ConfigError(f"{path} is not valid JSON: {one_line(exc)}") from None
+        except RecursionError:
+            raise ConfigError(f"{path} nests too deeply to be a δ-mem config") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def save(self, directory: str | Path) -> None:
         (Path(directory) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_types(config: DeltaMemConfig) -> None:
+    """Each field holds its type: ints are ints (not bools, floats or strings), bools are
+    bools, floats are numbers, lists hold ints (target_layers) or strings."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def want(ok: bool, name: str, kind: str) -> None:
+        if not ok:
+            raise ConfigError(f"{name} must be {kind}, got {brief(getattr(config, name))}")
+
+    for name in INT_FIELDS:
+        want(is_int(getattr(config, name)), name, "an integer")
+    for name in FLOAT_FIELDS:
+        value = getattr(config, name)
+        want(is_int(value) or isinstance(value, float), name, "a number")
+    for name in BOOL_FIELDS:
+        want(isinstance(getattr(config, name), bool), name, "true or false")
+    for name in STR_FIELDS:
+        want(isinstance(getattr(config, name), str), name, "a string")
+    layers, modules, heads = config.target_layers, config.target_modules, config.delta_heads
+    want(isinstance(layers, (list, tuple)) and all(is_int(i) for i in layers), "target_layers",
+         "a list of layer indices")
+    want(isinstance(modules, (list, tuple)) and all(isinstance(m, str) for m in modules),
+         "target_modules", "a list of strings")
+    want(isinstance(heads, str) or isinstance(heads, (list, tuple))
+         and all(isinstance(h, str) for h in heads), "delta_heads",
+         "a list of heads or a comma-separated string")
 
 
 def _check(ok: bool, message: str) -> None:

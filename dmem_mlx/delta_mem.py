@@ -189,28 +189,37 @@ def group_means(
     return means, counts > 0
 
 
+def parameter_shapes(config: DeltaMemConfig, hidden_size: int, out_dims: dict[str, int],
+                     stored: bool = False) -> dict[str, tuple[int, ...]]:
+    """Name → shape of the δ parameters of one layer (DESIGN §4): the one table of them.
+
+    out_dims: output width of the layer's q/k/v/o projections. stored=True lists what the
+    official code saves, which also holds the inactive Δ heads (as zeros) and the o rms-norm
+    weight whether or not o is active; δ-mem itself holds only the active ones.
+    """
+    R, G, D = config.state_dim, config.gate_dim, hidden_size
+    heads = DELTA_HEADS if stored else config.delta_heads
+    shapes = {f"memory_{x}_proj": (R, D) for x in ("q", "k", "v")}
+    shapes.update({f"delta_{head}_proj": (out_dims[head], R) for head in heads})
+    if config.delta_o_rmsnorm and "o" in heads:
+        shapes["delta_o_rmsnorm_weight"] = (out_dims["o"],)
+    shapes["beta_proj"], shapes["beta_bias"] = (G, D), (G,)
+    if not config.couple_lambda:
+        shapes["lambda_proj"], shapes["lambda_bias"] = (G, D), (G,)
+    if config.trainable_delta_scale:
+        n = len(DELTA_HEADS) if config.delta_scale_granularity == "head" else 1
+        shapes["delta_scale_raw"] = (n,)
+    return shapes
+
+
 class DeltaMemory(nn.Module):
     """The δ parameters of one attention layer; names and shapes are those of DESIGN §4."""
 
     def __init__(self, config: DeltaMemConfig, hidden_size: int, out_dims: dict[str, int]):
         super().__init__()
         self.config = config
-        R, G, D = config.state_dim, config.gate_dim, hidden_size
-        self.memory_q_proj = mx.zeros((R, D))
-        self.memory_k_proj = mx.zeros((R, D))
-        self.memory_v_proj = mx.zeros((R, D))
-        for head in config.delta_heads:  # inactive heads hold no weights
-            setattr(self, f"delta_{head}_proj", mx.zeros((out_dims[head], R)))
-        if config.delta_o_rmsnorm and "o" in config.delta_heads:
-            self.delta_o_rmsnorm_weight = mx.ones((out_dims["o"],))
-        self.beta_proj = mx.zeros((G, D))
-        self.beta_bias = mx.zeros((G,))
-        if not config.couple_lambda:
-            self.lambda_proj = mx.zeros((G, D))
-            self.lambda_bias = mx.zeros((G,))
-        if config.trainable_delta_scale:
-            n = len(DELTA_HEADS) if config.delta_scale_granularity == "head" else 1
-            self.delta_scale_raw = mx.zeros((n,))
+        for name, shape in parameter_shapes(config, hidden_size, out_dims).items():
+            setattr(self, name, (mx.ones if name == "delta_o_rmsnorm_weight" else mx.zeros)(shape))
 
     def fused_weights(self) -> dict[str, mx.array]:
         """The parameters arranged for few ops, cached until a parameter is replaced.

@@ -32,12 +32,15 @@ This module imports nothing heavy (no mlx, no numpy): anything may import it.
 
 from __future__ import annotations
 
+import reprlib
+
 __all__ = [
     "DmemError", "ConfigError", "AdapterError", "CheckpointError", "UnsafeCheckpointError",
     "CorruptCheckpointError", "UnsupportedCheckpointError", "ConvertError", "HubError", "ModelError",
     "DistributedError",
     "MemoryFileError", "MemoryLockedError", "SessionError", "ContextTooLongError",
-    "SessionBusyError", "NothingToUndoError", "DataError", "TrainError", "UsageError", "CommandError", "one_line", "user_message",
+    "SessionBusyError", "NothingToUndoError", "DataError", "TrainError", "UsageError",
+    "CommandError", "brief", "one_line", "user_message",
 ]
 
 
@@ -123,6 +126,20 @@ class UsageError(DmemError):
 
 class CommandError(UsageError, ValueError):
     """A slash command that cannot run as typed; the message is shown to the user."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 40, 40, 40
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxdict = _REPR.maxset = 4
+
+
+def brief(value: object) -> str:
+    """A short repr of any value, for messages: bounded depth and width, never the whole object
+    (a hostile value may be a huge or exponentially shared structure)."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # e.g. an int too long to print
+        return f"<{type(value).__name__}>"
 
 
 def one_line(text: object, limit: int = 300) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from .cache import DeltaKVCache, DeltaState
 from .config import DeltaMemConfig
 from .errors import AdapterError, ConfigError
-from .delta_mem import DeltaMemory, group_means, read_state
+from .delta_mem import DeltaMemory, group_means, parameter_shapes, read_state
 from .scan import check_backend, default_backend, layer_step, resolve, scan, step
 from .sharding import ALL_TO_SHARDED, full_out_dim, rank_slice
 
@@ -324,13 +324,27 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def _out_dims(attention: nn.Module) -> dict[str, int]:
+def attention_out_dims(attention: nn.Module) -> dict[str, int]:
+    """Output width of an attention's q/k/v/o projections (ConfigError if it has not all four)."""
     missing = [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if p not in attention]
     if missing:
         raise ConfigError(
             f"{type(attention).__module__}.{type(attention).__name__} has no {', '.join(missing)}:"
             " δ-mem needs separate q/k/v/o projections")
     return {h: full_out_dim(attention[f"{h}_proj"]) for h in ("q", "k", "v", "o")}
+
+
+def delta_shapes(config: DeltaMemConfig, model: nn.Module,
+                 stored: bool = False) -> dict[str, tuple[int, ...]]:
+    """Shape of every δ weight (DESIGN §4 names) `config` gives an mlx-lm model without δ-mem
+    attached; stored=True: what the official code saves (see `parameter_shapes`)."""
+    layers = _layers(model)
+    shapes = {}
+    for i in config.layer_indices(len(layers)):
+        out_dims = attention_out_dims(layers[i].self_attn)
+        table = parameter_shapes(config, model.args.hidden_size, out_dims, stored)
+        shapes.update({f"model.layers.{i}.self_attn.{k}": v for k, v in table.items()})
+    return shapes
 
 
 def attach_delta_mem(model: nn.Module, config: DeltaMemConfig) -> DeltaMem:
@@ -346,7 +360,7 @@ def attach_delta_mem(model: nn.Module, config: DeltaMemConfig) -> DeltaMem:
     controls = DeltaMem(config, indices)
     for i in indices:
         attention = layers[i].self_attn
-        memory = DeltaMemory(config, hidden, _out_dims(attention))
+        memory = DeltaMemory(config, hidden, attention_out_dims(attention))
         controls.layers[i] = DeltaMemAttention(attention, memory, i, controls)
         layers[i].self_attn = controls.layers[i]
     model.delta_mem = controls

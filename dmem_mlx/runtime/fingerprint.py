@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from ..errors import HubError
+from ..hub import card_base_model
 
 
 # The config fields that change what the memory computes (init-only and archived fields do not,
@@ -34,25 +36,17 @@ def adapter_sha256(model: nn.Module) -> str:
 
 
 def base_model_name(source: Optional[str | Path]) -> Optional[str]:
-    """`base_model` from the model card (written by dmem-convert) of a model directory, if any."""
-    if not source:
+    """`base_model` from the model card (written by the converter) of a model directory, if any.
+
+    A card that cannot be read or names no usable base model gives None: the name is only
+    compared when both sides know it.
+    """
+    if not source or not Path(source).is_dir():
         return None
-    readme = Path(source) / "README.md"
     try:
-        head = readme.read_text(errors="replace")[:4000]
-    except OSError:
+        return card_base_model(source)
+    except HubError:
         return None
-    if not head.startswith("---"):
-        return None
-    match = re.search(r"^base_model:\s*(.+)$", head.split("\n---", 1)[0], re.MULTILINE)
-    if not match:
-        return None
-    value = match.group(1).strip()
-    try:
-        value = json.loads(value)
-    except json.JSONDecodeError:
-        value = value.strip("'\"")
-    return value if isinstance(value, str) and value else None
 
 
 def model_fingerprint(model: nn.Module, tokenizer: Any = None,
