@@ -9,12 +9,20 @@ Version 2 adds the undo history (the state before each of the last UNDO_DEPTH tu
 memory (their transcripts, bounded by PAST_CONVERSATIONS and PAST_CHARS); version 1 files
 (neither) are read as they are and written as version 2 at the next save.
 
+The safetensors library writes the file and reads its tensors (it checks dtypes, shapes and
+offsets); the metadata is read from the same header by a bounded JSON parse (the library's bytes
+API does not return it). Only regular files are read (a FIFO or a device is refused from its
+`fstat`), files and headers are capped in size (the header at safetensors' own 100 MB), and a
+δ state beyond ±MAX_STATE_MAGNITUDE is refused on open and on save alike.
+
 Saving writes a temporary file in the same directory, fsyncs it, keeps the previous version as
 `<file>.bak` (a hard link, or a copy where links are not supported), renames the new file over
 the old one and fsyncs the directory: whenever the process dies, the file is the old version or
 the new one. Loading checks everything before anything is used; a bad file is refused with one
 line and never modified. A lock (`<file>.lock`, an OS lock released if the process dies) keeps a
-second process from opening the same memory for writing.
+second process from opening the same memory for writing. A symlinked memory is written
+through the link (its target is the memory); a file without write permission is refused for
+writing. Temporary files of killed saves, snapshots and exports are removed by the next writer.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import math
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,7 +42,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..errors import MemoryFileError, MemoryLockedError
+from ..errors import MemoryFileError, MemoryLockedError, one_line
+from ..files import read_regular
 
 FORMAT_NAME = "dmem-mlx.memory"
 FORMAT_VERSION = 2
@@ -41,7 +51,10 @@ UNDO_DEPTH = 8  # turns that /undo can take back (a few KB of δ state each)
 PAST_CONVERSATIONS = 50  # past conversations kept for the history view, newest last
 PAST_CHARS = 1_000_000  # and at most this many characters of their transcripts
 SUFFIX = ".safetensors"
-MAX_HEADER = 1 << 30
+MAX_HEADER = 100_000_000  # safetensors' own cap on a header
+MAX_BODY = 64 << 20  # δ states: a few KB per layer
+MAX_FILE = 8 + MAX_HEADER + MAX_BODY
+MAX_STATE_MAGNITUDE = 1e12  # far beyond any state a model writes; 3e38 would overflow next turn
 ROLES = ("system", "user", "assistant", "tool")
 SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")
 PathLike = Union[str, Path]
@@ -147,7 +160,10 @@ def _checksum(memory_json: str, tensors: dict[str, np.ndarray]) -> str:
 
 
 def encode(data: MemoryData) -> bytes:
-    """The bytes of a memory file (refuses a state that is not finite: it would not load)."""
+    """The bytes of a memory file (refuses a state that would not load: NaN, Inf or beyond
+    ±MAX_STATE_MAGNITUDE)."""
+    import safetensors.numpy
+
     tensors = {f"layers.{i}": np.ascontiguousarray(s, dtype=np.float32)
                for i, s in sorted(data.states.items())}
     undo = data.undo[-UNDO_DEPTH:]
@@ -155,8 +171,8 @@ def encode(data: MemoryData) -> bytes:
         tensors.update({f"undo.{k}.layers.{i}": np.ascontiguousarray(s, dtype=np.float32)
                         for i, s in sorted(step.states.items())})
     for name, t in tensors.items():
-        if not np.isfinite(t).all():
-            raise MemoryFileError(f"the δ state of {name} holds NaN/Inf: not saved")
+        if (why := _bad_values(t)) is not None:
+            raise MemoryFileError(f"the δ state of {name} {why}: not saved")
     memory = {
         "version": FORMAT_VERSION, "fingerprint": data.fingerprint, "created": data.created,
         "saved": data.saved, "context_start": data.context_start,
@@ -173,16 +189,25 @@ def encode(data: MemoryData) -> bytes:
     memory_json = json.dumps(memory, ensure_ascii=False, separators=(",", ":"))
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                 "memory": memory_json, "checksum": _checksum(memory_json, tensors)}
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        header[name] = {"dtype": "F32", "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # safetensors: the data starts 8-byte aligned
-    body = b"".join(t.astype("<f4", copy=False).tobytes() for t in tensors.values())
-    return len(head).to_bytes(8, "little") + head + body
+    return safetensors.numpy.save(tensors, metadata=metadata)
+
+
+def _bad_values(t: np.ndarray) -> Optional[str]:
+    if not np.isfinite(t).all():
+        return "holds NaN/Inf"
+    if t.size and float(np.abs(t).max()) > MAX_STATE_MAGNITUDE:
+        return f"holds values beyond ±{MAX_STATE_MAGNITUDE:.0e}"
+    return None
+
+
+def _json(text: bytes | str, fail, what: str) -> Any:
+    """json.loads, any failure (bad text, nesting too deep) as one `fail` line."""
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise fail(f"corrupt: {what} is not valid JSON") from None
+    except RecursionError:
+        raise fail(f"corrupt: {what} nests too deeply") from None
 
 
 def _messages(transcript: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -206,10 +231,7 @@ def decode(raw: bytes, where: str = "memory file",
         raise fail("not a memory file (not a safetensors file)")
     if 8 + n > len(raw):
         raise fail(f"truncated: the header needs {n} bytes, the file has {len(raw) - 8}")
-    try:
-        header = json.loads(raw[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise fail("corrupt: the safetensors header is not valid JSON") from None
+    header = _json(raw[8:8 + n], fail, "the safetensors header")
     if not isinstance(header, dict):
         raise fail("corrupt: the safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None)
@@ -228,50 +250,37 @@ def decode(raw: bytes, where: str = "memory file",
                    f"up to {FORMAT_VERSION}): upgrade dmem-mlx to open it")
     if version < 1:
         raise fail(f"corrupt: bad format_version {version}")
-    tensors = _tensors(header, raw[8 + n:], fail)
+    tensors = _tensors(raw, header, fail)
     memory_json, checksum = meta.get("memory"), meta.get("checksum")
     if not isinstance(memory_json, str) or not isinstance(checksum, str):
         raise fail("corrupt: memory metadata or checksum missing")
     if _checksum(memory_json, tensors) != checksum:
         raise fail("corrupt: checksum mismatch (the file was damaged)")
-    try:
-        memory = json.loads(memory_json)
-    except json.JSONDecodeError:
-        raise fail("corrupt: the memory metadata is not valid JSON") from None
+    memory = _json(memory_json, fail, "the memory metadata")
     data = _memory_data(memory, tensors, fail)
     if expected is not None and (why := fingerprint_mismatch(data.fingerprint, expected)):
         raise fail(f"refused: {why}")
     return data
 
 
-def _tensors(header: dict, body: bytes, fail) -> dict[str, np.ndarray]:
-    tensors, spans = {}, []
+def _tensors(raw: bytes, header: dict, fail) -> dict[str, np.ndarray]:
+    """The tensors, read by the safetensors library (offsets, overlaps and sizes checked
+    there); all must be F32."""
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
     for name, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") != "F32":
-            dtype = info.get("dtype") if isinstance(info, dict) else None
-            raise fail(f"tensor {name!r} has dtype {dtype}, expected F32")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) for o in offsets)):
-            raise fail(f"corrupt: bad shape or offsets for tensor {name!r}")
-        a, b = offsets
-        if b - a != 4 * math.prod(shape) or a < 0:
-            raise fail(f"corrupt: tensor {name!r} offsets do not match its shape")
-        spans.append((a, b, name, shape))
-    end = 0
-    for a, b, name, _ in sorted(spans):
-        if a != end:
-            raise fail("corrupt: tensor data overlaps or has holes")
-        end = b
-    if end > len(body):
-        raise fail(f"truncated: the tensors need {end} bytes of data, the file has {len(body)}")
-    if end < len(body):
-        raise fail(f"corrupt: {len(body) - end} unexpected bytes after the tensor data")
-    for a, b, name, shape in spans:
-        tensors[name] = np.frombuffer(body, dtype="<f4", count=(b - a) // 4,
-                                      offset=a).reshape(shape).astype(np.float32)
-    return tensors
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if dtype != "F32":
+            raise fail(f"tensor {str(name)[:60]!r} has dtype {str(dtype)[:20]}, expected F32")
+    try:
+        tensors = safetensors.numpy.load(raw)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        words = one_line(exc, 120)
+        kind = "truncated" if "incomplete" in words.lower() or "buffer" in words.lower() \
+            else "corrupt"
+        raise fail(f"{kind}: not a valid safetensors file ({words})") from None
+    return {name: np.ascontiguousarray(t, dtype=np.float32) for name, t in tensors.items()}
 
 
 def _memory_data(memory: Any, tensors: dict[str, np.ndarray], fail) -> MemoryData:
@@ -338,8 +347,8 @@ def _memory_data(memory: Any, tensors: dict[str, np.ndarray], fail) -> MemoryDat
             if t.shape != (heads, rank, rank):
                 raise fail(f"{prefix}layers.{i} has shape {list(t.shape)}, expected "
                            f"{[heads, rank, rank]}")
-            if not np.isfinite(t).all():
-                raise fail(f"{prefix}layers.{i} holds NaN/Inf values")
+            if (why := _bad_values(t)) is not None:
+                raise fail(f"{prefix}layers.{i} {why}")
             out[i] = t
         return out
 
@@ -357,15 +366,8 @@ def _memory_data(memory: Any, tensors: dict[str, np.ndarray], fail) -> MemoryDat
 def read_memory(path: PathLike, expected: Optional[dict] = None) -> MemoryData:
     """Read and validate a memory file (e.g. an export) without locking it."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except IsADirectoryError:
-        raise MemoryFileError(f"{path}: is a directory, not a memory file") from None
-    except FileNotFoundError:
-        raise MemoryFileError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise MemoryFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    return decode(raw, str(path), expected)
+    return decode(read_regular(path, MemoryFileError, MAX_FILE, "memory file"), str(path),
+                  expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +408,7 @@ def atomic_write(path: PathLike, payload: bytes, backup: bool = False) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(path.parent, f".{glob.escape(path.name)}.*-*-*", dead_only=True)
     tmp, bak_tmp = _temp_name(path), _temp_name(path, "bak")
     try:
         _write_synced(tmp, payload)
@@ -426,6 +429,70 @@ def atomic_write(path: PathLike, payload: bytes, backup: bool = False) -> None:
 # ---------------------------------------------------------------------------------------------
 # The open memory
 # ---------------------------------------------------------------------------------------------
+def _snapshot_dir(path: Path) -> Path:
+    stem = path.name[:-len(SUFFIX)] if path.name.endswith(SUFFIX) else path.name
+    return path.with_name(stem + ".snapshots")
+
+
+def _through_links(path: Path) -> Path:
+    """A symlinked memory is its target: saves go through the link instead of replacing it."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve(strict=False)
+    except (RuntimeError, OSError):
+        raise MemoryFileError(f"{path}: a symlink loop, not a memory file") from None
+
+
+def _check_kind(path: Path, writing: bool) -> None:
+    """Refuse, without reading or locking, what cannot be a memory file: a directory, a FIFO,
+    a device (and, for writing, a file without write permission)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return  # a new memory
+    except OSError as exc:
+        raise MemoryFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise MemoryFileError(f"{path}: is a directory, not a memory file")
+    if not stat.S_ISREG(info.st_mode):
+        raise MemoryFileError(f"{path}: is not a regular file (a FIFO, socket or device), "
+                              "not a memory file")
+    if writing and not info.st_mode & 0o222:
+        raise MemoryFileError(f"{path}: the file is read-only (mode {info.st_mode & 0o777:o}); "
+                              "open it read-only, or make it writable to save into it")
+
+
+def _remove_temporaries(directory: Path, pattern: str, dead_only: bool = False) -> None:
+    """Remove temporary files `pattern` in `directory` (left by killed writes); dead_only:
+    only those whose writer process is gone (their name holds its pid)."""
+    try:
+        found = list(directory.glob(pattern)) if directory.is_dir() else []
+    except OSError:
+        return
+    for leftover in found:
+        pid = re.search(r"\.(?:tmp|bak)-(\d+)-[0-9a-f]+$", leftover.name)
+        if pid is None or (dead_only and _running(int(pid.group(1)))):
+            continue
+        try:
+            if leftover.is_file() and not leftover.is_symlink():
+                leftover.unlink()
+        except OSError:
+            pass
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True
+    return True
+
+
 def _release(lock: Any) -> None:
     if lock is not None:
         lock.release()
@@ -484,9 +551,8 @@ class MemoryFile:
         """
         from filelock import FileLock, Timeout
 
-        path = Path(path).expanduser()
-        if path.is_dir():
-            raise MemoryFileError(f"{path}: is a directory, not a memory file")
+        path = _through_links(Path(path).expanduser())
+        _check_kind(path, writing=not read_only)
         lock = None
         if not read_only:
             try:
@@ -494,7 +560,7 @@ class MemoryFile:
             except OSError as exc:
                 raise MemoryFileError(f"{path}: cannot create its directory "
                                       f"({exc.strerror or exc})") from None
-            lock_path = str(path.resolve()) + ".lock"
+            lock_path = str(path) + ".lock"
             lock = FileLock(lock_path, timeout=0)
             try:
                 lock.acquire()
@@ -509,8 +575,8 @@ class MemoryFile:
         try:
             data = read_memory(path, fingerprint) if path.exists() else None
             if lock is not None:  # we are the only writer: temporary files left by a crash go
-                for leftover in path.parent.glob(f".{glob.escape(path.name)}.*-*-*"):
-                    leftover.unlink(missing_ok=True)
+                _remove_temporaries(path.parent, f".{glob.escape(path.name)}.*-*-*")
+                _remove_temporaries(_snapshot_dir(path), ".*.*-*-*")
         except MemoryFileError as exc:
             _release(lock)
             bak = path.with_name(path.name + ".bak")
@@ -539,6 +605,7 @@ class MemoryFile:
         previous version is left anywhere, e.g. after the memory was erased); returns the save
         time."""
         self._writable()
+        _check_kind(self.path, writing=True)
         saved = datetime.now(timezone.utc)
         data.saved = saved.isoformat(timespec="milliseconds")
         try:
@@ -561,8 +628,7 @@ class MemoryFile:
     # -- named snapshots -------------------------------------------------------------------
     @property
     def snapshot_dir(self) -> Path:
-        stem = self.path.name[:-len(SUFFIX)] if self.path.name.endswith(SUFFIX) else self.path.name
-        return self.path.with_name(stem + ".snapshots")
+        return _snapshot_dir(self.path)
 
     def snapshot_path(self, name: str) -> Path:
         name = name.strip()
@@ -581,7 +647,18 @@ class MemoryFile:
         self._writable()
         path = self.snapshot_path(name)
         data.saved = _now()
-        atomic_write(path, encode(data))
+        payload = encode(data)
+        created = not path.parent.exists()
+        try:
+            atomic_write(path, payload)
+        except OSError as exc:
+            if created:  # leave no empty snapshot directory behind
+                try:
+                    path.parent.rmdir()
+                except OSError:
+                    pass
+            raise MemoryFileError(f"{path}: cannot save the snapshot ({exc.strerror or exc}); "
+                                  "the memory itself is untouched") from None
         return path
 
     def load_snapshot(self, name: str) -> MemoryData:
@@ -595,7 +672,10 @@ class MemoryFile:
         path = self.snapshot_path(name)
         if not path.is_file():
             raise MemoryFileError(f"no snapshot named {name.strip()!r}")
-        path.unlink()
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise MemoryFileError(f"{path}: cannot delete ({exc.strerror or exc})") from None
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
