@@ -230,3 +230,37 @@ def test_adapter_without_base_model_asks_for_one(source, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = run(["--hf-repo", adapter, "--mlx-path", out], capsys)
     assert_refused(code, err, out, "--base-model")
+
+
+def test_float64_adapter_is_stored_as_float32(source, tmp_path, capsys):
+    model_dir, tensors = source
+    f64 = {k: np.array(v, dtype=np.float64) for k, v in tensors.items()}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "delta_mem_config.json").write_text(json.dumps(official_config(model_dir)))
+    save_torch_checkpoint(adapter / "delta_mem_adapter.pt", f64)
+    out = tmp_path / "out"
+    code = convert_main(["--hf-repo", str(adapter), "--base-model", str(model_dir),
+                         "--mlx-path", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "float64 read, stored as float32" in captured.out
+    stored = mx.load(str(out / "delta_mem.safetensors"))
+    assert all(v.dtype == mx.float32 for v in stored.values())
+    converted, _ = dmem_mlx.load(str(out))
+    original, _ = dmem_mlx.load(str(model_dir))
+    np.testing.assert_allclose(np.array(converted(IDS)), np.array(original(IDS)), atol=1e-5)
+
+
+def test_partial_output_of_a_killed_run_is_removed_by_the_next(source, tmp_path, capsys):
+    model_dir, tensors = source
+    adapter = write_adapter(tmp_path / "adapter", tensors, official_config(model_dir))
+    out = tmp_path / "out"
+    dead = tmp_path / f".out.partial-{2 ** 22 + 12345}"  # no such process
+    (dead / "sub").mkdir(parents=True)
+    (dead / "sub" / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / ".other.partial-1"  # another output's: not ours to touch
+    other.mkdir()
+    code, err = run(["--hf-repo", adapter, "--base-model", model_dir, "--mlx-path", out], capsys)
+    assert code == 0, err
+    assert not dead.exists() and other.exists() and out.is_dir()

@@ -388,3 +388,79 @@ def test_snapshots_export_and_import(tiny, tmp_path):
     session.delete_snapshot("after intro")
     assert session.snapshots() == []
     session.close()
+
+
+# -- write safety (issue 14) ------------------------------------------------------------------
+def test_a_symlinked_memory_is_written_through_the_link(tmp_path):
+    target = tmp_path / "real" / "memory.safetensors"
+    target.parent.mkdir()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    with MemoryFile.open(link, fingerprint=FP) as mem:
+        mem.save(sample(1))
+        mem.save(sample(2))
+    assert link.is_symlink() and target.is_file()
+    assert read_memory(link).tokens_written == read_memory(target).tokens_written
+
+
+def test_a_read_only_file_is_refused_for_writing_and_opens_read_only(tmp_path):
+    path = tmp_path / "m.safetensors"
+    with MemoryFile.open(path, fingerprint=FP) as mem:
+        mem.save(sample())
+    path.chmod(0o444)
+    before = path.read_bytes()
+    with pytest.raises(MemoryFileError, match="read-only") as info:
+        MemoryFile.open(path, fingerprint=FP)
+    assert "\n" not in str(info.value)
+    assert MemoryFile.open(path, fingerprint=FP, read_only=True).data is not None
+    assert path.read_bytes() == before
+
+
+def test_a_full_disk_during_a_snapshot_is_a_memory_file_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    path = tmp_path / "m.safetensors"
+    mem = MemoryFile.open(path, fingerprint=FP)
+    mem.save(sample())
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(MemoryFileError, match="No space left"):
+        mem.save_snapshot("trip", sample())
+    monkeypatch.undo()
+    assert not mem.snapshot_dir.exists()  # no empty directory left behind
+    assert read_memory(path).turns == sample().turns
+    mem.close()
+
+
+def test_temporaries_of_killed_snapshots_and_exports_are_removed(tmp_path):
+    path = tmp_path / "m.safetensors"
+    with MemoryFile.open(path, fingerprint=FP) as mem:
+        mem.save_snapshot("a", sample())
+        snapshots = mem.snapshot_dir
+    dead = 2 ** 22 + 12345  # above any pid_max default: no such process
+    stale = [path.with_name(f".m.safetensors.tmp-{dead}-00ff00ff"),
+             snapshots / f".a.safetensors.tmp-{dead}-0badf00d"]
+    export = tmp_path / "out" / "x.safetensors"
+    export.parent.mkdir()
+    stale.append(export.with_name(f".x.safetensors.tmp-{dead}-12345678"))
+    for p in stale:
+        p.write_bytes(b"half written")
+    with MemoryFile.open(path, fingerprint=FP):  # the writer cleans its own and its snapshots'
+        pass
+    assert not stale[0].exists() and not stale[1].exists()
+    from dmem_mlx.runtime.memory_file import atomic_write
+    atomic_write(export, encode(sample()))  # an export cleans the dead ones next to it
+    assert not stale[2].exists() and export.is_file()
+
+
+def test_a_state_beyond_the_sane_bound_is_refused_on_save_as_on_open(tmp_path):
+    path = tmp_path / "m.safetensors"
+    data = sample()
+    data.states[0] = np.full((1, 8, 8), 3e38, np.float32)
+    with MemoryFile.open(path, fingerprint=FP) as mem:
+        with pytest.raises(MemoryFileError, match="beyond"):
+            mem.save(data)
+    assert not path.exists()

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
 
 from ..errors import MemoryFileError, MemoryLockedError, one_line
 from ..files import read_regular
@@ -52,7 +54,8 @@ PAST_CONVERSATIONS = 50  # past conversations kept for the history view, newest 
 PAST_CHARS = 1_000_000  # and at most this many characters of their transcripts
 SUFFIX = ".safetensors"
 MAX_HEADER = 100_000_000  # safetensors' own cap on a header
-MAX_BODY = 64 << 20  # δ states: a few KB per layer
+MAX_BODY = 16 << 20  # δ states: a few KB per layer
+MAX_JSON_ITEMS = 1_000_000  # JSON values in the memory metadata (each costs ~100 bytes parsed)
 MAX_FILE = 8 + MAX_HEADER + MAX_BODY
 MAX_STATE_MAGNITUDE = 1e12  # far beyond any state a model writes; 3e38 would overflow next turn
 ROLES = ("system", "user", "assistant", "tool")
@@ -162,8 +165,6 @@ def _checksum(memory_json: str, tensors: dict[str, np.ndarray]) -> str:
 def encode(data: MemoryData) -> bytes:
     """The bytes of a memory file (refuses a state that would not load: NaN, Inf or beyond
     ±MAX_STATE_MAGNITUDE)."""
-    import safetensors.numpy
-
     tensors = {f"layers.{i}": np.ascontiguousarray(s, dtype=np.float32)
                for i, s in sorted(data.states.items())}
     undo = data.undo[-UNDO_DEPTH:]
@@ -231,7 +232,11 @@ def decode(raw: bytes, where: str = "memory file",
         raise fail("not a memory file (not a safetensors file)")
     if 8 + n > len(raw):
         raise fail(f"truncated: the header needs {n} bytes, the file has {len(raw) - 8}")
-    header = _json(raw[8:8 + n], fail, "the safetensors header")
+    tensors = _tensors(raw, fail)  # the library checks the header's structure first
+    try:
+        header = _json(str(memoryview(raw)[8:8 + n], "utf-8"), fail, "the safetensors header")
+    except UnicodeDecodeError:
+        raise fail("corrupt: the safetensors header is not UTF-8") from None
     if not isinstance(header, dict):
         raise fail("corrupt: the safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None)
@@ -250,12 +255,15 @@ def decode(raw: bytes, where: str = "memory file",
                    f"up to {FORMAT_VERSION}): upgrade dmem-mlx to open it")
     if version < 1:
         raise fail(f"corrupt: bad format_version {version}")
-    tensors = _tensors(raw, header, fail)
+    if bad := [name for name, t in tensors.items() if t.dtype != np.float32]:
+        raise fail(f"tensor {bad[0][:60]!r} has dtype {tensors[bad[0]].dtype}, expected F32")
     memory_json, checksum = meta.get("memory"), meta.get("checksum")
     if not isinstance(memory_json, str) or not isinstance(checksum, str):
         raise fail("corrupt: memory metadata or checksum missing")
     if _checksum(memory_json, tensors) != checksum:
         raise fail("corrupt: checksum mismatch (the file was damaged)")
+    if sum(memory_json.count(c) for c in "[{,:") > MAX_JSON_ITEMS:
+        raise fail("corrupt: the memory metadata holds too many items")
     memory = _json(memory_json, fail, "the memory metadata")
     data = _memory_data(memory, tensors, fail)
     if expected is not None and (why := fingerprint_mismatch(data.fingerprint, expected)):
@@ -263,24 +271,16 @@ def decode(raw: bytes, where: str = "memory file",
     return data
 
 
-def _tensors(raw: bytes, header: dict, fail) -> dict[str, np.ndarray]:
-    """The tensors, read by the safetensors library (offsets, overlaps and sizes checked
-    there); all must be F32."""
-    import safetensors.numpy
-    from safetensors import SafetensorError
-
-    for name, info in header.items():
-        dtype = info.get("dtype") if isinstance(info, dict) else None
-        if dtype != "F32":
-            raise fail(f"tensor {str(name)[:60]!r} has dtype {str(dtype)[:20]}, expected F32")
+def _tensors(raw: bytes, fail) -> dict[str, np.ndarray]:
+    """The tensors, read by the safetensors library: it checks the header's structure (a
+    typed parse, so a hostile header costs nothing), dtypes, shapes, offsets and sizes."""
     try:
         tensors = safetensors.numpy.load(raw)
     except (SafetensorError, ValueError, TypeError) as exc:
         words = one_line(exc, 120)
-        kind = "truncated" if "incomplete" in words.lower() or "buffer" in words.lower() \
-            else "corrupt"
+        kind = "corrupt or truncated" if "incomplete" in words.lower() else "corrupt"
         raise fail(f"{kind}: not a valid safetensors file ({words})") from None
-    return {name: np.ascontiguousarray(t, dtype=np.float32) for name, t in tensors.items()}
+    return {name: np.ascontiguousarray(t) for name, t in tensors.items()}
 
 
 def _memory_data(memory: Any, tensors: dict[str, np.ndarray], fail) -> MemoryData:
@@ -551,8 +551,9 @@ class MemoryFile:
         """
         from filelock import FileLock, Timeout
 
-        path = _through_links(Path(path).expanduser())
+        path = Path(path).expanduser()
         _check_kind(path, writing=not read_only)
+        path = _through_links(path)
         lock = None
         if not read_only:
             try:
