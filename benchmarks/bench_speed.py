@@ -40,6 +40,9 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512),
     "0.6b": dict(hidden_size=1024, num_hidden_layers=28, intermediate_size=3072,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936),
+    # the 0.6B shape with a 380-token vocabulary: the LM head no longer hides the per-layer cost
+    "0.6b-v380": dict(hidden_size=1024, num_hidden_layers=28, intermediate_size=3072,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=380),
     "1.7b": dict(hidden_size=2048, num_hidden_layers=28, intermediate_size=6144,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936),
     "4b": dict(hidden_size=2560, num_hidden_layers=36, intermediate_size=9728,

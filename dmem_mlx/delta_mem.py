@@ -135,6 +135,12 @@ def decode_step(
     return read.reshape(B, 1, -1), new_state
 
 
+def project(config: DeltaMemConfig, h: mx.array, w_in: mx.array, bias: mx.array) -> MemoryInputs:
+    """`DeltaMemory.project` as a pure function of arrays (w_in, bias: `fused_weights()`)."""
+    qk, *rest = _gated(config, mx.addmm(bias, h.astype(mx.float32), w_in))
+    return MemoryInputs(qk[..., 0], qk[..., 1], *(c[..., 0] for c in rest))
+
+
 def _gated(config: DeltaMemConfig, x: mx.array):
     """(qk̃ [..., H, r, 2], v, keep, erase, write [..., H, r, 1]) from the fused projection.
 
@@ -269,9 +275,7 @@ class DeltaMemory(nn.Module):
         weights: `fused_weights()` if already at hand (the same for every method below).
         """
         w = self.fused_weights() if weights is None else weights
-        x = mx.addmm(w["bias"], h.astype(mx.float32), w["in"])
-        qk, *rest = _gated(self.config, x)
-        return MemoryInputs(qk[..., 0], qk[..., 1], *(c[..., 0] for c in rest))
+        return project(self.config, h, w["in"], w["bias"])
 
     def delta(self, head: str, reads: mx.array, weights: Optional[dict] = None) -> mx.array:
         """Δx = (α/r) · s_x · W_Δx read, float32 (RMS-normalised for o if configured).

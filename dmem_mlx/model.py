@@ -18,7 +18,7 @@ from .cache import DeltaKVCache, DeltaState
 from .config import DeltaMemConfig
 from .errors import AdapterError, ConfigError
 from .delta_mem import DeltaMemory, group_means, parameter_shapes, read_state
-from .scan import check_backend, default_backend, layer_step, resolve, scan, step
+from .scan import check_backend, default_backend, layer_step, resolve, scan, step, token_scan
 from .sharding import ALL_TO_SHARDED, full_out_dim, rank_slice
 
 
@@ -153,20 +153,19 @@ class DeltaMemAttention(nn.Module):
             if writes:
                 state.layers[i] = new_state
             return reads
-        token = memory.project(h, w)
         if not writes:
-            return _flat(read_state(start, token.q, valid))
+            return _flat(read_state(start, memory.project(h, w).q, valid))
         if not self._token_writes:
             ids = self._group_ids(state, B, T, valid)
             if ids is not None:
                 groups, group_ids, active = ids
-                reads = read_state(start, token.q, valid)  # every token reads the start state
+                reads = read_state(start, memory.project(h, w).q, valid)  # all read the start
                 if groups:
                     means, present = group_means(h, group_ids, active, groups)
                     _, state.layers[i] = scan(start, memory.project(means, w), present, backend)
                 return _flat(reads)
-        reads, state.layers[i] = scan(start, token, valid, backend)
-        return _flat(reads)
+        reads, state.layers[i] = token_scan(memory, h, start, valid, backend, w)
+        return reads
 
     def decode_in_one_kernel(self, h: mx.array, state: DeltaState, padding: Optional[mx.array],
                              weights: dict) -> Optional[dict]:

@@ -24,9 +24,9 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .chunked_scan import chunked_scan
+from .chunked_scan import DEFAULT_CHUNK, chunked_scan
 from .config import DeltaMemConfig
-from .delta_mem import MemoryInputs, decode_step, scan_reference
+from .delta_mem import MemoryInputs, decode_step, project, scan_reference
 from .errors import ConfigError
 
 BACKENDS = ("auto", "reference", "chunked", "metal")
@@ -93,6 +93,44 @@ def scan(
     if path == "reference" or inputs.q.shape[1] <= MAX_STEPS:
         return scan_reference(state, inputs, valid)
     return chunked_scan(state, inputs, valid)
+
+
+# -- a call's tokens, projection included (token writes) --------------------------------------------
+
+def token_scan(
+    memory, h: mx.array, state: mx.array, valid: Optional[mx.array] = None,
+    backend: str = "auto", weights: Optional[dict] = None,
+) -> tuple[mx.array, mx.array]:
+    """`DeltaMemory.project` then `scan` for a call that writes every token (T > 1).
+
+    On the chunked path with `mx.compile` available, projection and chunked scan run as one
+    compiled function, the tokens padded to a multiple of the chunk (padding is the identity
+    map and reads 0, so results are unchanged) to bound the shapes it is traced for.
+    h: [B, T, D]; valid: [B, T] or None. Returns (reads [B, T, R], final state [B, H, r, r]).
+    """
+    w = memory.fused_weights() if weights is None else weights
+    B, T, _ = h.shape
+    if resolve(backend) != "chunked" or not can_compile():
+        reads, new_state = scan(state, memory.project(h, w), valid, backend)
+        return reads.reshape(B, T, -1), new_state
+    pad = -T % DEFAULT_CHUNK
+    if pad or valid is not None:
+        valid = mx.ones((B, T), mx.float32) if valid is None else valid.astype(mx.float32)
+        valid = mx.pad(valid, [(0, 0), (0, pad)])
+        h = mx.pad(h, [(0, 0), (0, pad), (0, 0)])
+    fn = _compiled_token_scan(memory.config, valid is not None)
+    args = (h, state, w["in"], w["bias"])
+    reads, new_state = fn(*args) if valid is None else fn(*args, valid)
+    return (reads[:, :T] if pad else reads), new_state
+
+
+@lru_cache(maxsize=None)
+def _compiled_token_scan(config: DeltaMemConfig, masked: bool) -> Callable:
+    def fn(h, state, w_in, bias, valid=None):
+        reads, new_state = chunked_scan(state, project(config, h, w_in, bias), valid)
+        return reads.reshape(*reads.shape[:2], -1), new_state
+
+    return mx.compile(fn)
 
 
 # -- one token: projection and step ---------------------------------------------------------------
