@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from functools import lru_cache, partial
 from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .chunked_scan import DEFAULT_CHUNK, chunked_scan
+from .chunked_scan import DEFAULT_CHUNK, _masks, chunked_scan
 from .config import DeltaMemConfig
 from .delta_mem import MemoryInputs, decode_step, project, scan_reference
 from .errors import ConfigError
@@ -118,14 +119,24 @@ def token_scan(
         valid = mx.ones((B, T), mx.float32) if valid is None else valid.astype(mx.float32)
         valid = mx.pad(valid, [(0, 0), (0, pad)])
         h = mx.pad(h, [(0, 0), (0, pad), (0, 0)])
-    fn = _compiled_token_scan(memory.config, valid is not None)
+    _concrete_masks()
+    fn = _compiled_token_scan(memory.config, valid is not None, threading.get_ident())
     args = (h, state, w["in"], w["bias"])
     reads, new_state = fn(*args) if valid is None else fn(*args, valid)
     return (reads[:, :T] if pad else reads), new_state
 
 
 @lru_cache(maxsize=None)
-def _compiled_token_scan(config: DeltaMemConfig, masked: bool) -> Callable:
+def _concrete_masks() -> None:
+    """The chunked scan's cached masks, evaluated outside any compiled trace (a cached array
+    made while tracing would be a placeholder of that trace)."""
+    mx.eval(_masks(DEFAULT_CHUNK))
+
+
+@lru_cache(maxsize=64)
+def _compiled_token_scan(config: DeltaMemConfig, masked: bool, thread: int) -> Callable:
+    """Per thread: MLX streams belong to a thread, and a compiled graph to the stream it was
+    traced on."""
     def fn(h, state, w_in, bias, valid=None):
         reads, new_state = chunked_scan(state, project(config, h, w_in, bias), valid)
         return reads.reshape(*reads.shape[:2], -1), new_state
@@ -147,18 +158,21 @@ def step(
     """
     w = memory.fused_weights() if weights is None else weights
     path = resolve(backend)  # (on Metal the model decodes with `layer_step` instead)
-    key = (write, valid is not None, path != "reference")
+    key = (write, valid is not None, path != "reference", threading.get_ident())
     steps = memory.__dict__.setdefault("_steps", {})  # this layer's step functions
     fn = steps.get(key)
     if fn is None:
-        fn = steps[key] = step_function(memory.config, write, key[2])
+        if len(steps) > 64:  # threads come and go
+            steps.clear()
+        fn = steps[key] = step_function(memory.config, write, key[2], key[3])
     return fn(h, state, w["in"], w["bias"]) if valid is None else \
         fn(h, state, w["in"], w["bias"], valid)
 
 
-@lru_cache(maxsize=None)
-def step_function(config: DeltaMemConfig, write: bool, compiled: bool) -> Callable:
-    """`decode_step` for one config, compiled when asked and the backend can compile."""
+@lru_cache(maxsize=64)
+def step_function(config: DeltaMemConfig, write: bool, compiled: bool, thread: int) -> Callable:
+    """`decode_step` for one config, compiled when asked and the backend can compile (per
+    thread, as `_compiled_token_scan`)."""
     fn = partial(decode_step, config, write)
     return mx.compile(fn) if compiled and can_compile() else fn
 

@@ -441,6 +441,23 @@ def test_model_logits_fast_path_equal_reference(cfg):
     assert np.abs(want[0][0] - np.array(base(prompt))[0]).max() > 0.1  # δ-mem matters here
 
 
+def test_compiled_paths_run_from_any_thread():
+    """MLX streams belong to threads (an app's engine thread, then the main thread): what one
+    thread compiled or cached must not break another."""
+    import threading
+
+    want = run_model(make_model(CONFIGS[1]), backend="reference")
+    got = []
+    worker = threading.Thread(target=lambda: got.append(run_model(make_model(CONFIGS[1]))))
+    worker.start()
+    worker.join()
+    got.append(run_model(make_model(CONFIGS[1])))
+    assert len(got) == 2
+    for run in got:
+        for g, w in zip(run, want):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
 def test_bf16_backbone_gets_fp32_corrections():
     """Corrections are computed in fp32 and cast when the backbone is not fp32 (the single
     addmm form is used only for fp32 outputs)."""
