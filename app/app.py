@@ -193,7 +193,7 @@ class DmemChatApp(App[int]):
         self.load()
 
     def on_resize(self, event: events.Resize) -> None:
-        self.layout_panel()
+        self.call_after_refresh(self.layout_panel)  # once the app has taken the new size
 
     @property
     def chat_input(self) -> ChatInput:

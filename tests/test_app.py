@@ -466,6 +466,20 @@ async def test_narrow_terminal_gives_the_chat_the_width(tiny_model, tmp_path):
         assert chat.display and not panel.display and app.focused is app.query_one(ChatInput)
 
 
+async def test_resizing_the_terminal_moves_the_panel(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path / "m")
+    async with app.run_test(size=(160, 48)) as pilot:
+        await wait_loaded(pilot)
+        panel, chat = app.query_one(MemoryPanel), app.query_one("#chat")
+        assert panel.display and chat.display
+        await pilot.resize_terminal(80, 24)  # narrower: the chat alone, full width
+        await pilot.pause(0.2)
+        assert not panel.display and chat.outer_size.width == 80
+        await pilot.resize_terminal(160, 48)
+        await pilot.pause(0.2)
+        assert panel.display and chat.display
+
+
 async def test_typing_during_start_up_is_kept_and_sent(tiny_model, tmp_path):
     loaded = threading.Event()
     app = make_app(tiny_model, None, open_session=wrapped_session(tiny_model, tmp_path / "m",
