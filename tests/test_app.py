@@ -593,3 +593,54 @@ async def test_keys_typed_ahead_of_a_dialog_stay_in_the_input(tiny_model, tmp_pa
         await open_dialog(pilot, "/forget")
         await pilot.press("ctrl+q")  # quitting with a dialog open is clean too
     assert app.return_code == 0
+
+
+async def test_read_only_opens_a_locked_memory_and_saves_nothing(tiny_model, tmp_path):
+    from dmem_mlx.runtime import MemoryFile
+
+    memory = tmp_path / "chat.memory"
+    app = make_app(tiny_model, memory)
+    async with app.run_test(size=SIZE) as pilot:  # a first chat, so that the file exists
+        await wait_loaded(pilot)
+        await send(pilot, "I like tea.")
+        written = app.last_info.tokens_written
+        await pilot.press("ctrl+q")
+    before = memory.read_bytes()
+    holder = MemoryFile.open(memory)  # another dmem-chat has it open for writing
+    try:
+        app = make_app(tiny_model, memory, read_only=True)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_loaded(pilot)
+            assert app.last_info.read_only and "read-only" in notes(app)
+            await send(pilot, "Do you remember what I like?")
+            assert app.last_reply.tokens > 0
+            assert app.last_info.tokens_written == written
+            await send(pilot, "/readonly")  # cannot start writing into a file opened read-only
+            assert notices(app, "error")
+            assert app.last_info.read_only
+            await send(pilot, "/undo")  # the read-only turn goes; the file is not touched
+            assert not any(m.text.startswith("Do you") for m in app.query(UserMessage))
+    finally:
+        holder.close()
+    assert memory.read_bytes() == before
+
+
+async def test_memory_of_another_model_is_refused_in_the_app(tiny_model, tmp_path):
+    from dmem_mlx.tiny import make_tiny_dmem
+
+    memory = tmp_path / "chat.memory"
+    app = make_app(tiny_model, memory)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "I like tea.")
+        await pilot.press("ctrl+q")
+    before = memory.read_bytes()
+    other = make_tiny_dmem(tmp_path / "other", seed=7)
+    app = make_app(other, memory)  # (dmem-chat refuses it before the UI; the app checks too)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_until(pilot, lambda: app.start_error is not None)
+        [error] = notices(app, "error")
+        assert error.title == "Could not start" and "refused" in error.message
+        assert app.session is None
+        await pilot.press("ctrl+q")
+    assert app.return_code == 1 and memory.read_bytes() == before
