@@ -162,6 +162,7 @@ class DmemChatApp(App[int]):
         self.snapshot_names: list[str] = []
         self.start_error: Optional[str] = None
         self.replies_finished = 0  # count of replies done (finished, stopped or failed)
+        self.commands_finished = 0  # count of slash commands done (run or failed)
         self.last_reply: Optional["ReplyStats"] = None
         self.last_info: Optional["SessionInfo"] = None
         self.notices: list[Notice] = []
@@ -490,6 +491,7 @@ class DmemChatApp(App[int]):
         except Exception as exc:  # runtime errors (missing snapshot, locked file …) → notification
             self.notify(str(exc), title=f"/{name} failed", severity="error", timeout=10)
         finally:
+            self.commands_finished += 1
             self.refocus()
 
     def refocus(self) -> None:

@@ -45,14 +45,20 @@ def idle(app) -> bool:
                                         if w.group in ("command", "reply"))
 
 
+def progress(app) -> tuple[int, int, int]:
+    return app.replies_finished, app.commands_finished, len(app.notices)
+
+
 async def send(pilot, text: str) -> None:
-    """Type `text` and press Enter; waits for the reply (or the command) to finish."""
+    """Type `text` and press Enter; waits until the reply or the command is done, or the app
+    said why it could not run it."""
     app = pilot.app
     app.query_one(ChatInput).focus()
     app.query_one(ChatInput).text = text
+    before = progress(app)
     await pilot.press("enter")
-    await pilot.pause()
-    await wait_until(pilot, lambda: idle(app))
+    await wait_until(pilot, lambda: not app.is_running or progress(app) != before)
+    await wait_until(pilot, lambda: not app.is_running or idle(app))
     await pilot.pause()
 
 
