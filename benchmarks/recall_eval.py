@@ -363,6 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         from dmem_mlx.demo import demo_model_path
 
         args.model = str(demo_model_path())
+    from dmem_mlx.adapter import is_adapter_dir
+
+    if not is_adapter_dir(args.model) or not (Path(args.model) / "config.json").is_file():
+        print(f"error: {args.model} is not a δ-mem model directory (config.json and a δ "
+              "adapter)", file=sys.stderr)
+        return 2
+    if args.json_out and not Path(args.json_out).resolve().parent.is_dir():
+        print(f"error: --json-out: no directory {Path(args.json_out).parent}", file=sys.stderr)
+        return 2
     per_size = 2 if args.quick else args.people_per_size
     plan = make_plan(load_heldout(), per_size, args.seed, sizes)
     if args.phase == "ask":

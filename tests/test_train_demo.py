@@ -148,6 +148,46 @@ def test_backbone_stage_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert stats["steps"] == 6 and [s["from"] for s in stats["sessions"]] == [0, 3]
 
 
+def test_adapter_stages_skip_finished_and_resume_unfinished(tmp_path, monkeypatch):
+    """`build_demo.py adapter`: each δ stage continues the previous one; run again, a finished
+    stage is skipped and an interrupted one continues from its checkpoint (train --resume)."""
+    import json
+    import subprocess
+
+    from dmem_mlx.tiny import make_tiny_backbone
+
+    build = build_demo_module()
+    make_tiny_backbone(tmp_path / "backbone")
+    rng = random.Random(0)
+    (tmp_path / "d1").mkdir()
+    for split in ("train", "valid"):
+        rows = [persona.episode(rng, num_groups=1, num_conversations=1, summary_rate=0,
+                                small_talk_rate=0) for _ in range(8)]
+        (tmp_path / "d1" / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"history": r["history"], "messages": r["messages"]}) + "\n"
+                    for r in rows))
+    monkeypatch.setattr(build, "CURRICULUM_TRAIN", [("d1", "history", 2, 4, 1e-3, "full", 0),
+                                                    ("d1", "history", 4, 4, 1e-3, "state", 0)])
+    commands, evaluated = [], []
+    real_run = subprocess.run
+    monkeypatch.setattr(build.subprocess, "run",
+                        lambda cmd, **kw: commands.append(cmd) or real_run(cmd, **kw))
+    monkeypatch.setattr(build, "run_eval", lambda model_dir, *a, **kw: evaluated.append(model_dir))
+    build.stage_adapter(tmp_path, seed=0, resume=False)
+    first, last = build.stage_dir(tmp_path, 0), build.stage_dir(tmp_path, 1)
+    assert last == tmp_path / "model" and evaluated == [first, last]
+    assert "--init-from" in commands[1] and str(first) in commands[1]
+    state = last / "trainer_state.json"
+    assert json.loads(state.read_text())["step"] == 4
+    state.write_text(json.dumps({"step": 2}) + "\n")  # as if stopped after a checkpoint at 2
+    commands.clear()
+    with pytest.raises(SystemExit):  # an unfinished stage is never overwritten silently
+        build.stage_adapter(tmp_path, seed=0, resume=False)
+    build.stage_adapter(tmp_path, seed=0, resume=True)
+    assert len(commands) == 1 and "--resume" in commands[0] and str(last) in commands[0]
+    assert json.loads(state.read_text())["step"] == 4
+
+
 shipped = pytest.mark.skipif(not (DEMO_DIR / "delta_mem.safetensors").is_file(),
                              reason="the demo model is not shipped in this tree")
 

@@ -122,6 +122,11 @@ def render(messages: list[dict]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
 
+def _need(path: Path, stage: str) -> None:
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found; run `build_demo.py {stage}` first")
+
+
 def _done(path: Path, resume: bool) -> bool:
     if resume and path.exists():
         print(f"  (done: {path} exists)")
@@ -184,6 +189,7 @@ def stage_tokenizer(work: Path, vocab_size: int, resume: bool = False) -> None:
     out = work / "tokenizer"
     if _done(out / "tokenizer.json", resume):
         return
+    _need(work / "pretrain.jsonl", "data")
     out.mkdir(exist_ok=True)
     texts = [json.loads(line)["text"] for line in open(work / "pretrain.jsonl")][:40000]
     spm.SentencePieceTrainer.train(
@@ -264,6 +270,7 @@ def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: flo
         if done["steps"] >= steps:
             print(f"  (done: the backbone has {done['steps']} steps)")
             return
+    _need(work / "tokenizer" / "tokenizer.json", "tokenizer")
     tokenizer = load_tokenizer(work / "tokenizer")
     texts = [json.loads(line)["text"] for line in open(work / "pretrain.jsonl")]
     docs = [ids[:max_len] for ids in tokenizer._tokenizer(texts)["input_ids"]]
@@ -369,6 +376,8 @@ def make_probe(work: Path) -> Path:
     from dmem_mlx.model import attach_delta_mem
     from dmem_mlx.train import base_projection_weights
 
+    if not (work / "backbone_ckpt" / "state.json").is_file():
+        _need(work / "backbone_stats.json", "backbone")
     probe = work / "backbone_probe"
     if probe.exists():
         shutil.rmtree(probe)
@@ -456,6 +465,9 @@ def stage_adapter(work: Path, seed: int, resume: bool, quick_eval: bool = True) 
     A finished stage (its last checkpoint at its last step) is skipped; an interrupted one
     continues from its last checkpoint (train's --resume). After each stage: recall_eval
     --quick → WORK/eval/adapter_<i>.json."""
+    _need(work / "backbone" / "model.safetensors", "backbone")
+    for data in sorted({row[0] for row in CURRICULUM_TRAIN}):
+        _need(work / data / "train.jsonl", "data")
     previous = None
     for i, (data, mode, steps, batch_size, lr, write_grad, add_heads) in enumerate(
             CURRICULUM_TRAIN):
@@ -489,6 +501,7 @@ def stage_adapter(work: Path, seed: int, resume: bool, quick_eval: bool = True) 
 
 def stage_ship(work: Path) -> None:
     src = work / "model"
+    _need(src / "delta_mem.safetensors", "adapter")
     keep = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "tokenizer.model", "chat_template.jinja", "special_tokens_map.json",
             "delta_mem_config.json", "delta_mem.safetensors")
@@ -496,12 +509,16 @@ def stage_ship(work: Path) -> None:
     if size > SHIP_BUDGET_MB * 1e6:
         raise SystemExit(f"error: the demo is {size / 1e6:.1f} MB, over the "
                          f"{SHIP_BUDGET_MB} MB budget")
-    if SHIP_DIR.exists():
-        shutil.rmtree(SHIP_DIR)
-    SHIP_DIR.mkdir(parents=True)
+    staged = SHIP_DIR.with_name("model.new")  # the shipped model is replaced only when complete
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir(parents=True)
     for name in keep:
         if (src / name).exists():
-            shutil.copy(src / name, SHIP_DIR / name)
+            shutil.copy(src / name, staged / name)
+    if SHIP_DIR.exists():
+        shutil.rmtree(SHIP_DIR)
+    staged.rename(SHIP_DIR)
     print(f"ship: {size / 1e6:.1f} MB → {SHIP_DIR}")
 
 
