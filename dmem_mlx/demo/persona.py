@@ -397,10 +397,6 @@ def casual(text: str, rng: random.Random, keep: set[str] = frozenset()) -> str:
     return " ".join(words)
 
 
-def _group_of(slot: str) -> tuple[str, ...]:
-    return next(g for g in GROUPS if slot in g)
-
-
 def _typed(person: Person, slots, rng: random.Random, casual_rate: float, text: str) -> str:
     """`text` as the user typed it; a casually typed fact value is lowercase from then on."""
     if not casual_rate or rng.random() >= casual_rate:
@@ -435,7 +431,7 @@ def _tell_turn(rng: random.Random, person: Person, groups: list[tuple[str, ...]]
             reply = " ".join(person.fill(rng.choice(ACK[g[0]])) for g in groups)
     else:
         reply = rng.choice(GENERIC_ACK)
-    if wrong_acks and rng.random() < wrong_acks:  # (no draw at 0: older data stay identical)
+    if wrong_acks and rng.random() < wrong_acks:  # (no draw at 0)
         other = random_person(rng)
         reply = other.fill(rng.choice(ACK[last]))
     return [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
@@ -557,7 +553,7 @@ def episode(rng: random.Random, num_groups: int | None = None,
         final += question_turn(rng, person, slot, casual_rate)
         slot = f"not_told:{slot}"
     else:
-        if slot_weights or older_first:  # (rng.choice otherwise keeps older data identical)
+        if slot_weights or older_first:
             n = len(person.told)
             weights = [(slot_weights or {}).get(s, 1.0) * (1.0 + older_first * (n - 1 - i))
                        for i, s in enumerate(person.told)]
