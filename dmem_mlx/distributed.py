@@ -52,12 +52,6 @@ def placement(model: nn.Module) -> Placement:
     return found if found is not None else Placement(mx.distributed.init())
 
 
-def is_main(model: Optional[nn.Module] = None) -> bool:
-    """True on the rank that talks to the user and writes the memory file (rank 0)."""
-    group = placement(model).group if model is not None else mx.distributed.init()
-    return group.rank() == 0
-
-
 # -- pipeline parallelism -------------------------------------------------------------------
 
 def pipeline_split(num_layers: int, size: int, split: Optional[Sequence[int]] = None
@@ -137,7 +131,7 @@ def pipeline(model: nn.Module, group: Any, split: Optional[Sequence[int]] = None
         raise DistributedError("the model is already split into pipeline stages")
     if getattr(getattr(model, "model", None), "pipeline_size", 1) > 1:
         raise DistributedError("the model was split by mlx-lm's pipeline(): load it with "
-                          "dmem_mlx.distributed.sharded_load instead")
+                               "dmem_mlx.distributed.sharded_load instead")
     size, rank = group.size(), group.rank()
     spans = pipeline_split(len(layers), size, split)
     owner_of = {i: r for r, (a, b) in enumerate(spans) for i in range(a, b)}
