@@ -3,8 +3,9 @@
 Every case writes its input under a directory (small files, made at run time; a few are sparse
 or declare sizes they do not hold), then runs one CLI on it in this process: `python -m
 convert` for adapters, model cards and configs, `dmem-chat` for memory files, `python -m
-dmem_mlx.generate` for converted models. `run_case` returns (exit code, stderr, seconds); a
-clean refusal is exit 1 with one `error:` line and no traceback, every input left unchanged.
+dmem_mlx.generate` and `dmem-serve` for converted models. `run_case` returns (exit code,
+stderr, seconds); a clean refusal is exit 1 with one `error:` line and no traceback, every
+input left unchanged.
 
 Used by tests/test_hostile.py (every case refused, inputs unchanged) and
 benchmarks/bench_hostile.py (one subprocess per case: time and peak RSS). `scale="bench"`
@@ -42,7 +43,7 @@ MODEL = "model"  # a tiny converted δ-mem model directory
 @dataclass
 class Case:
     name: str
-    cli: str  # "convert", "chat" or "generate"
+    cli: str  # "convert", "chat", "generate" or "serve"
     build: Callable[[Path, str], list[str]]  # (case dir, scale) -> argv for the CLI
 
 
@@ -710,6 +711,31 @@ model_case("adapter weights with NaN", lambda m: __import__("mlx.core").core.sav
      for k, v in __import__("mlx.core").core.load(str(m / "delta_mem.safetensors")).items()}))
 
 
+def serve_case(name: str, damage: Callable[[Path], None], memories: bool = False) -> None:
+    def build(d, scale):
+        import shutil
+
+        model = d / "model"
+        shutil.copytree(d.parent / MODEL, model)
+        damage(model)
+        argv = ["--model", str(model), "--log-level", "ERROR", "--port", "0"]
+        if memories:
+            (d / "memories").write_text("a file, not a directory")
+            argv += ["--memories", str(d / "memories")]
+        return argv
+    case(f"serve: {name}", "serve")(build)
+
+
+serve_case("no adapter", lambda m: (m / "delta_mem.safetensors").unlink())
+serve_case("adapter weights with NaN", lambda m: __import__("mlx.core").core.save_safetensors(
+    str(m / "delta_mem.safetensors"),
+    {k: __import__("mlx.core").core.full(v.shape, float("nan"))
+     for k, v in __import__("mlx.core").core.load(str(m / "delta_mem.safetensors")).items()}))
+serve_case("unknown architecture", lambda m: (m / "config.json").write_text(json.dumps(
+    {**json.loads((m / "config.json").read_text()), "model_type": "no-such-arch"})))
+serve_case("--memories is a file", lambda m: None, memories=True)
+
+
 # --- running -----------------------------------------------------------------------------------
 def snapshot(d: Path) -> dict[str, str]:
     """Every input under `d` (names, kinds, sizes, hashes of regular files up to 64 MB)."""
@@ -737,6 +763,14 @@ def cli_main(cli: str) -> Callable[[list[str]], int]:
         from convert.__main__ import main
     elif cli == "generate":
         from dmem_mlx.generate import main
+    elif cli == "serve":
+        import uvicorn
+
+        from dmem_mlx.server.cli import main
+
+        def never_serve(*a, **k):  # a model that loads would start serving: fail instead
+            raise SystemExit(99)
+        uvicorn.run = never_serve
     else:
         import app.app
         from app.main import main
@@ -788,7 +822,7 @@ def warm_up() -> None:
     import convert.convert  # noqa: F401
     import dmem_mlx.runtime.memory_file  # noqa: F401
     import dmem_mlx.utils  # noqa: F401
-    for cli in ("convert", "chat", "generate"):
+    for cli in ("convert", "chat", "generate", "serve"):
         cli_main(cli)
 
 

@@ -26,8 +26,8 @@ def inputs(root, d):
 
 
 def test_the_corpus_is_large():
-    assert len(CASES) >= 90
-    assert {case.cli for case in CASES.values()} == {"convert", "chat", "generate"}
+    assert len(CASES) >= 100
+    assert {case.cli for case in CASES.values()} == {"convert", "chat", "generate", "serve"}
 
 
 @pytest.mark.parametrize("name", list(CASES))

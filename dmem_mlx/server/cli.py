@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
+from ..errors import DmemError, UsageError, user_message
+
 PROG = "dmem-serve"
 API_KEY_ENV = "DMEM_API_KEY"
 
@@ -83,31 +85,28 @@ def check(args: argparse.Namespace) -> Optional[str]:
 
 
 def resolve(args: argparse.Namespace) -> tuple[Path, str, Path]:
-    """(model directory, model id, memories directory); ValueError with one line if not usable."""
+    """(model directory, model id, memories directory); a DmemError (one line) if not usable."""
     from ..adapter import is_adapter_dir
     from ..hub import resolve_model_path
     from ..runtime import default_memory_path
 
     if args.model:
         model_id = args.model
-        try:
-            path = resolve_model_path(args.model, extra_patterns=["delta_mem_config.json",
-                                                                  "delta_mem.safetensors"])
-        except Exception as exc:  # the hub's errors: one line
-            raise ValueError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+        path = resolve_model_path(args.model, extra_patterns=["delta_mem_config.json",
+                                                              "delta_mem.safetensors"])
     else:
         from ..demo import DEMO_NAME, demo_model_path
 
         path, model_id = demo_model_path(), DEMO_NAME
     if not (Path(path) / "config.json").is_file() or not is_adapter_dir(Path(path)):
-        raise ValueError(f"{path} is not a converted δ-mem model directory")
+        raise UsageError(f"{path} is not a converted δ-mem model directory")
     if args.memories:
         memories = Path(args.memories).expanduser()
     else:  # next to dmem-chat's memory of this model: <data>/memories/<model>/<id>.safetensors
         default = default_memory_path(model_id)
         memories = default.with_name(default.name[:-len(".safetensors")])
     if memories.exists() and not memories.is_dir():
-        raise ValueError(f"--memories {memories}: not a directory")
+        raise UsageError(f"--memories {memories}: not a directory")
     return Path(path), Path(model_id).name or model_id, memories
 
 
@@ -124,8 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         model_path, model_id, memories = resolve(args)
         memories.mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except (DmemError, OSError) as exc:
+        print(f"{PROG}: error: {user_message(exc)}", file=sys.stderr)
         return 1
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
@@ -140,19 +139,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     logging.info("loading %s", model_path)
     world = mx.distributed.init()  # a group of one unless started by mlx.launch
-    if world.size() > 1:  # rank 0 serves HTTP, every rank runs the model (distributed.py)
-        from ..distributed import sharded_load
+    try:
+        if world.size() > 1:  # rank 0 serves HTTP, every rank runs the model (distributed.py)
+            from ..distributed import sharded_load
+
+            group = {"pipeline_group" if args.pipeline else "tensor_group": world}
+            model, tokenizer = sharded_load(str(model_path), **group)
+        else:
+            model, tokenizer = load(str(model_path))
+    except (DmemError, OSError) as exc:  # a damaged adapter or model: one line
+        print(f"{PROG}: error: {user_message(exc)}", file=sys.stderr)
+        return 1
+    if world.size() > 1:
         from .distributed import build_sharded
 
-        group = {"pipeline_group" if args.pipeline else "tensor_group": world}
-        model, tokenizer = sharded_load(str(model_path), **group)
         if world.rank() != 0:
             build_sharded(model, tokenizer, memories, world, max_kv_tokens=args.max_kv_tokens,
                           max_concurrent=args.max_concurrent, max_queue=args.max_queue,
                           max_open=args.max_open)._run()
             return 0
-    else:
-        model, tokenizer = load(str(model_path))
     limits = Limits(max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
                     temperature=args.temp, top_p=args.top_p)
     app = build_app(model, tokenizer, memories, model_id, limits, api_key=api_key,
