@@ -96,8 +96,9 @@ class User(threading.Thread):
     """One conversation of up to `turns` turns, streamed; records what completed."""
 
     def __init__(self, url: str, name: str, k: int, turns: int, max_tokens: int,
-                 deadline: float):
+                 deadline: float, stream: bool = True):
         super().__init__(daemon=True)
+        self.stream = stream
         self.url, self.name, self.k, self.turns = url, name, k, turns
         self.max_tokens, self.deadline = max_tokens, deadline
         self.messages: list[dict] = []
@@ -126,8 +127,17 @@ class User(threading.Thread):
                 self.completed += 1
 
     def turn(self, client: httpx.Client, messages: list[dict]):
-        body = {"model": "m", "messages": messages, "user": self.name, "stream": True,
-                "max_tokens": self.max_tokens, "stream_options": {"include_usage": True}}
+        body = {"model": "m", "messages": messages, "user": self.name, "stream": self.stream,
+                "max_tokens": self.max_tokens}
+        if not self.stream:
+            r = client.post(self.url + "/v1/chat/completions", json=body)
+            if r.status_code != 200:
+                self.errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                return None
+            reply = r.json()
+            self.tokens += reply["usage"]["completion_tokens"]
+            return reply["choices"][0]["message"]["content"]
+        body["stream_options"] = {"include_usage": True}
         start = time.perf_counter()
         last, parts, done = None, [], False
         with client.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
@@ -160,9 +170,11 @@ class User(threading.Thread):
 
 
 def load(url: str, users: int, turns: int, max_tokens: int, time_limit: float,
-         prefix: str, kill_after: float = 0.0, server: ServerProcess = None):
+         prefix: str, kill_after: float = 0.0, server: ServerProcess = None,
+         stream: bool = True):
     deadline = time.time() + time_limit
-    crowd = [User(url, f"{prefix}{k}", k, turns, max_tokens, deadline) for k in range(users)]
+    crowd = [User(url, f"{prefix}{k}", k, turns, max_tokens, deadline, stream)
+             for k in range(users)]
     tic = time.perf_counter()
     for u in crowd:
         u.start()
@@ -213,7 +225,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny random model instead")
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--turns", type=int, default=20)
-    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--throughput-turns", type=int, default=4,
                    help="turns per user in each throughput round")
     p.add_argument("--repeats", type=int, default=3)
@@ -231,23 +243,25 @@ def main() -> None:
         model = str(make_tiny_dmem(work / "tiny"))
     memories = work / "memories"
     server = ServerProcess(model, memories, max_concurrent=args.users, max_kv_tokens=4096)
-    rows, ratios, one_tps, many_tps = [], [], [], []
+    tps = {"plain": ([], []), "stream": ([], [])}
     ttft, gaps = [], []
     try:
-        # 1. throughput: one user alone vs all at once, interleaved rounds
+        # 1. throughput: one user alone vs all at once, interleaved rounds, plain and streamed
         for r in range(args.repeats):
-            solo, t1 = load(server.url, 1, args.throughput_turns, args.max_tokens,
-                            args.time_limit, f"solo{r}-")
-            crowd, tn = load(server.url, args.users, args.throughput_turns, args.max_tokens,
-                             args.time_limit, f"crowd{r}-")
-            a = sum(u.tokens for u in solo) / t1
-            b = sum(u.tokens for u in crowd) / tn
-            one_tps.append(a)
-            many_tps.append(b)
-            ratios.append(b / a)
-            for u in crowd:
-                ttft += u.ttft
-                gaps += u.gaps
+            for stream in (False, True):
+                mode = "stream" if stream else "plain"
+                solo, t1 = load(server.url, 1, args.throughput_turns, args.max_tokens,
+                                args.time_limit, f"solo-{mode}{r}-", stream=stream)
+                crowd, tn = load(server.url, args.users, args.throughput_turns,
+                                 args.max_tokens, args.time_limit, f"crowd-{mode}{r}-",
+                                 stream=stream)
+                a = sum(u.tokens for u in solo) / t1
+                b = sum(u.tokens for u in crowd) / tn
+                tps[mode][0].append(a)
+                tps[mode][1].append(b)
+                for u in crowd:
+                    ttft.extend(u.ttft)
+                    gaps.extend(u.gaps)
         # 2. N users × M turns, then check every memory
         crowd, elapsed = load(server.url, args.users, args.turns, args.max_tokens,
                               args.time_limit, "user")
@@ -266,10 +280,17 @@ def main() -> None:
         killed = check_memories(kill_dir, crowd_k)
         killed["completed"] = sum(u.completed for u in crowd_k)
         killed["files"] = len(list(kill_dir.glob("*.safetensors")))
+    med = {m: (statistics.median(a), statistics.median(b),
+               statistics.median([y / x for x, y in zip(a, b)])) for m, (a, b) in tps.items()}
     result = {
         "users": args.users, "turns": args.turns, "max_tokens": args.max_tokens,
-        "tps_one_user": statistics.median(one_tps), "tps_all_users": statistics.median(many_tps),
-        "ratio": statistics.median(ratios), "ratios": [round(x, 2) for x in ratios],
+        "repeats": args.repeats,
+        "tps_one_user": med["plain"][0], "tps_all_users": med["plain"][1],
+        "ratio": med["plain"][2],
+        "tps_one_user_stream": med["stream"][0], "tps_all_users_stream": med["stream"][1],
+        "ratio_stream": med["stream"][2],
+        "ratios": [round(y / x, 2) for x, y in zip(*tps["plain"])],
+        "ratios_stream": [round(y / x, 2) for x, y in zip(*tps["stream"])],
         "ttft_p50_ms": 1000 * pct(ttft, 0.5), "ttft_p95_ms": 1000 * pct(ttft, 0.95),
         "token_p50_ms": 1000 * pct(gaps, 0.5), "token_p95_ms": 1000 * pct(gaps, 0.95),
         "load_turns_completed": completed, "load_seconds": elapsed, "load_errors": len(errors),
@@ -277,17 +298,21 @@ def main() -> None:
         "kill_turns_completed": killed["completed"], "kill_turns_lost": killed["lost"],
         "kill_files_invalid": killed["invalid"], "kill_files": killed.get("files", 0),
     }
-    print(f"| measure | value |\n|---|---|")
-    print(f"| decode tokens/s, 1 user alone (median of {args.repeats}) | "
-          f"{result['tps_one_user']:.1f} |")
-    print(f"| decode tokens/s, {args.users} users at once | {result['tps_all_users']:.1f} |")
-    print(f"| ratio {args.users} at once / alone | {result['ratio']:.2f}× "
-          f"({', '.join(f'{x:.2f}' for x in ratios)}) |")
-    print(f"| time to first token p50 / p95 ({args.users} users) | "
+    n = args.users
+    print("| measure (medians of %d rounds) | 1 user alone | %d users at once | ratio |"
+          % (args.repeats, n))
+    print("|---|---|---|---|")
+    for mode, label in (("plain", "decode tokens/s, whole replies"),
+                        ("stream", "decode tokens/s, streamed (SSE)")):
+        one, many, ratio = med[mode]
+        print(f"| {label} | {one:.1f} | {many:.1f} | {ratio:.2f}× |")
+    print()
+    print("| measure | value |\n|---|---|")
+    print(f"| time to first token p50 / p95 ({n} users, streamed) | "
           f"{result['ttft_p50_ms']:.0f} / {result['ttft_p95_ms']:.0f} ms |")
-    print(f"| per-token latency p50 / p95 | {result['token_p50_ms']:.1f} / "
-          f"{result['token_p95_ms']:.1f} ms |")
-    print(f"| {args.users} users × {args.turns} turns: turns completed, lost, files invalid | "
+    print(f"| per-token latency p50 / p95 (between streamed chunks) | "
+          f"{result['token_p50_ms']:.1f} / {result['token_p95_ms']:.1f} ms |")
+    print(f"| {n} users × {args.turns} turns: turns completed, lost, files invalid | "
           f"{completed}, {check['lost']}, {check['invalid']} ({len(errors)} errors) |")
     if args.kill_after > 0:
         print(f"| SIGKILL after {args.kill_after:g} s: turns completed, lost, files invalid | "

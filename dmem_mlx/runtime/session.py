@@ -744,11 +744,21 @@ class ChatSession:
         self._record(turn, token)
         return logits
 
-    def record_token(self, turn: Turn, token: int) -> None:
-        """Note a token of `turn` (token writes) that a batched forward call fed; its KV and δ
-        write live in the batch's cache until they are handed back to this session's."""
+    @property
+    def closing_tokens(self) -> list[int]:
+        """The tokens the chat template puts after a reply (ingested when a turn ends)."""
+        return list(self._closing)
+
+    def record_token(self, turn: Turn, token: int, reply: bool = True) -> None:
+        """Note a token of `turn` (token writes) that a batched forward call fed: a token of the
+        reply, or (reply=False) one of its `closing_tokens` fed ahead of `end_reply`, which then
+        has nothing left to ingest. Its KV and δ write live in the batch's cache until they are
+        handed back to this session's."""
         self._ctx.record([token], turn.writing, owner=len(self._messages))
-        self._record(turn, token)
+        if reply:
+            self._record(turn, token)
+        else:
+            self._tokens_written += self._ctx.wrote[-1]
 
     def end_reply(self, turn: Turn, finish: str, text: Optional[str] = None) -> ReplyStats:
         """Close `turn`: the reply (`text`, default the decoded tokens; a shorter text, e.g.

@@ -10,7 +10,9 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import Any, Optional
 
@@ -19,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import ChatJob, Engine, Reply
+from .engine import ChatJob, Engine
 from .schemas import APIError, Limits, chat_request, chunk, completion, error_body, memory_id, usage
 
 log = logging.getLogger("dmem_mlx.server")
@@ -158,54 +160,48 @@ def create_app(engine: Engine, model_id: str, limits: Limits, api_key: Optional[
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         req = chat_request(await _json(request), request.headers.get(MEMORY_HEADER), limits)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emit(kind: str, value: Any) -> None:  # called on the worker thread
-            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-
-        job = ChatJob(req, emit)
+        channel = Channel(asyncio.get_running_loop())
+        job = ChatJob(req, channel.put)
         engine.submit(job)
         if not req.stream:
-            parts = []
             try:
                 while True:
-                    kind, value = await events.get()
-                    if kind == "delta":
-                        parts.append(value)
-                    elif kind == "error":
-                        raise value
-                    else:
-                        reply: Reply = value
-                        body = completion(req, model_id, reply.text, reply.finish_reason,
-                                          reply.prompt_tokens, reply.completion_tokens)
-                        body["usage"]["prompt_tokens_details"] = {
-                            "cached_tokens": reply.cached_tokens}
-                        return body
+                    for kind, value in await channel.get():
+                        if kind == "error":
+                            raise value
+                        if kind == "done":
+                            body = completion(req, model_id, value.text, value.finish_reason,
+                                              value.prompt_tokens, value.completion_tokens)
+                            body["usage"]["prompt_tokens_details"] = {
+                                "cached_tokens": value.cached_tokens}
+                            return body
             finally:
                 job.cancelled.set()  # no effect once done; stops the reply if the client left
 
-        first_kind, first = await events.get()  # errors before any text get a proper status
-        if first_kind == "error":
-            raise first
+        first = await channel.get()  # an error before any text gets a proper status
+        if first[0][0] == "error":
+            raise first[0][1]
 
         async def stream() -> Any:
             try:
                 yield _sse(chunk(req, model_id, {"role": "assistant", "content": ""}))
-                kind, value = first_kind, first
+                events = first
                 while True:
-                    if kind == "delta":
-                        yield _sse(chunk(req, model_id, {"content": value}))
-                    elif kind == "error":
-                        yield _sse(value.body())
+                    # the deltas that came together go out as one chunk
+                    text = "".join(v for k, v in events if k == "delta")
+                    if text:
+                        yield _sse(chunk(req, model_id, {"content": text}))
+                    last_kind, last = events[-1]
+                    if last_kind == "error":
+                        yield _sse(last.body())
                         break
-                    else:
-                        yield _sse(chunk(req, model_id, {}, value.finish_reason))
+                    if last_kind == "done":
+                        yield _sse(chunk(req, model_id, {}, last.finish_reason))
                         if req.include_usage:
                             yield _sse(chunk(req, model_id, {}, usage_=usage(
-                                value.prompt_tokens, value.completion_tokens)))
+                                last.prompt_tokens, last.completion_tokens)))
                         break
-                    kind, value = await events.get()
+                    events = await channel.get()
                 yield "data: [DONE]\n\n"
             finally:
                 job.cancelled.set()
@@ -214,6 +210,42 @@ def create_app(engine: Engine, model_id: str, limits: Limits, api_key: Optional[
                                  headers={"Cache-Control": "no-cache"})
 
     return Guard(app, max_body_bytes, api_key)
+
+
+class Channel:
+    """Events from the engine's thread to a request's handler: `put` on the worker thread,
+    `get` (everything that arrived, in order) on the event loop. The loop is woken once for
+    however many events arrive before it looks, not once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: deque = deque()
+        self.lock = threading.Lock()
+        self.ready = asyncio.Event()
+        self.woken = False
+
+    def put(self, kind: str, value: Any) -> None:
+        with self.lock:
+            self.items.append((kind, value))
+            if self.woken:
+                return
+            self.woken = True
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self.lock:
+            self.woken = False
+        self.ready.set()
+
+    async def get(self) -> list:
+        while True:
+            with self.lock:
+                if self.items:
+                    out = list(self.items)
+                    self.items.clear()
+                    return out
+                self.ready.clear()
+            await self.ready.wait()
 
 
 def _sse(payload: dict) -> str:

@@ -80,6 +80,8 @@ class Row:
         self.detok = tokenizer.detokenizer
         self.detok.reset()
         self.sent = 0  # characters of the text streamed out
+        self.finish: Optional[str] = None  # set when the reply has ended
+        self.forced: list[int] = []  # closing tokens still to feed after it ended
         self.text: Optional[str] = None  # set when a stop string cut the reply
         self.y = self.sample(turn.logits)
 
@@ -330,30 +332,46 @@ class Engine:
         self.stats["max_batch"] = max(self.stats["max_batch"], len(self._batch))
 
     def _step(self) -> None:
+        """One token for every row: a sampled token of its reply, or once the reply has ended,
+        the next of the template's closing tokens (fed here, in the batch, so that ending the
+        turn has nothing left to ingest); rows with nothing left to feed leave."""
         rows = list(self._batch.rows)
-        mx.eval([r.y for r in rows])
+        mx.eval([r.y for r in rows if r.finish is None])
         feed = []
         for row in rows:
-            token = int(row.y.item())
-            finish = row.accept(token)
-            if finish is not None:
-                self._finish(row, finish)
-                continue
-            feed.append((row, token))
+            if row.finish is None:
+                token = int(row.y.item())
+                finish = row.accept(token)
+                if finish is None:
+                    feed.append((row, token, True))
+                    continue
+                self._close(row, finish)
+            if row.forced:
+                feed.append((row, row.forced.pop(0), False))
+            else:
+                self._finish(row, row.finish)
         if not feed:
             return
-        logits = self._batch.step([t for _, t in feed])
+        logits = self._batch.step([t for _, t, _ in feed])
         greedy = mx.argmax(logits, axis=-1)  # one op for every row sampled greedily
-        for k, (row, token) in enumerate(feed):
-            row.session.record_token(row.turn, token)
+        for k, (row, token, reply) in enumerate(feed):
+            row.session.record_token(row.turn, token, reply)
+            if not reply:
+                continue
             self.stats["tokens"] += 1
             row.flush()
             if len(row.turn.tokens) >= row.turn.max_tokens:
-                self._finish(row, "length")
+                self._close(row, "length")
             elif row.session.repeating(row.turn):  # a looping reply is cut (as in dmem-chat)
-                self._finish(row, "repetition")
+                self._close(row, "repetition")
             else:
                 row.y = greedy[k] if row.temperature == 0 else row.sample(logits[k])
+
+    def _close(self, row: Row, finish: str) -> None:
+        """The reply ended: its closing tokens are fed next (unless a stop string cut its text,
+        which end_reply re-reads anyway)."""
+        row.finish = finish
+        row.forced = row.session.closing_tokens if row.text is None else []
 
     def _finish(self, row: Row, finish: str) -> None:
         self._batch.remove(row)
