@@ -212,6 +212,49 @@ def check_memories(memories: Path, crowd: list[User]) -> dict:
     return {"lost": lost, "invalid": invalid}
 
 
+def isolation(model_dir: str, users: int, steps: int = 16) -> float:
+    """max |Δlogit| between each row of a batch of `users` memories (different histories, so
+    rows are left-padded) and the same conversation decoded alone, over `steps` tokens."""
+    import mlx.core as mx
+
+    from dmem_mlx import load
+    from dmem_mlx.demo import demo_model_path
+    from dmem_mlx.runtime import ChatSession
+    from dmem_mlx.server.engine import Batch, ChatJob, Row
+    from dmem_mlx.server.schemas import ChatRequest
+
+    model, tokenizer = load(model_dir or str(demo_model_path()))
+    job = ChatJob(ChatRequest([], "", "m", None), lambda *a: None)
+    batch, rows, alone = Batch(model), [], []
+    for k in range(users):
+        pair = []
+        for _ in range(2):
+            session = ChatSession(model, tokenizer)
+            for t in range(k % 3 + 1):  # histories of different lengths
+                session.feed([{"role": "user", "content": QUESTIONS[(k + t) % len(QUESTIONS)]
+                               .format(name=NAMES[k % len(NAMES)], city=CITIES[k % len(CITIES)])},
+                              {"role": "assistant", "content": "I see."}])
+            pair.append((session, session.begin_reply("What is my name?", steps + 1)))
+        (s, turn), (s_alone, turn_alone) = pair
+        rows.append(Row(job, s, turn, tokenizer))
+        batch.add(rows[-1])
+        alone.append((s_alone, turn_alone))
+    worst = 0.0
+    logits_alone = [t.logits for _, t in alone]
+    logits = mx.stack([r.turn.logits for r in rows])
+    vocab = logits.shape[-1]
+    for step in range(steps):
+        for k in range(users):
+            d = float(mx.abs(logits[k] - logits_alone[k]).max())
+            worst = max(worst, d if d == d else float("inf"))  # NaN counts as the worst
+        tokens = [10 + (37 * k + 13 * step) % (vocab - 10) for k in range(users)]  # distinct
+        logits = batch.step(tokens)
+        for k, (row, (s_alone, turn_alone)) in enumerate(zip(rows, alone)):
+            row.session.record_token(row.turn, tokens[k])
+            logits_alone[k] = s_alone.feed_token(turn_alone, tokens[k])
+    return worst
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -270,6 +313,7 @@ def main() -> None:
         completed = sum(u.completed for u in crowd)
     finally:
         server.stop()
+    influence = isolation(model, args.users)
     # 3. SIGKILL during the same load
     killed = {"lost": 0, "invalid": 0, "completed": 0}
     if args.kill_after > 0:
@@ -297,6 +341,7 @@ def main() -> None:
         "turns_lost": check["lost"], "files_invalid": check["invalid"],
         "kill_turns_completed": killed["completed"], "kill_turns_lost": killed["lost"],
         "kill_files_invalid": killed["invalid"], "kill_files": killed.get("files", 0),
+        "cross_user_max_abs_dlogit": influence,
     }
     n = args.users
     print("| measure (medians of %d rounds) | 1 user alone | %d users at once | ratio |"
@@ -312,6 +357,7 @@ def main() -> None:
           f"{result['ttft_p50_ms']:.0f} / {result['ttft_p95_ms']:.0f} ms |")
     print(f"| per-token latency p50 / p95 (between streamed chunks) | "
           f"{result['token_p50_ms']:.1f} / {result['token_p95_ms']:.1f} ms |")
+    print(f"| cross-user influence: max |Δlogit|, {n} rows batched vs alone | {influence:.1e} |")
     print(f"| {n} users × {args.turns} turns: turns completed, lost, files invalid | "
           f"{completed}, {check['lost']}, {check['invalid']} ({len(errors)} errors) |")
     if args.kill_after > 0:

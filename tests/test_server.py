@@ -172,6 +172,36 @@ def test_regenerated_and_edited_messages(tiny, served, client):
         np.testing.assert_allclose(data.states[i], s, atol=1e-5)
 
 
+def test_regenerate_after_a_restart_uses_the_undo_history(tiny, tmp_path):
+    """After a restart the dropped turn is not in any KV context: the memory file's undo
+    history takes it back exactly, as ChatSession.undo() would."""
+    model, tokenizer = tiny
+    server = Server(build_app(model, tokenizer, tmp_path / "mem", "tiny"))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    h = [{"role": "user", "content": "My cat is Milo."}]
+    a1, _ = ask(client, "again", h)
+    h += [{"role": "assistant", "content": a1}, {"role": "user", "content": "And my dog?"}]
+    ask(client, "again", h)
+    server.stop()  # the lock is released
+    path = tmp_path / "mem" / "again.safetensors"
+    (tmp_path / "copy.safetensors").write_bytes(path.read_bytes())
+    server = Server(build_app(model, tokenizer, tmp_path / "mem", "tiny"))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    try:
+        again, _ = ask(client, "again", h)  # regenerate the last reply
+    finally:
+        server.stop()
+    with ChatSession(model, tokenizer, memory=MemoryFile.open(tmp_path / "copy.safetensors")) \
+            as reference:
+        reference.undo()
+        expected = "".join(c.text for c in reference.reply("And my dog?", max_tokens=6))
+        data = read_memory(path)
+        assert again == expected and data.transcript == reference.messages
+        assert data.turns == reference.info().turns == 2
+        for i, s in states_of(reference).items():
+            np.testing.assert_allclose(data.states[i], s, atol=1e-5)
+
+
 def test_new_conversation_keeps_the_memory(served, client):
     _, memories = served
     ask(client, "newconv", [{"role": "user", "content": "I live in Rome."}])
