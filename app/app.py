@@ -161,6 +161,7 @@ class DmemChatApp(App[int]):
         self.session: Optional["ChatSession"] = None
         self.snapshot_names: list[str] = []
         self.start_error: Optional[str] = None
+        self.ready = False  # loaded, and the conversation and its notes are on screen
         self.replies_finished = 0  # count of replies done (finished, stopped or failed)
         self.commands_finished = 0  # count of slash commands done (run or failed)
         self.last_reply: Optional["ReplyStats"] = None
@@ -287,6 +288,7 @@ class DmemChatApp(App[int]):
             await self.add_note("read-only: nothing you say now is written or saved", "yellow")
         if self.startup_hint:
             self.notify(self.startup_hint, severity="warning", timeout=15)
+        self.ready = True
         pending, self.pending = self.pending, []
         for text in pending:
             self.submit_text(text, queued=True)

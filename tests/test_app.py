@@ -37,7 +37,7 @@ async def wait_until(pilot, condition, timeout: float = 60.0) -> None:
 
 async def wait_loaded(pilot) -> None:
     app = pilot.app
-    await wait_until(pilot, lambda: app.last_info is not None)
+    await wait_until(pilot, lambda: app.ready)
 
 
 def idle(app) -> bool:
