@@ -394,6 +394,30 @@ def test_oversized_bodies_get_413(served):
                            timeout=60), 413)
 
 
+def test_a_non_string_user_is_named_as_such(served):
+    error = check_error(chat(served[0], {"messages": [{"role": "user", "content": "x"}],
+                                         "user": 5}), 400)
+    assert error["message"] == "user must be a string (a memory id), not int"
+
+
+def test_usage_of_a_message_longer_than_the_context(tiny, tmp_path):
+    """A message read into δ in parts still counts every token read; nothing is negative."""
+    model, tokenizer = tiny
+    server = Server(build_app(model, tokenizer, tmp_path, "tiny", max_kv_tokens=160,
+                              limits=Limits(max_tokens=4, max_tokens_limit=8)))
+    try:
+        text = "my cat is named tom. " * 40
+        r = chat(server, {"messages": [{"role": "user", "content": text}], "user": "long",
+                          "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= 0
+        assert usage["prompt_tokens"] >= len(tokenizer.encode(text))
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    finally:
+        server.stop()
+
+
 def test_context_too_long_is_a_clean_400(tiny, tmp_path):
     model, tokenizer = tiny
     server = Server(build_app(model, tokenizer, tmp_path, "tiny", max_kv_tokens=32))

@@ -391,10 +391,12 @@ class Engine:
         t = row.turn
         log.info("reply %s: %d tokens, %s, %.1f tokens/s", row.job.request.id[-8:], stats.tokens,
                  finish, stats.tokens_per_sec)
+        # usage: the prompt is what was reused from the KV context plus every token read for
+        # this request (parts of a long message written into δ only included)
+        cached = max(0, t.context_tokens - (t.prompt_tokens - t.head_tokens))
         row.job.emit("done", Reply(text=stats.text, finish_reason="length" if finish == "length"
-                                   else "stop", prompt_tokens=t.context_tokens,
-                                   cached_tokens=t.context_tokens - t.prompt_tokens,
-                                   completion_tokens=stats.tokens))
+                                   else "stop", prompt_tokens=cached + t.prompt_tokens,
+                                   cached_tokens=cached, completion_tokens=stats.tokens))
 
     def _fail(self, row: Row, error: APIError) -> None:
         try:

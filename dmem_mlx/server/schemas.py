@@ -47,9 +47,11 @@ def error_body(status: int, message: str, param: Optional[str] = None,
 
 def memory_id(value: Any, param: str = "user") -> str:
     """A validated memory id (lower-cased), or APIError 400."""
-    if not isinstance(value, str) or not MEMORY_ID.fullmatch(value) or ".." in value \
-            or value.endswith("."):
-        shown = value[:80] if isinstance(value, str) else type(value).__name__
+    if not isinstance(value, str):
+        raise APIError(400, f"{param} must be a string (a memory id), not "
+                            f"{type(value).__name__}", param, "invalid_memory_id")
+    if not MEMORY_ID.fullmatch(value) or ".." in value or value.endswith("."):
+        shown = value[:80]
         raise APIError(400, f"invalid memory id {shown!r}: use 1-64 letters, digits, '.', '_', "
                             "'@' or '-', starting with a letter or digit, without '..'",
                        param, "invalid_memory_id")
