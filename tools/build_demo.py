@@ -46,16 +46,26 @@ about something not in the context is answered "You haven't told me ...").
 
 Measured (2-core x86 CPU shared with six other helpers' jobs, fp32 + OpenBLAS, nice 19, one
 BLAS thread; figures of the session that ran the stage):
-    data                 12 s (40,000 backbone documents, 7.7M tokens; d1–d3: 36,000 episodes)
-    tokenizer            4 s (2,048 pieces; a name is 3.4 pieces on average, none is one piece;
+    data                 12–25 s (40,000 backbone documents, 7.7M tokens; d1–d3: 36,000 episodes)
+    tokenizer            4–10 s (2,048 pieces; a name is 3.4 pieces on average, none is one piece;
                          held-out names split as ▁P·ri·ya, ▁T·om·as·z)
-    backbone (3.7M)      session 1: BACKBONE_PROGRESS
-    probe, adapter       not run yet
+    backbone (3.7M)      session 1: steps 0–900 of 3,000 in 74 min, 1.70M tokens, 385 tokens/s
+                         (10–40 % of one core), peak 0.46 GB; loss 3.55 (step 50) → 0.71 (900)
+    probe                step 300 and step 800: in-context recall 1.6 % (1/63, --quick);
+                         acknowledgements name the told value 0–1 % of the time
+    adapter              not run yet
 A 6-layer backbone (5.3M parameters, 4,096-token batches) was tried first: under this load it
-got 30–40 % of one core and did not reach step 50 in 6 minutes; the 4-layer one with 2,048-token
-batches trains at ~500 tokens/s here (~4 s a step).
+did not reach step 50 in 6 minutes; the 4-layer one (v1's size) with 2,048-token batches does
+~4–8 s a step here (it did ~2,600 tokens/s with both cores to itself).
+At step 800 the backbone has learned the forms (greetings, "You live in …", "You haven't told me
+your name yet.") but not yet to copy: its values are invented ("The name's Diego." → "Nice to
+meet you, zea!"). Copying (an induction mechanism) tends to appear suddenly; if the probe still shows none by step ~2,000, add a copy
+stage before the rest (short documents: one fact told, acknowledged and asked) rather than
+training on.
 
-Next session: continue the backbone, measure it, then train the δ curriculum:
+Next session: continue the backbone (from its step-900 checkpoint in
+/work/demo-build/backbone_ckpt; data and tokenizer are in /work/demo-build and are rebuilt
+identically by `data`/`tokenizer` if lost), measure it, then train the δ curriculum:
     python tools/build_demo.py backbone --work-dir /work/demo-build --resume   # to step 3000
     python tools/build_demo.py probe --work-dir /work/demo-build   # in-context recall, acks
     python tools/build_demo.py adapter --work-dir /work/demo-build --resume
