@@ -283,9 +283,16 @@ def test_crash_during_saves_always_leaves_a_loadable_version(tmp_path):
                                                   "crash_saves.py")  # a script, not a module
     crash = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(crash)
-    result = crash.run(kills=10, layers=36, directory=tmp_path, seed=1)
-    assert result["survived"] == 10 and result["versions_written"] >= 10
-    assert result["killed_mid_write"] >= 3  # the kills did land inside saves
+    # rounds of 10 kills until 3 have landed inside a write (how many do depends on the
+    # machine's speed; each round must survive every kill whatever it hits)
+    mid_write = 0
+    for seed in range(1, 9):
+        result = crash.run(kills=10, layers=36, directory=tmp_path, seed=seed)
+        assert result["survived"] == 10 and result["versions_written"] >= 10
+        mid_write += result["killed_mid_write"]
+        if mid_write >= 3:
+            break
+    assert mid_write >= 3  # the kills did land inside saves
 
 
 # -- the session and its file -----------------------------------------------------------------
