@@ -186,7 +186,7 @@ def startup(rounds: int) -> dict:
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as data:
             seen = in_terminal(chat, {**base, "XDG_DATA_HOME": data},
-                               {"ui": "Enter sends", "ready": "Tell me about yourself"})
+                               {"ui": "Enter sends", "ready": "new memory —"})
         rows["ui"].append(seen["ui"])
         rows["ready"].append(seen["ready"])
         rows["mlx_lm_load"].append(timed(reference, preloaded))
