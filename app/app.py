@@ -228,12 +228,17 @@ class DmemChatApp(App[int]):
                        timeout=timeout, markup=markup)
 
     def on_key(self, event: events.Key) -> None:
-        """Typing while the focus is elsewhere on the main screen (the panel …) goes to the input."""
-        if (event.is_printable and event.character and len(self.screen_stack) == 1
-                and self.focused is not self.chat_input and self.query_one("#chat").display):
-            event.stop()
-            self.chat_input.focus()
-            self.chat_input.insert(event.character)
+        """Typing while the focus is elsewhere on the main screen (the panel …) goes to the input;
+        typed while the panel fills a narrow terminal, it brings the chat back first."""
+        if not (event.is_printable and event.character and len(self.screen_stack) == 1
+                and self.focused is not self.chat_input):
+            return
+        event.stop()
+        if not self.query_one("#chat").display:
+            self.panel_open = False
+            self.layout_panel()
+        self.chat_input.focus()
+        self.chat_input.insert(event.character)
 
     # ---------------------------------------------------------------- engine
     async def on_engine(self, fn: Callable[..., T], *args: object) -> T:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional, Union
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Label, Markdown, ProgressBar, Static, TextArea
@@ -108,6 +109,21 @@ class ReplyFinished(Message):
         self.stats, self.info, self.error = stats, info, error
 
 
+def binding_actions(bindings: list) -> dict[str, str]:
+    """key → action of a widget class's BINDINGS (Binding objects or (key, action, …) tuples)."""
+    actions = {}
+    for binding in bindings:
+        keys, action = (binding.key, binding.action) if isinstance(binding, Binding) \
+            else binding[:2]
+        actions.update(dict.fromkeys((k.strip() for k in keys.split(",")), action))
+    return actions
+
+
+# The input's editing and cursor keys (TextArea's bindings), minus what the app binds itself.
+EDITING_KEYS = {key: action for key, action in binding_actions(TextArea.BINDINGS).items()
+                if key not in ("ctrl+c", "super+c")}
+
+
 class ChatInput(TextArea):
     """Multi-line input. Enter sends (the input is emptied at once; the app gives back what it
     cannot run); Ctrl+J adds a line in every terminal, and so do
@@ -123,10 +139,20 @@ class ChatInput(TextArea):
         chat_input: "ChatInput"
         text: str
 
-    def on_key(self, event: events.Key) -> None:
-        """Enter and the newline keys, handled in the input's own queue (so in order with the
-        characters typed before them) ahead of TextArea's default handling."""
-        if self.read_only or event.key not in ("enter", *self.NEWLINE_KEYS):
+    async def on_key(self, event: events.Key) -> None:
+        """Enter, the newline keys and the editing keys, handled in the input's own queue (so in
+        the order typed, with the characters around them) ahead of TextArea's default handling.
+        TextArea's own bindings (Backspace, Delete, Ctrl+U, the arrows …) would otherwise run
+        only once the key has bubbled up to the app, after characters typed later."""
+        if self.read_only:
+            return
+        editing = next((EDITING_KEYS[k] for k in event.aliases if k in EDITING_KEYS), None)
+        if editing is not None:
+            event.prevent_default()
+            event.stop()
+            await self.run_action(editing)
+            return
+        if event.key not in ("enter", *self.NEWLINE_KEYS):
             return
         event.prevent_default()
         event.stop()

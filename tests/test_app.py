@@ -470,6 +470,13 @@ async def test_narrow_terminal_gives_the_chat_the_width(tiny_model, tmp_path):
         await pilot.press("ctrl+b")
         await pilot.pause()
         assert chat.display and not panel.display and app.focused is app.query_one(ChatInput)
+        await pilot.press("ctrl+b")
+        await pilot.pause()
+        assert panel.display and not chat.display
+        await pilot.press(*"so ")  # typing in the full-screen panel: back to the chat, kept
+        await pilot.pause()
+        assert chat.display and not panel.display and app.focused is app.query_one(ChatInput)
+        assert app.query_one(ChatInput).text == "so "
 
 
 async def test_resizing_the_terminal_moves_the_panel(tiny_model, tmp_path):
@@ -575,6 +582,23 @@ async def test_fast_typing_then_enter_sends_every_character(tiny_model, tmp_path
         await wait_until(pilot, lambda: app.replies_finished == 1)
         assert app.query_one(UserMessage).text == text
         assert app.session.messages[0]["content"] == text
+
+
+async def test_editing_keys_in_a_burst_apply_in_the_order_typed(tiny_model, tmp_path):
+    from textual import events
+
+    app = make_app(tiny_model, tmp_path / "m")
+    keys = [*"forget", "ctrl+u", *"hi thre", "left", "left", "e", "end", *"xy", "backspace",
+            "backspace", "!", "home", "delete", "H", "enter"]
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        app.query_one(ChatInput).focus()
+        for key in keys:  # one burst, as a terminal delivers fast typing
+            character = {"enter": "\r", "backspace": "\x7f"}.get(key, key if len(key) == 1
+                                                                else None)
+            app.post_message(events.Key(key, character))
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        assert app.session.messages[0]["content"] == "Hi there!"
 
 
 async def test_keys_typed_ahead_of_a_dialog_stay_in_the_input(tiny_model, tmp_path):
