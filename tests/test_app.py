@@ -379,6 +379,35 @@ async def test_a_turn_stopped_before_the_reply_is_given_back(tiny_model, tmp_pat
         assert not app.query(UserMessage) and app.session.messages == []
 
 
+async def test_ctrl_c_before_the_first_token_keeps_nothing(tiny_model, tmp_path):
+    """Ctrl+C after the message was read but before the reply's first token: no empty reply is
+    written, the memory and the file are as before, the message is back in the input."""
+    from dmem_mlx.runtime import read_memory
+
+    memory = tmp_path / "m"
+
+    def stop_after_reading(session, kwargs):  # Ctrl+C lands just as the first token comes
+        begin = session.begin_reply
+
+        def begin_then_stop(*a, **k):
+            turn = begin(*a, **k)
+            kwargs["stop"].set()
+            return turn
+        session.begin_reply = begin_then_stop
+
+    app = make_app(tiny_model, None, open_session=wrapped_session(
+        tiny_model, memory, before_reply=stop_after_reading))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "My dog is called Biscuit.")
+        assert app.session.last_reply.taken_back and app.session.last_reply.tokens == 0
+        assert app.query_one(ChatInput).text == "My dog is called Biscuit."
+        assert not app.query(UserMessage) and not app.query(AssistantMessage)
+        assert "(empty reply)" not in notes(app) and app.session.messages == []
+        assert app.last_info.tokens_written == 0 and app.last_info.kv_tokens == 0
+    assert not memory.exists() or read_memory(memory).transcript == []
+
+
 async def test_a_long_message_goes_into_memory_and_the_user_is_told(tiny_model, tmp_path):
     app = make_app(tiny_model, tmp_path / "m", max_kv_tokens=64)
     text = " ".join(f"Sentence {k} says that the river is long and calm." for k in range(20))

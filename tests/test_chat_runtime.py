@@ -205,3 +205,35 @@ def test_past_conversations_are_bounded(tiny):
     past = session.past_conversations()
     assert len(past) == PAST_CONVERSATIONS
     assert past[-1].transcript[0]["content"] == f"Conversation {PAST_CONVERSATIONS + 2}."
+
+
+def test_a_reply_stopped_before_its_first_token_is_taken_back(tiny, tmp_path):
+    """Stopped after the message was read, before any token of the reply: no empty assistant
+    turn; message, δ writes, KV context and file as before; the next turn is exact."""
+    import threading
+
+    model, tok = tiny
+    path = tmp_path / "m.safetensors"
+    with ChatSession(model, tok, memory=MemoryFile.open(path)) as session:
+        say(session, "My name is Ada.")
+        before, info, saved = states(session), session.info(), path.read_bytes()
+        stop = threading.Event()
+        begin = session.begin_reply
+
+        def begin_then_stop(*a, **k):
+            turn = begin(*a, **k)
+            stop.set()
+            return turn
+        session.begin_reply = begin_then_stop
+        assert say(session, "I live in Paris.", stop=stop) == ""
+        del session.begin_reply
+        assert session.last_reply.taken_back and session.last_reply.tokens == 0
+        assert [m["role"] for m in session.messages] == ["user", "assistant"]
+        after = session.info()
+        assert same(before, states(session)) and path.read_bytes() == saved
+        assert (after.tokens_written, after.kv_tokens, after.undo_depth) == (
+            info.tokens_written, info.kv_tokens, info.undo_depth)
+        went_on = say(session, "I live in Rome.")
+    fresh = ChatSession(model, tok)
+    say(fresh, "My name is Ada.")
+    assert say(fresh, "I live in Rome.") == went_on and same(states(fresh), states(session))

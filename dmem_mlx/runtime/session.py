@@ -96,6 +96,7 @@ class Turn:
     first_sentence: int
     previous_message_id: Optional[int]
     before: UndoStep  # the state before the turn (undo)
+    context_states: dict = field(default_factory=dict)  # the KV context's δ state before it
     head: list[str] = field(default_factory=list)  # leading parts written into δ only
     head_tokens: int = 0
     context_tokens: int = 0  # the KV context when the reply starts (the whole prompt)
@@ -207,9 +208,10 @@ class ChatSession:
         """Answer `user_text`, streaming ReplyChunks; then `last_reply` holds the ReplyStats and
         the memory file has been saved.
 
-        stop: an Event checked between tokens (and between prefill chunks: a turn stopped before
-        its first token is taken back entirely). Stopping, closing the stream or Ctrl-C keeps the
-        partial reply, consistently in transcript, KV context and δ memory.
+        stop: an Event checked between tokens and between prefill chunks. A turn stopped before
+        its first token is taken back entirely (`last_reply.taken_back`: no empty reply is
+        written). Stopping later, closing the stream or Ctrl-C keeps the partial reply,
+        consistently in transcript, KV context and δ memory.
         """
         if not isinstance(user_text, str):
             raise TypeError("user_text must be a str")
@@ -718,7 +720,7 @@ class ChatSession:
             message_id=numbers[-1] + 1,  # the user message just added has numbers[-1] >= 0
             first_sentence=sentence_starts[-1] + count_sentences(in_context),
             previous_message_id=self.state.generation_message_id, before=before, head=head,
-            head_tokens=head_tokens, context_tokens=len(self._ctx))
+            head_tokens=head_tokens, context_tokens=len(self._ctx), context_states=states)
         self.state.generation_message_id = turn.message_id
         self._ctx.mark()
         turn.started = time.perf_counter()
@@ -793,6 +795,21 @@ class ChatSession:
             self._busy = False
         return self.last_reply
 
+    def cancel_reply(self, turn: Turn) -> ReplyStats:
+        """Take back `turn` before any of its reply was fed (stopped before its first token):
+        its message, its δ writes and its context go, as if it had not been sent; nothing is
+        saved. `last_reply` says so (taken_back)."""
+        try:
+            if turn.head:
+                self._restore_step(turn.before)
+            else:
+                self._undo(turn.before.messages, turn.context_states, turn.before.tokens_written)
+        finally:
+            self.state.generation_message_id = turn.previous_message_id
+            self._busy = False
+        self.last_reply = ReplyStats("", 0, 0.0, 0, True, "stopped", taken_back=True)
+        return self.last_reply
+
     def _record(self, turn: Turn, token: int) -> None:
         turn.tokens.append(token)
         self._tokens_written += self._ctx.wrote[-1]
@@ -840,6 +857,9 @@ class ChatSession:
             finish, closed = "stopped", True
         except BaseException as exc:  # Ctrl-C or an error: what was fed so far stays consistent
             finish, error = "interrupted", exc
+        if finish == "stopped" and not turn.tokens:  # before the first token: nothing kept
+            self.cancel_reply(turn)
+            return
         detok.finalize()
         self.end_reply(turn, finish, detok.text)
         if error is not None:
