@@ -237,3 +237,28 @@ def test_a_reply_stopped_before_its_first_token_is_taken_back(tiny, tmp_path):
     fresh = ChatSession(model, tok)
     say(fresh, "My name is Ada.")
     assert say(fresh, "I live in Rome.") == went_on and same(states(fresh), states(session))
+
+
+def test_a_special_token_ends_the_reply_and_is_never_shown_or_written(tiny):
+    """A control token the model samples mid-reply (here ChatML's <|im_start|>, which
+    `all_special_ids` leaves out) ends the reply: not streamed, not in the transcript, not fed."""
+    model, tok = tiny
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert start not in (tok.eos_token_ids or []) and start not in tok.all_special_ids
+    calls = []
+
+    def third_is_im_start(tokens, logits):
+        calls.append(1)
+        return mx.where(mx.arange(logits.shape[-1]) == start, 1e9, -1e9) if len(calls) == 3 \
+            else logits
+
+    session = ChatSession(model, tok)
+    session.stop_repetition = False
+    chunks = list(session.reply("Hello there.", max_tokens=20,
+                                logits_processors=[third_is_im_start]))
+    stats = session.last_reply
+    assert stats.finish_reason == "stop" and stats.tokens == 2
+    assert all(c.token != start for c in chunks)
+    assert "<|im_start|>" not in "".join(c.text for c in chunks)
+    assert "<|im_start|>" not in session.messages[-1]["content"]
+    assert session.messages[-1]["content"] == stats.text == "".join(c.text for c in chunks)

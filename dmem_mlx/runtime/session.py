@@ -5,8 +5,9 @@ Each turn renders the whole conversation with the chat template and ingests only
 yet processed; if the rendered tokens diverge inside what was processed (a reply re-tokenized
 differently, an edited message), the context goes back to the last point before the divergence
 — KV cache trimmed, δ state restored — and is rebuilt from there. Replies are decoded token by
-token; a sampled end-of-sequence token is never fed to the model (so never written), and the
-template's closing tokens of the assistant turn are ingested after the reply.
+token; a sampled end-of-sequence or other special token (a ChatML <|im_start|> …) ends the reply
+and is never fed to the model (so never shown or written), and the template's closing tokens of
+the assistant turn are ingested after the reply.
 
 Context budget: when a turn would not fit `max_kv_tokens`, the oldest turns leave the KV
 context. They were written into δ already, so the shortened context is ingested with writes
@@ -166,10 +167,9 @@ class ChatSession:
         self._groups = self._delta.config.memory_write_granularity != "token"
         self._ctx = Context(model, prefill_step, self.state)
         self._closing = closing_tokens(tokenizer)
-        self._eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
-        specials = set(getattr(tokenizer, "all_special_ids", None) or [])
-        if self._closing and self._closing[0] in specials:
-            self._eos.add(self._closing[0])
+        # a reply ends at end-of-sequence and at any special (control) token, e.g. a ChatML
+        # <|im_start|>: such a token is never fed, shown or written as text
+        self._eos = set(getattr(tokenizer, "eos_token_ids", None) or []) | special_ids(tokenizer)
         self._read_only = memory is not None and memory.read_only
         self._busy = False
         self._closed = False
@@ -906,6 +906,14 @@ class ChatSession:
         spans = sentence_spans(text)
         k = sum(1 for a, _ in spans if a <= at)
         return first + max(k - 1, 0)
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's special tokens: its named specials and every added token marked special
+    (the chat template's control tokens, which `all_special_ids` can leave out)."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return ids | {int(i) for i, token in added.items() if getattr(token, "special", False)}
 
 
 def looping(tokens: Sequence[int]) -> bool:
