@@ -434,9 +434,10 @@ class DmemChatApp(App[int]):
                     f"{stats.memory_only_tokens:,} tokens) were written into the memory only; "
                     f"the reply saw the last {kept:,} characters in context.", "yellow")
             if stats.finish_reason == "repetition":
-                await self.add_note("The reply went round in circles and was cut there. "
-                                    "/undo takes this exchange back; /retry tries again.",
-                                    "yellow")
+                await event.reply.show_text(stats.text)
+                await self.add_note("The reply went round in circles: cut, and its repeats left "
+                                    "out of the memory. /undo takes the exchange back; /retry "
+                                    "tries again.", "yellow")
             self.show_info(event.info)
         finally:
             self.replying = False

@@ -45,6 +45,11 @@ class AssistantMessage(Markdown):
             self.text += fragment
             await self.append(fragment)
 
+    async def show_text(self, text: str) -> None:
+        """Show `text` instead of what streamed (a looping reply cut to what was kept)."""
+        self.text = text
+        await self.update(text)
+
     async def finish(self, stats: str) -> None:
         """Show the reply's statistics under it."""
         if not self.text.strip():

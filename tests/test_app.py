@@ -434,12 +434,17 @@ async def test_a_looping_reply_is_cut_and_undone(tiny_model, tmp_path):
         stuck = app.session.reply
 
         def stuck_reply(*a, **k):  # the model stuck on one token
-            hot = mx.arange(2048) == 100
-            return stuck(*a, logits_processors=[lambda t, l: mx.where(hot, 1e9, -1e9)], **k)
+            def same_token(tokens, logits):
+                return mx.where(mx.arange(logits.shape[-1]) == 100, 1e9, -1e9)[None]
+            return stuck(*a, logits_processors=[same_token], **k)
         app.session.reply = stuck_reply
         await send(pilot, "Tell me a story.")
-        assert app.last_reply.finish_reason == "repetition" and app.last_reply.tokens < 300
-        assert "went round in circles" in notes(app)
+        stats = app.last_reply
+        assert stats.finish_reason == "repetition" and 32 <= stats.tokens < 300
+        assert "went round in circles" in notes(app) and "left out of the memory" in notes(app)
+        [reply] = app.query(AssistantMessage)  # the screen shows what the memory kept
+        assert reply.text == stats.text == app.session.messages[-1]["content"]
+        assert app.session.last_reply.text == app.session.tokenizer.decode([100])
         await send(pilot, "/undo")
         assert app.last_info.tokens_written == before and not app.query(UserMessage)
 

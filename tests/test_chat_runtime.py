@@ -13,7 +13,7 @@ import pytest
 from dmem_mlx.runtime import (ChatSession, MemoryFile, NothingToUndoError, read_memory)
 from dmem_mlx.runtime.memory_file import (FORMAT_VERSION, PAST_CONVERSATIONS, UNDO_DEPTH, decode,
                                           encode)
-from dmem_mlx.runtime.session import looping
+from dmem_mlx.runtime.session import loop_start, looping
 
 V1_FILE = Path(__file__).parent / "fixtures" / "memory" / "v1.safetensors"
 
@@ -164,7 +164,7 @@ def test_a_looping_reply_is_cut(tiny):
 
     def same_token(tokens, logits):  # a model stuck on one token
         hot = mx.arange(logits.shape[-1]) == 100
-        return mx.where(hot, 1e9, -1e9)
+        return mx.where(hot, 1e9, -1e9)[None]
 
     say(session, "Hello.", max_tokens=200, logits_processors=[same_token])
     stats = session.last_reply
@@ -249,8 +249,9 @@ def test_a_special_token_ends_the_reply_and_is_never_shown_or_written(tiny):
 
     def third_is_im_start(tokens, logits):
         calls.append(1)
-        return mx.where(mx.arange(logits.shape[-1]) == start, 1e9, -1e9) if len(calls) == 3 \
-            else logits
+        if len(calls) != 3:
+            return logits
+        return mx.where(mx.arange(logits.shape[-1]) == start, 1e9, -1e9)[None]
 
     session = ChatSession(model, tok)
     session.stop_repetition = False
@@ -262,3 +263,44 @@ def test_a_special_token_ends_the_reply_and_is_never_shown_or_written(tiny):
     assert "<|im_start|>" not in "".join(c.text for c in chunks)
     assert "<|im_start|>" not in session.messages[-1]["content"]
     assert session.messages[-1]["content"] == stats.text == "".join(c.text for c in chunks)
+
+
+def test_loop_start_keeps_one_round_of_the_loop():
+    assert loop_start([5] * 32) == 1
+    assert loop_start([7, 8] + [5] * 40) == 3
+    assert loop_start([9] + [1, 2, 3] * 11) == 4
+    assert loop_start(list(range(40)) + list(range(10)) * 4) == 50
+    assert loop_start(list(range(100))) is None
+
+
+def test_a_looping_reply_keeps_its_repeats_out_of_memory(tiny):
+    """Cut at the loop, the reply keeps its first round only: transcript, KV context and δ are
+    those of a conversation whose reply was just that (the repeats were read out again)."""
+    model, tok = tiny
+    session = ChatSession(model, tok)
+    story = [281, 276, 288] + [278, 268] * 20  # "You live in" + " name is" …
+
+    def scripted(tokens, logits):  # a model that says three words, then loops on two
+        n = len(tokens) - prompt_tokens[0]
+        hot = mx.arange(logits.shape[-1]) == story[min(n, len(story) - 1)]
+        return mx.where(hot, 1e9, -1e9)[None]
+
+    prompt_tokens = [0]
+    begin = session.begin_reply
+
+    def begin_and_count(*a, **k):
+        turn = begin(*a, **k)
+        prompt_tokens[0] = turn.context_tokens
+        return turn
+    session.begin_reply = begin_and_count
+    streamed = say(session, "Tell me a story.", max_tokens=200, logits_processors=[scripted])
+    stats = session.last_reply
+    assert stats.finish_reason == "repetition" and stats.tokens == 3 + 32
+    kept = tok.decode(story[:5])
+    assert stats.text.strip() == kept.strip() and len(stats.text) < len(streamed)
+    assert session.messages[-1]["content"] == stats.text
+    fresh = ChatSession(model, tok)
+    fresh.feed(session.messages)
+    assert session.info().kv_tokens == fresh.info().kv_tokens
+    a, b = states(session), states(fresh)
+    assert all(np.allclose(a[i], b[i], atol=1e-5) for i in a)

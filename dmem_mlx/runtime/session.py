@@ -20,8 +20,10 @@ few KB), the transcript length and the counts (`UndoStep`); the last UNDO_DEPTH 
 the memory file. `undo()` takes the last turn back, `retry()` answers its message again.
 
 A reply that loops (the same span of at most REPEAT_PERIOD tokens repeated over its last
-REPEAT_SPAN or more tokens) is cut there (finish_reason "repetition"), so a degenerate reply
-writes at most a few dozen looping tokens into δ; `undo()` takes the whole turn back.
+REPEAT_SPAN or more tokens) is cut there (finish_reason "repetition"). `reply()` then keeps the
+reply up to the first round of the loop: the repeats are re-read out of the KV context and δ
+(the context goes back to the reply's start and the kept text is written again), so the
+transcript, the context and the memory hold no repeats; `undo()` takes the whole turn back.
 """
 
 from __future__ import annotations
@@ -861,11 +863,17 @@ class ChatSession:
             self.cancel_reply(turn)
             return
         detok.finalize()
-        self.end_reply(turn, finish, detok.text)
+        text, tail = detok.text, "" if closed else detok.last_segment
+        if finish == "repetition":  # kept up to the loop's first round (last_reply.text)
+            detok.reset()
+            for token in turn.tokens[:loop_start(turn.tokens)]:
+                detok.add_token(token)
+            detok.finalize()
+            text, tail = detok.text, ""
+        self.end_reply(turn, finish, text)
         if error is not None:
             raise error
-        tail = detok.last_segment
-        if tail and not closed:
+        if tail:
             yield ReplyChunk(tail, -1)
 
     def _parts(self, text: str, max_tokens: int) -> list[str]:
@@ -919,14 +927,23 @@ def special_ids(tokenizer: Any) -> set[int]:
 def looping(tokens: Sequence[int]) -> bool:
     """True when the last REPEAT_SPAN or more tokens repeat one span of at most REPEAT_PERIOD
     tokens (at least four times): a reply going round in circles."""
+    return loop_start(tokens) is not None
+
+
+def loop_start(tokens: Sequence[int]) -> Optional[int]:
+    """For a looping reply (see `looping`), how many of its tokens to keep: those before the
+    loop and one round of it (the repeats start there); None if it does not loop."""
     for period in range(1, REPEAT_PERIOD + 1):
         span = max(REPEAT_SPAN, 4 * period)
         if len(tokens) < span:
             break
         tail = tokens[-span:]
         if tail[period:] == tail[:-period]:
-            return True
-    return False
+            start = len(tokens) - span
+            while start > 0 and tokens[start - 1] == tokens[start - 1 + period]:
+                start -= 1
+            return start + period
+    return None
 
 
 def _checked_message(m: Any) -> dict[str, str]:
