@@ -571,6 +571,19 @@ async def test_undo_retry_edit_survive_a_restart(tiny_model, tmp_path):
         assert not app.query(UserMessage) and app.last_info.tokens_written == 0
 
 
+async def test_undo_shows_the_context_it_restored(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path / "m")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "My name is Ada.")
+        written = app.last_info.tokens_written
+        await send(pilot, "I live in Paris.")
+        await send(pilot, "/undo")
+        info = app.last_info
+        assert info.tokens_written == written and info.kv_tokens > 0  # read back, not written
+        assert str(app.query_one("#context-text").render()).startswith(f"{info.kv_tokens:,} / ")
+
+
 async def test_history_export_and_copy(tiny_model, tmp_path):
     memory = tmp_path / "chat.memory"
     app = make_app(tiny_model, memory, system="Be brief.")

@@ -345,13 +345,14 @@ class ChatSession:
 
     def undo(self) -> UndoStep:
         """Take back the last turn: δ state, transcript, counts and KV context as they were
-        before it; saved. Returns the step (its `user_text` is the message taken back).
+        before it (the context is read again now, without writing); saved. Returns the step (its `user_text` is the message taken back).
         Raises NothingToUndoError."""
         self._check_idle()
         if not self._undo_steps:
             raise NothingToUndoError("nothing to undo in this conversation")
         step, incognito = self._undo_steps.pop()
         self._restore_step(step)
+        self._sync(False)  # the conversation that stays is read back into the context (no writes)
         self._save(force=not incognito)
         return step
 
