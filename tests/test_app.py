@@ -571,6 +571,17 @@ async def test_undo_retry_edit_survive_a_restart(tiny_model, tmp_path):
         assert not app.query(UserMessage) and app.last_info.tokens_written == 0
 
 
+async def test_a_memory_tried_and_left_leaves_no_file(tiny_model, tmp_path):
+    folder = tmp_path / "here"
+    folder.mkdir()
+    app = make_app(tiny_model, folder / "x")  # e.g. dmem-chat --memory ../x, then Ctrl+Q
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        assert (folder / "x.lock").exists()  # held while the memory is open
+        await pilot.press("ctrl+q")
+    assert list(folder.iterdir()) == []
+
+
 async def test_undo_shows_the_context_it_restored(tiny_model, tmp_path):
     app = make_app(tiny_model, tmp_path / "m")
     async with app.run_test(size=SIZE) as pilot:

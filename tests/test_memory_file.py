@@ -212,8 +212,7 @@ def test_bad_file_is_refused_with_one_line_and_left_untouched(tmp_path, name):
     assert not isinstance(info.value, MemoryLockedError)
     assert "\n" not in message and message.startswith(str(path)) and len(message) < 300
     assert path.read_bytes() == CORPUS[name]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.safetensors",
-                                                          "memory.safetensors.lock"]
+    assert [p.name for p in tmp_path.iterdir()] == ["memory.safetensors"]  # no lock file left
     with pytest.raises(MemoryFileError):  # the lock was released: refused again, not "locked"
         MemoryFile.open(path, fingerprint=FP)
 
@@ -276,6 +275,26 @@ def test_second_process_is_refused_and_may_open_read_only(tmp_path):
     assert path.read_bytes() == before
     mem.close()
     assert probe(path, "rw") == "opened"
+
+
+def test_a_lock_file_stays_only_next_to_a_memory_written_here(tmp_path):
+    path = tmp_path / "m.safetensors"
+    MemoryFile.open(path, fingerprint=FP).close()  # tried and left: nothing at all
+    assert list(tmp_path.iterdir()) == []
+    with MemoryFile.open(path, fingerprint=FP) as mem:
+        assert (tmp_path / "m.safetensors.lock").exists()
+        mem.save(sample())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "m.safetensors.lock"]
+    with MemoryFile.open(path, fingerprint=FP):  # its lock file was there already: it stays
+        pass
+    assert (tmp_path / "m.safetensors.lock").exists()
+    (tmp_path / "m.safetensors.lock").unlink()
+    with MemoryFile.open(path, fingerprint=FP):  # read and left: the lock file created goes
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    assert probe(path, "rw") == "opened"  # a process that ends without closing leaves it
+    assert (tmp_path / "m.safetensors.lock").exists()
+    MemoryFile.open(path, fingerprint=FP).close()  # harmless: the OS lock is what counts
 
 
 def test_crash_during_saves_always_leaves_a_loadable_version(tmp_path):

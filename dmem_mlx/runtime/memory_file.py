@@ -19,8 +19,10 @@ Saving writes a temporary file in the same directory, fsyncs it, keeps the previ
 `<file>.bak` (a hard link, or a copy where links are not supported), renames the new file over
 the old one and fsyncs the directory: whenever the process dies, the file is the old version or
 the new one. Loading checks everything before anything is used; a bad file is refused with one
-line and never modified. A lock (`<file>.lock`, an OS lock released if the process dies) keeps a
-second process from opening the same memory for writing. A symlinked memory is written
+line and never modified. A lock (an OS lock on `<file>.lock`, released if the process dies) keeps
+a second process from opening the same memory for writing. The empty lock file stays next to a
+memory this process wrote (as SQLite's `-shm` files do; its existence means nothing, the OS lock
+does); one created for a memory that was refused, or left without being written, is removed. A symlinked memory is written
 through the link (its target is the memory); a file without write permission is refused for
 writing. Temporary files of killed saves, snapshots and exports are removed by the next writer.
 """
@@ -493,10 +495,44 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _release(lock: Any) -> None:
-    if lock is not None:
-        lock.release()
-        _LOCKED_HERE.discard(lock.lock_file)
+def _release(lock: Any, remove: bool = False) -> None:
+    """Release `lock`; remove: delete its file first (while still holding it), for a lock file
+    this process created next to a memory it never wrote."""
+    if lock is None:
+        return
+    if remove:
+        try:
+            os.unlink(lock.lock_file)
+        except OSError:
+            pass
+    lock.release()
+    _LOCKED_HERE.discard(lock.lock_file)
+
+
+def _acquire(path: Path) -> tuple[Any, bool]:
+    """Take the writer's lock of the memory at `path`: (the lock, whether its file was created
+    here). A lock file removed by its holder while we opened it is taken again, afresh."""
+    from filelock import FileLock, Timeout
+
+    lock_path = str(path) + ".lock"
+    for _ in range(3):
+        created = not os.path.exists(lock_path)
+        lock = FileLock(lock_path, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            where = "already open in this process" if lock_path in _LOCKED_HERE else \
+                "open in another process"
+            raise MemoryLockedError(f"{path}: this memory is {where} (close it there, or "
+                                    "open it read-only)") from None
+        except OSError as exc:
+            raise MemoryFileError(f"{path}: cannot lock ({exc.strerror or exc})") from None
+        if os.path.exists(lock_path):
+            _LOCKED_HERE.add(lock_path)
+            return lock, created
+        lock.release()  # its holder removed the file as we took it: take the new one
+    raise MemoryLockedError(f"{path}: this memory is being opened and closed by another process "
+                            "(try again)")
 
 
 def _slug(text: str) -> str:
@@ -529,10 +565,12 @@ class MemoryFile:
     new file); `.save(data)` after every turn; `.close()` releases the lock."""
 
     def __init__(self, path: Path, read_only: bool, lock: Any, data: Optional[MemoryData],
-                 fingerprint: Optional[dict]):
+                 fingerprint: Optional[dict], lock_created: bool = False):
         self.path = path
         self.read_only = read_only
         self._lock = lock
+        self._lock_created = lock_created  # our lock file: removed on close if nothing was saved
+        self._saved = False
         self.data = data
         self.fingerprint = fingerprint if fingerprint is not None else (
             data.fingerprint if data is not None else None)
@@ -549,37 +587,24 @@ class MemoryFile:
         None defers the check to `ChatSession`. read_only: take no lock and never write.
         Raises MemoryLockedError if another process holds it, MemoryFileError if it is unusable.
         """
-        from filelock import FileLock, Timeout
-
         path = Path(path).expanduser()
         _check_kind(path, writing=not read_only)
         path = _through_links(path)
-        lock = None
+        lock, created = None, False
         if not read_only:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise MemoryFileError(f"{path}: cannot create its directory "
                                       f"({exc.strerror or exc})") from None
-            lock_path = str(path) + ".lock"
-            lock = FileLock(lock_path, timeout=0)
-            try:
-                lock.acquire()
-            except Timeout:
-                where = "already open in this process" if lock_path in _LOCKED_HERE else \
-                    "open in another process"
-                raise MemoryLockedError(f"{path}: this memory is {where} (close it there, or "
-                                        "open it read-only)") from None
-            except OSError as exc:
-                raise MemoryFileError(f"{path}: cannot lock ({exc.strerror or exc})") from None
-            _LOCKED_HERE.add(lock_path)
+            lock, created = _acquire(path)
         try:
             data = read_memory(path, fingerprint) if path.exists() else None
             if lock is not None:  # we are the only writer: temporary files left by a crash go
                 _remove_temporaries(path.parent, f".{glob.escape(path.name)}.*-*-*")
                 _remove_temporaries(_snapshot_dir(path), ".*.*-*-*")
         except MemoryFileError as exc:
-            _release(lock)
+            _release(lock, remove=created)
             bak = path.with_name(path.name + ".bak")
             if bak.is_file() and path.exists():
                 try:
@@ -589,9 +614,9 @@ class MemoryFile:
                     pass
             raise exc from None
         except BaseException:
-            _release(lock)
+            _release(lock, remove=created)
             raise
-        return cls(path, read_only, lock, data, fingerprint)
+        return cls(path, read_only, lock, data, fingerprint, created)
 
     # -- the memory ------------------------------------------------------------------------
     def check_fingerprint(self, fingerprint: dict) -> None:
@@ -617,7 +642,7 @@ class MemoryFile:
         except OSError as exc:
             raise MemoryFileError(f"{self.path}: cannot save ({exc.strerror or exc}); "
                                   "the previous version is untouched") from None
-        self.data, self.last_saved = data, saved
+        self.data, self.last_saved, self._saved = data, saved, True
         return saved
 
     def _writable(self) -> None:
@@ -680,9 +705,10 @@ class MemoryFile:
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the lock (idempotent)."""
+        """Release the lock (idempotent). A lock file this process created is removed too if
+        it saved nothing (a memory tried and left, or refused by the session)."""
         if self._lock is not None:
-            _release(self._lock)
+            _release(self._lock, remove=self._lock_created and not self._saved)
             self._lock = None
 
     @property
