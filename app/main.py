@@ -151,12 +151,22 @@ def check_memory_path(path: Path) -> None:
 
 def check_memory_contents(path: Path, model_path: Path) -> None:
     """Refuse an existing memory file that is damaged, not a memory, or another model's —
-    before it is locked (no lock file appears next to a refused file)."""
-    from dmem_mlx.runtime.fingerprint import fingerprint_from_files
-    from dmem_mlx.runtime.memory_file import read_memory
+    before it is locked (no lock file appears next to a refused file). The file is read first
+    (its first bytes without any import, then all of it), and the model's fingerprint computed
+    only for a real memory."""
+    from dmem_mlx.runtime.memory_header import check_prefix
 
-    if path.exists():
-        read_memory(path, fingerprint_from_files(model_path))
+    if not path.exists():
+        return
+    check_prefix(path)
+    from dmem_mlx.runtime.memory_file import MemoryFileError, fingerprint_mismatch, read_memory
+
+    data = read_memory(path)
+    from dmem_mlx.runtime.fingerprint import fingerprint_from_files
+
+    expected = fingerprint_from_files(model_path)
+    if expected is not None and (why := fingerprint_mismatch(data.fingerprint, expected)):
+        raise MemoryFileError(f"{path}: refused: {why}")
 
 
 def open_memory(path: Path | str, read_only: bool = False) -> "MemoryFile":

@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
-
 from .errors import HubError
 from .files import read_regular
 
@@ -54,6 +52,8 @@ def resolve_model_path(path_or_repo: str, revision: Optional[str] = None,
         return path
     if looks_like_path(str(path_or_repo)):
         raise HubError(f"{path_or_repo}: no such directory")
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS  # (mlx-lm is heavy: only to download)
+
     return download(str(path_or_repo), [*DEFAULT_ALLOW_PATTERNS, *extra_patterns], revision)
 
 

@@ -217,6 +217,17 @@ def test_help_and_refusals_import_nothing_heavy(argv):
     assert result.returncode in (0, 1) and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("memory", ["README.md", "/etc/passwd"])
+def test_a_file_that_is_not_a_memory_is_refused_importing_nothing_heavy(memory, tiny_model):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / memory  # (an absolute memory stays itself)
+    result = run_cli("--model", str(tiny_model), "--memory", str(path))
+    assert "HEAVY []" in result.stderr, result.stderr
+    assert result.returncode == 1 and "not a memory file" in result.stderr
+    assert not path.with_name(path.name + ".lock").exists()
+
+
 def test_the_blas_module_is_light():
     import subprocess
     import sys

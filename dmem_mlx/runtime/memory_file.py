@@ -48,6 +48,7 @@ from safetensors import SafetensorError
 
 from ..errors import MemoryFileError, MemoryLockedError, one_line
 from ..files import read_regular
+from .memory_header import MAX_FILE, prefix_problem
 
 FORMAT_NAME = "dmem-mlx.memory"
 FORMAT_VERSION = 2
@@ -55,10 +56,7 @@ UNDO_DEPTH = 8  # turns that /undo can take back (a few KB of δ state each)
 PAST_CONVERSATIONS = 50  # past conversations kept for the history view, newest last
 PAST_CHARS = 1_000_000  # and at most this many characters of their transcripts
 SUFFIX = ".safetensors"
-MAX_HEADER = 100_000_000  # safetensors' own cap on a header
-MAX_BODY = 16 << 20  # δ states: a few KB per layer
 MAX_JSON_ITEMS = 1_000_000  # JSON values in the memory metadata (each costs ~100 bytes parsed)
-MAX_FILE = 8 + MAX_HEADER + MAX_BODY
 MAX_STATE_MAGNITUDE = 1e12  # far beyond any state a model writes; 3e38 would overflow next turn
 ROLES = ("system", "user", "assistant", "tool")
 SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")
@@ -224,16 +222,9 @@ def decode(raw: bytes, where: str = "memory file",
     def fail(reason: str) -> MemoryFileError:
         return MemoryFileError(f"{where}: {reason}".replace("\n", " "))
 
-    if not raw:
-        raise fail("the file is empty: not a memory file")
-    if len(raw) < 10:
-        raise fail("the file is too short to be a memory file")
+    if problem := prefix_problem(raw[:9], len(raw)):
+        raise fail(problem)
     n = int.from_bytes(raw[:8], "little")
-    looks_json = raw[8:9] == b"{"
-    if not looks_json or n > MAX_HEADER:
-        raise fail("not a memory file (not a safetensors file)")
-    if 8 + n > len(raw):
-        raise fail(f"truncated: the header needs {n} bytes, the file has {len(raw) - 8}")
     tensors = _tensors(raw, fail)  # the library checks the header's structure first
     try:
         header = _json(str(memoryview(raw)[8:8 + n], "utf-8"), fail, "the safetensors header")
