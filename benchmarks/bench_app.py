@@ -4,8 +4,8 @@ and start-up times (issue 13).
 Start-up (`--what startup`): `dmem-chat` on the bundled demo model run in a pseudo-terminal
 (160×48, a fresh data directory, OpenBLAS re-exec as a user gets it), timed from the command to
 the first screen with the input box ("ui"), and to the model loaded and the memory shown
-("ready"); `dmem-chat --help`; and refusing a bad path (`--memory /no/such/dir/x`, `--model
-/no/such/model`). The reference is plain mlx-lm loading the same model in a fresh process
+("ready"); `dmem-chat --help`; and refusing a bad path (`--memory /no/such/dir/x`, a text file
+as `--memory`, `--model /no/such/model`). The reference is plain mlx-lm loading the same model in a fresh process
 (`python -c "import mlx_lm; mlx_lm.load(demo)"`, under the same OpenBLAS preload), measured in
 the same run. Targets: ready ≤ 2 s, --help ≤ 0.5 s, a bad path refused ≤ 0.5 s.
 
@@ -182,11 +182,15 @@ def startup(rounds: int) -> dict:
     chat = [sys.executable, "-m", "app.main"]
     reference = [sys.executable, "-c", f"import mlx_lm; mlx_lm.load({str(demo_model_path())!r})"]
     rows: dict[str, list[float]] = {k: [] for k in ("ui", "ready", "mlx_lm_load", "help",
-                                                     "bad_memory", "bad_model")}
+                                                     "bad_memory", "not_a_memory",
+                                                     "bad_model")}
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as data:
             seen = in_terminal(chat, {**base, "XDG_DATA_HOME": data},
                                {"ui": "Enter sends", "ready": "new memory —"})
+            notes = Path(data) / "notes.txt"
+            notes.write_text("my notes\n")
+            rows["not_a_memory"].append(timed([*chat, "--memory", str(notes)], base))
         rows["ui"].append(seen["ui"])
         rows["ready"].append(seen["ready"])
         rows["mlx_lm_load"].append(timed(reference, preloaded))
@@ -195,11 +199,13 @@ def startup(rounds: int) -> dict:
         rows["bad_model"].append(timed([*chat, "--model", "/no/such/model"], base))
     result = {k: round(statistics.median(v), 3) for k, v in rows.items()}
     result["ready_over_mlx_lm_load"] = round(result["ready"] / result["mlx_lm_load"], 2)
-    targets = {"ready": 2.0, "help": 0.5, "bad_memory": 0.5, "bad_model": 0.5}
+    targets = {"ready": 2.0, "help": 0.5, "bad_memory": 0.5, "not_a_memory": 0.5,
+               "bad_model": 0.5}
     print(f"{'start-up (s, median of ' + str(rounds) + ')':34}{'time':>8}{'target':>8}")
     for key, label in [("ui", "first screen, input usable"), ("ready", "demo loaded, memory shown"),
                        ("mlx_lm_load", "plain mlx-lm load (reference)"),
                        ("help", "dmem-chat --help"), ("bad_memory", "bad --memory refused"),
+                       ("not_a_memory", "text file as --memory refused"),
                        ("bad_model", "bad --model refused")]:
         target = f"≤ {targets[key]}" if key in targets else ""
         print(f"{label:34}{result[key]:>8.3f}{target:>8}")
