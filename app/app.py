@@ -515,30 +515,40 @@ class DmemChatApp(App[int]):
         assert self.session is not None
         return self.session
 
+    async def show_conversation(self, note: str) -> None:
+        """After a command changed the memory: its conversation, `note`, the panel."""
+        await self.chat_view.show_transcript(self.live.messages)
+        await self.add_note(note)
+        await self.refresh_info()
+
+    async def replace_memory(self, question: str, yes: str, done: str,
+                             replace: Callable[..., object], *args: object) -> None:
+        """Ask `question`; if confirmed, `replace(*args)` on the engine and say `done`."""
+        if not await self.confirm(question, yes):
+            return
+        await self.on_engine(replace, *args)
+        await self.show_conversation(done)
+
     async def command_new(self, _: str) -> None:
         await self.on_engine(self.live.new_conversation)
-        await self.chat_view.show_transcript([])
-        await self.add_note("new conversation — the memory is kept (/history shows the "
-                            "earlier ones)")
-        await self.refresh_info()
+        await self.show_conversation("new conversation — the memory is kept (/history shows the "
+                                     "earlier ones)")
 
     async def command_undo(self, _: str) -> None:
         step = await self.on_engine(self.live.undo)
-        await self.chat_view.show_transcript(self.live.messages)
         first = " ".join(step.user_text.split())
-        await self.add_note(f"undone: “{first[:60]}{'…' if len(first) > 60 else ''}” — the "
-                            "memory, the conversation and the context are as before it")
-        await self.refresh_info()
+        await self.show_conversation(f"undone: “{first[:60]}{'…' if len(first) > 60 else ''}” "
+                                     "— the memory, the conversation and the context are as "
+                                     "before it")
 
     async def command_edit(self, _: str) -> None:
         if self.chat_input.text.strip():
             raise CommandError("the input is not empty: send or clear it first")
         step = await self.on_engine(self.live.undo)
-        await self.chat_view.show_transcript(self.live.messages)
         self.chat_input.text = step.user_text
         self.chat_input.move_cursor(self.chat_input.document.end)
-        await self.add_note("the last exchange was taken back; edit the message and press Enter")
-        await self.refresh_info()
+        await self.show_conversation("the last exchange was taken back; edit the message and "
+                                     "press Enter")
 
     async def command_retry(self, _: str) -> None:
         step = await self.on_engine(self.live.undo)
@@ -587,9 +597,7 @@ class DmemChatApp(App[int]):
             self.notify("nothing forgotten")
             return
         await self.on_engine(self.live.forget)
-        await self.chat_view.show_transcript([])
-        await self.add_note("memory erased")
-        await self.refresh_info()
+        await self.show_conversation("memory erased")
 
     async def command_readonly(self, _: str) -> None:
         session = self.live
@@ -614,13 +622,9 @@ class DmemChatApp(App[int]):
         if name not in self.snapshot_names:
             listed = ", ".join(self.snapshot_names) or "none yet (/snapshot NAME)"
             raise CommandError(f"no snapshot {name!r}; snapshots: {listed}")
-        if not await self.confirm(f"Restore snapshot {name!r}? The current memory is replaced "
-                                  "(take a /snapshot first to keep it).", "Restore"):
-            return
-        await self.on_engine(self.live.restore, name)
-        await self.chat_view.show_transcript(self.live.messages)
-        await self.add_note(f"restored snapshot {name!r}")
-        await self.refresh_info()
+        await self.replace_memory(f"Restore snapshot {name!r}? The current memory is replaced "
+                                  "(take a /snapshot first to keep it).", "Restore",
+                                  f"restored snapshot {name!r}", self.live.restore, name)
 
     async def command_snapshots(self, _: str) -> None:
         self.snapshot_names = list(await self.on_engine(self.live.snapshots))
@@ -638,13 +642,9 @@ class DmemChatApp(App[int]):
         source = Path(path).expanduser()
         if not source.is_file():
             raise CommandError(f"{source}: no such file")
-        if not await self.confirm(f"Replace the current memory by {source}? (take a /snapshot "
-                                  "first to keep it)", "Import"):
-            return
-        await self.on_engine(self.live.import_, source)
-        await self.chat_view.show_transcript(self.live.messages)
-        await self.add_note(f"imported {source}")
-        await self.refresh_info()
+        await self.replace_memory(f"Replace the current memory by {source}? (take a /snapshot "
+                                  "first to keep it)", "Import", f"imported {source}",
+                                  self.live.import_, source)
 
     async def command_info(self, _: str) -> None:
         await self.refresh_info()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -74,6 +75,24 @@ def counts(app) -> str:
     return str(app.query_one("#memory-counts").render())
 
 
+@contextmanager
+def written_fragments():
+    """The fragments streamed into reply boxes while in the block (AssistantMessage.write
+    spied on)."""
+    fragments: list[str] = []
+    original = AssistantMessage.write
+
+    async def spy(self, fragment):
+        fragments.append(fragment)
+        await original(self, fragment)
+
+    AssistantMessage.write = spy
+    try:
+        yield fragments
+    finally:
+        AssistantMessage.write = original
+
+
 async def open_dialog(pilot, command: str) -> ConfirmScreen:
     app = pilot.app
     app.query_one(ChatInput).text = command
@@ -98,18 +117,8 @@ async def test_reply_streams_saves_and_updates_panel(tiny_model, tmp_path):
         await wait_loaded(pilot)
         assert app.last_info.tokens_written == 0
         assert "tokens written  0" in counts(app)
-        chunks_seen = []
-        original = AssistantMessage.write
-
-        async def spy(self, fragment):
-            chunks_seen.append(fragment)
-            await original(self, fragment)
-
-        AssistantMessage.write = spy
-        try:
+        with written_fragments() as chunks_seen:
             await send(pilot, "My name is Ada and I live in Paris.")
-        finally:
-            AssistantMessage.write = original
         [user] = app.query(UserMessage)
         [reply] = app.query(AssistantMessage)
         assert "Ada" in user.text
@@ -293,21 +302,11 @@ def wrapped_session(model_dir, memory, ban_eos=False, before_reply=None, block=N
 async def stream_then(pilot, key: str) -> None:
     """Send the input's text, wait until the reply streams, press `key`."""
     app = pilot.app
-    writes = []
-    original = AssistantMessage.write
-
-    async def spy(self, fragment):
-        writes.append(fragment)
-        await original(self, fragment)
-
-    AssistantMessage.write = spy
-    try:
+    with written_fragments() as writes:
         await pilot.press("enter")
         await wait_until(pilot, lambda: len([w for w in writes if w]) >= 2)  # streaming
         assert app.replying
         await pilot.press(key)
-    finally:
-        AssistantMessage.write = original
     await wait_until(pilot, lambda: not app.replying)
 
 
