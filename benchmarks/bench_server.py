@@ -237,7 +237,7 @@ def isolation(model_dir: str, users: int, steps: int = 16) -> float:
             pair.append((session, session.begin_reply("What is my name?", steps + 1)))
         (s, turn), (s_alone, turn_alone) = pair
         rows.append(Row(job, s, turn, tokenizer))
-        batch.add(rows[-1])
+        batch.add(rows[-1:])
         alone.append((s_alone, turn_alone))
     worst = 0.0
     logits_alone = [t.logits for _, t in alone]

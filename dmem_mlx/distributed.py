@@ -325,7 +325,7 @@ class ShardedChatSession(ChatSession):
             return
         data = self._data()  # every rank takes part in the gather
         if self.memory is not None:
-            self.memory.save(data, backup=backup)
+            self._write(data, backup)
 
     def close(self) -> None:
         """Release the memory file (rank 0); every rank finishes its work in flight together."""

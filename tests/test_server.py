@@ -19,7 +19,7 @@ import uvicorn
 from dmem_mlx.runtime import ChatSession, MemoryFile, read_memory
 from dmem_mlx.server import Limits, build_app
 from dmem_mlx.server.cli import build_parser
-from dmem_mlx.server.engine import Batch, ChatJob, Engine, Row
+from dmem_mlx.server.engine import Batch, ChatJob, Engine, Row, prefill
 from dmem_mlx.server.schemas import APIError, ChatRequest
 
 openai = pytest.importorskip("openai")
@@ -258,8 +258,7 @@ def test_batch_rows_never_see_each_other(tiny):
     batch = Batch(model)
     job = ChatJob(ChatRequest([], "", "tiny", None), lambda *a: None)
     rows = [Row(job, a, turn_a, tokenizer), Row(job, b, turn_b, tokenizer)]
-    for row in rows:
-        batch.add(row)
+    batch.add(rows)
     assert batch.cache[0].left_padding.tolist()[1] > 0
     tokens_a, tokens_b = [5, 17, 9, 33], [40, 2, 61, 7]
     worst = 0.0
@@ -279,6 +278,59 @@ def test_batch_rows_never_see_each_other(tiny):
     batch.remove(rows[0])
     a.end_reply(turn_a, "length", None)
     assert len(batch) == 0
+
+
+def test_prefill_together_gives_each_row_its_solo_logits(tiny):
+    """Prompts of different lengths after contexts of different lengths, prefilled in one call
+    (contexts left-padded, prompts right-padded): each row's first-token logits, its δ state
+    (padding never written) and its next token's logits equal those of the row alone."""
+    model, tokenizer = tiny
+    texts = ["Hi.", "I am Ada and I live in Paris with my cat Milo, a very old cat. "
+             "She sleeps all day long.", "Who am I?"]
+    solo, together = [], []
+    for k, text in enumerate(texts):
+        pair = [ChatSession(model, tokenizer) for _ in range(2)]
+        for session in pair:
+            for t in range(k + 1):  # histories of different lengths
+                session.feed([{"role": "user", "content": f"Fact {t}: the sky is blue."},
+                              {"role": "assistant", "content": "Noted."}])
+        solo.append((pair[0], pair[0].begin_reply(text, 8)))
+        together.append((pair[1], pair[1].begin_reply(text, 8, defer=True)))
+    lengths = [len(t.pending.ids) for _, t in together]
+    assert len(set(lengths)) == 3 and len({len(s._ctx) for s, _ in together}) == 3
+    logits, caches = prefill(model, [s._ctx.cache for s, _ in together],
+                             [t.pending.ids for _, t in together])
+    for k, ((alone_s, alone_t), (s, t)) in enumerate(zip(solo, together)):
+        s.complete_prompt(t, logits[k], caches[k])
+        assert t.pending is None and len(s._ctx) == len(alone_s._ctx)
+        assert float(mx.abs(t.logits - alone_t.logits).max()) <= 1e-5
+        for i, state in states_of(alone_s).items():
+            np.testing.assert_allclose(states_of(s)[i], state, atol=1e-5)
+        step = float(mx.abs(s.feed_token(t, 11) - alone_s.feed_token(alone_t, 11)).max())
+        assert step <= 1e-5
+        s.end_reply(t, "length")
+        alone_s.end_reply(alone_t, "length")
+        assert s.messages == alone_s.messages and s.info().tokens_written == \
+            alone_s.info().tokens_written
+
+
+def test_a_deferred_prompt_can_be_taken_back(tiny):
+    """A turn whose pending prompt is never fed (the client left) leaves the session as it was."""
+    model, tokenizer = tiny
+    session = ChatSession(model, tokenizer)
+    session.feed([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}])
+    before = (session.messages, states_of(session), len(session._ctx),
+              session.info().tokens_written)
+    turn = session.begin_reply("Who am I?", 8, defer=True)
+    session.cancel_reply(turn)
+    assert (session.messages, len(session._ctx), session.info().tokens_written) == \
+        (before[0], before[2], before[3])
+    for i, state in before[1].items():
+        np.testing.assert_array_equal(states_of(session)[i], state)
+    reply = "".join(c.text for c in session.reply("Who am I?", max_tokens=4))
+    ref = ChatSession(model, tokenizer)
+    ref.feed([{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}])
+    assert reply == "".join(c.text for c in ref.reply("Who am I?", max_tokens=4))
 
 
 def test_concurrent_users_get_what_they_get_alone(tiny, served, client):

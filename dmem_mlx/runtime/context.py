@@ -23,25 +23,31 @@ class Stopped(Exception):
 
 
 class _LastPosition(nn.Module):
-    """Stands in for the final norm so that the LM head runs on the last position only."""
+    """Stands in for the final norm so that the LM head runs on one position per row only:
+    the last, or `positions` [B] (the last real token of each right-padded row)."""
 
-    def __init__(self, norm: nn.Module):
+    def __init__(self, norm: nn.Module, positions: Optional[mx.array] = None):
         super().__init__()
         self.norm = norm
+        self.positions = positions
 
     def __call__(self, h: mx.array) -> mx.array:
-        return self.norm(h[:, -1:])
+        if self.positions is None:
+            return self.norm(h[:, -1:])
+        return self.norm(h[mx.arange(h.shape[0]), self.positions][:, None])
 
 
 @contextmanager
-def last_position_only(model: nn.Module) -> Iterator[None]:
-    """Logits of the last position only (a prompt's other logits would cost T × vocab)."""
+def last_position_only(model: nn.Module, positions: Optional[mx.array] = None) -> Iterator[None]:
+    """Logits [B, 1, vocab] of the last position only (a prompt's other logits would cost
+    T × vocab), or of position `positions[b]` in row b. Without a final norm to stand in for
+    (an unknown architecture), the model's logits are left as they are: [B, T, vocab]."""
     inner = getattr(model, "model", None)
     norm = inner.get("norm") if isinstance(inner, nn.Module) else None
     if not isinstance(norm, nn.Module):
         yield
         return
-    inner.norm = _LastPosition(norm)
+    inner.norm = _LastPosition(norm, positions)
     try:
         yield
     finally:
@@ -220,11 +226,12 @@ class Context:
         self.owners.append(owner)
         return out
 
-    def record(self, ids: Sequence[int], write: bool, owner: int = -1) -> None:
+    def record(self, ids: Sequence[int], write: bool, owner: int = -1,
+               owners: Optional[Sequence[int]] = None) -> None:
         """Note tokens fed to this context's sequence by someone else (a batched call, token
-        writes) as if `ingest` had fed them."""
+        writes) as if `ingest` had fed them; labelled `owner`, or per token `owners`."""
         self._append(list(ids), write, None, None)
-        self.owners += [owner] * len(ids)
+        self.owners += list(owners) if owners is not None else [owner] * len(ids)
 
     def _append(self, ids, write, message_ids, sentence_ids) -> None:
         if not write:

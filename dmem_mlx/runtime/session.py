@@ -41,6 +41,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
+from ..cache import state_of, with_state
 from ..errors import ContextTooLongError, NothingToUndoError, SessionBusyError
 from .context import Context, Stopped
 from .fingerprint import model_fingerprint
@@ -84,11 +85,21 @@ class ReplyStats:
 
 
 @dataclass
-class Turn:
-    """A reply under way (`ChatSession.begin_reply`): `logits` [vocab] float32 of its next token,
-    its tokens so far, and what feeding the next one and closing the turn need."""
+class Pending:
+    """The end of a prompt left for the caller to feed (`begin_reply(defer=True)`): `ids` to
+    feed with writes on after the context, each labelled with its `owners` entry."""
 
-    logits: mx.array
+    ids: list[int]
+    owners: list[int]
+
+
+@dataclass
+class Turn:
+    """A reply under way (`ChatSession.begin_reply`): `logits` [vocab] float32 of its next token
+    (None while `pending` tokens of the prompt are still to be fed), its tokens so far, and what
+    feeding the next one and closing the turn need."""
+
+    logits: Optional[mx.array]
     max_tokens: int
     prompt_tokens: int
     prompt_time: float
@@ -105,6 +116,7 @@ class Turn:
     context_tokens: int = 0  # the KV context when the reply starts (the whole prompt)
     tokens: list[int] = field(default_factory=list)
     started: float = 0.0
+    pending: Optional[Pending] = None
 
 
 @dataclass
@@ -182,6 +194,9 @@ class ChatSession:
         self.stop_repetition = True
         self._last_end = 0  # committed part of the last rendered context, in tokens
         self.last_reply: Optional[ReplyStats] = None
+        # None: the memory file is written before a change returns; else each write is handed
+        # to this callable, to be run later in the order given (a server's writer thread)
+        self.write_behind: Optional[Callable[[Callable[[], Any]], None]] = None
         if memory is not None and memory.data is not None:
             self._apply(memory.data)
         else:
@@ -558,7 +573,16 @@ class ChatSession:
         """Save after a change (not in incognito unless forced, never for a read-only file)."""
         if self.memory is None or self.memory.read_only or (self._read_only and not force):
             return
-        self.memory.save(self._data(), backup=backup)
+        self._write(self._data(), backup)
+
+    def _write(self, data: MemoryData, backup: bool) -> None:
+        """Write `data` to the memory file now, or hand the write to `write_behind` (the data
+        is taken now: later changes are not in it)."""
+        memory = self.memory
+        if self.write_behind is None:
+            memory.save(data, backup=backup)
+        else:
+            self.write_behind(lambda: memory.save(data, backup=backup))
 
     def _check_idle(self) -> None:
         if self._closed:
@@ -622,13 +646,16 @@ class ChatSession:
         return turns
 
     def _sync(self, generation_prompt: bool, reserve: int = 0, logits: bool = False,
-              stop: Optional[Callable[[], bool]] = None, strict: bool = False):
+              stop: Optional[Callable[[], bool]] = None, strict: bool = False,
+              defer: bool = False):
         """Bring the KV context and δ memory in line with the transcript, evicting old turns
         if `reserve` more tokens would not fit (strict: refuse what does not fit even then;
         otherwise the turn being answered may overflow the budget by what its reply's
-        re-tokenization adds).
+        re-tokenization adds). defer (with logits): the last call, if it writes every token
+        and fits one prefill call, is left to the caller.
 
-        Returns (logits of the last token or None, tokens ingested, rolled back?, turns evicted).
+        Returns (logits of the last token, or the deferred `Pending`, or None; tokens ingested
+        or to be fed; rolled back?; turns evicted).
         """
         r, end = self._render(generation_prompt)
         evicted = 0
@@ -660,6 +687,10 @@ class ChatSession:
             u = t
             while u < len(ids) and flags[u - start] == flags[t - start]:
                 u += 1
+            if (defer and logits and u == len(ids) and flags[t - start] and not self._groups
+                    and u - t <= ctx.prefill_step):
+                ctx.mark()
+                return Pending(ids[t:u], owners[t:u]), len(ids) - start, rolled, evicted
             groups = {}
             if self._groups:
                 groups = {"message_ids": r.message_ids[t:u], "sentence_ids": r.sentence_ids[t:u]}
@@ -675,12 +706,18 @@ class ChatSession:
     # -- internals: a turn -------------------------------------------------------------------
     # -- a turn, step by step (a server decoding several sessions in one batch) ---------------
     def begin_reply(self, user_text: str, max_tokens: int = 256,
-                    stop: Optional[Callable[[], bool]] = None) -> Optional[Turn]:
+                    stop: Optional[Callable[[], bool]] = None,
+                    defer: bool = False) -> Optional[Turn]:
         """Add `user_text` and ingest the conversation up to the reply (evicting old turns, or
         writing a too-long message into δ in parts, as the budget asks). Returns the Turn,
         holding the logits of the reply's first token, or None if `stop()` turned true before
         that (the turn is then taken back). The session stays busy until `end_reply`; tokens go
-        in with `feed_token` (or `record_token`)."""
+        in with `feed_token` (or `record_token`).
+
+        defer (token writes): the prompt's last call may be left to the caller, e.g. to prefill
+        several sessions in one batch: the Turn then has `pending` tokens and no logits; feed
+        them and give the result to `complete_prompt` (or take the turn back: `cancel_reply`).
+        """
         if not isinstance(user_text, str):
             raise TypeError("user_text must be a str")
         if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -704,7 +741,8 @@ class ChatSession:
             self._messages.append({"role": "user", "content": in_context})
             self._incognito.append(not writing)
             logits, prompt_tokens, rolled, evicted = self._sync(
-                True, max_tokens + len(self._closing), logits=True, stop=stop, strict=True)
+                True, max_tokens + len(self._closing), logits=True, stop=stop, strict=True,
+                defer=defer)
         except BaseException as exc:
             if head:
                 self._restore_step(before)
@@ -715,19 +753,39 @@ class ChatSession:
                 raise
             self.last_reply = ReplyStats("", 0, 0.0, 0, True, "stopped", taken_back=True)
             return None
+        pending = logits if isinstance(logits, Pending) else None
+        context = len(self._ctx) + (len(pending.ids) if pending else 0)
         numbers, sentence_starts = self._numbering()
         turn = Turn(
-            logits=logits, writing=writing, prompt_tokens=prompt_tokens + head_tokens,
+            logits=None if pending else logits, writing=writing,
+            prompt_tokens=prompt_tokens + head_tokens,
             prompt_time=time.perf_counter() - tic, rolled=rolled, evicted=evicted,
-            max_tokens=min(max_tokens, self.max_kv_tokens - len(self._ctx) - len(self._closing)),
+            max_tokens=min(max_tokens, self.max_kv_tokens - context - len(self._closing)),
             message_id=numbers[-1] + 1,  # the user message just added has numbers[-1] >= 0
             first_sentence=sentence_starts[-1] + count_sentences(in_context),
             previous_message_id=self.state.generation_message_id, before=before, head=head,
-            head_tokens=head_tokens, context_tokens=len(self._ctx), context_states=states)
+            head_tokens=head_tokens, context_tokens=context, context_states=states,
+            pending=pending)
         self.state.generation_message_id = turn.message_id
-        self._ctx.mark()
+        if pending is None:
+            self._ctx.mark()
         turn.started = time.perf_counter()
         return turn
+
+    def complete_prompt(self, turn: Turn, logits: mx.array, cache: list[Any]) -> None:
+        """The `pending` tokens of `turn` were fed by the caller: `cache` is this sequence's
+        prompt cache after them (its KV and δ state are taken over), `logits` [vocab] float32
+        those of the reply's first token."""
+        pending, ctx = turn.pending, self._ctx
+        ctx.cache = with_state([getattr(c, "kv", c) for c in cache], self.model, ctx.state)
+        ctx.set_states(state_of(cache).layers)
+        written = ctx.n_written
+        ctx.record(pending.ids, True, owners=pending.owners)
+        self._tokens_written += ctx.n_written - written
+        turn.logits, turn.pending = logits, None
+        turn.prompt_time += time.perf_counter() - turn.started
+        ctx.mark()
+        turn.started = time.perf_counter()
 
     def is_end(self, token: int) -> bool:
         """Whether `token` ends a reply (end-of-sequence or the template's end of turn)."""

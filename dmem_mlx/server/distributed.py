@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import secrets
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,7 +22,6 @@ from .engine import CallJob, ChatJob, Engine
 from .schemas import APIError, ChatRequest
 from .store import MemoryStore
 
-log = logging.getLogger("dmem_mlx.server")
 
 
 def _ignore(kind: str, value: Any) -> None:
@@ -63,28 +61,16 @@ class ShardedMemoryStore(MemoryStore):
 
 
 class ShardedEngine(Engine):
-    """The engine on every rank; rank 0's inbox is shared with the others each round."""
+    """The engine on every rank; rank 0's inbox is shared with the others each round. Memory
+    files are written on the worker (no writer thread): a save's gather involves every rank,
+    and a key held for its write on rank 0 alone would take the ranks out of step."""
 
     def __init__(self, *args: Any, group: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, write_behind=False, **kwargs)
         self.group = group
         self.main = group.rank() == 0
         self._jobs: dict[int, tuple[Any, Any]] = {}  # id → (job as submitted, the engine's copy)
         self._ids = 0
-
-    def _run(self) -> None:
-        while self._round(block=not self._batch.rows):
-            try:
-                self._start_ready()
-                if self._batch.rows:
-                    self._step()
-            except Exception:  # a bug: fail every row cleanly, keep serving (on every rank)
-                log.exception("engine step failed")
-                for row in list(self._batch.rows):
-                    self._fail(row, APIError(500, "internal error while generating"))
-        for row in list(self._batch.rows):
-            self._finish(row, "stopped")
-        self.store.close()
 
     def _round(self, block: bool) -> bool:
         """Take in this round's jobs on every rank; False when the server stops."""

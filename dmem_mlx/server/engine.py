@@ -1,11 +1,12 @@
 """The engine: one worker thread that owns the model and serves every request.
 
-Requests for different memories decode together in one batch (continuous batching: a request
-joins after its own prefill and leaves when its reply ends); each batch row carries its own KV
-cache and δ state, so a row never sees another's memory. Requests for the same memory wait for
-each other. Each turn goes through the memory's `ChatSession` (the chat semantics of DESIGN §3:
-only what is new is written, a sampled end token is never fed, old turns leave the context at
-the budget) and the memory file is saved when the turn ends.
+Requests for different memories decode together in one batch (continuous batching: requests
+that arrive together are prefilled together, join, and each leaves when its reply ends); each
+batch row carries its own KV cache and δ state, so a row never sees another's memory. Requests
+for the same memory wait for each other. Each turn goes through the memory's `ChatSession` (the
+chat semantics of DESIGN §3: only what is new is written, a sampled end token is never fed, old
+turns leave the context at the budget) and the memory file is saved when the turn ends — by a
+writer thread, off the decoding loop; the reply is answered once its turn is on disk.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -25,6 +26,7 @@ from mlx_lm.sample_utils import apply_top_p
 
 from ..cache import state_of, with_state
 from ..runtime import ChatSession, ContextTooLongError, MemoryFileError, Turn
+from ..runtime.context import last_position_only
 from .schemas import APIError, ChatRequest
 from .store import MemoryStore
 
@@ -124,6 +126,11 @@ class Row:
             self.sent = end
 
 
+def merge(caches: list[list[Any]]) -> list[Any]:
+    """One batch prompt cache whose rows are the sequences of `caches` (left-padded)."""
+    return [entries[0].merge(list(entries)) for entries in zip(*caches)]
+
+
 class Batch:
     """The rows decoding together: one prompt cache whose entries are mlx-lm's BatchKVCache
     (rows left-padded to a common length; padding is masked and was never fed through δ)
@@ -141,14 +148,15 @@ class Batch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, row: Row) -> None:
-        one = [c.merge([c]) for c in row.session._ctx.cache]
+    def add(self, rows: list[Row]) -> None:
+        """Rows join (their sessions' caches merged in, left-padded to a common length)."""
+        new = merge([r.session._ctx.cache for r in rows])
         if not self.rows:
-            self.cache = one
+            self.cache = new
         else:
-            for mine, other in zip(self.cache, one):
+            for mine, other in zip(self.cache, new):
                 mine.extend(other)
-        self.rows.append(row)
+        self.rows.extend(rows)
 
     def remove(self, row: Row) -> None:
         """Take `row` out: its KV cache (padding stripped) and δ state go back to its session."""
@@ -178,14 +186,113 @@ class Batch:
         return logits
 
 
+def prefill(model: Any, caches: list[list[Any]], prompts: list[list[int]]) -> tuple:
+    """Feed `prompts[b]` (writes on) after the context of `caches[b]` (prompt caches of single
+    sequences), all rows in one forward call; returns (logits [B, vocab] float32 of each row's
+    last token, each row's prompt cache after it).
+
+    As mlx-lm's batch generator prefills: the contexts are merged (left-padded), the prompts
+    right-padded to a common length (`prepare(right_padding=...)`), and `finalize()` moves the
+    padding to the left afterwards. Right padding is given `valid` = 0, so it is never written
+    into any δ state (DESIGN §2); the LM head runs on each row's last real position only.
+    """
+    cache = merge(caches)
+    lengths = [len(p) for p in prompts]
+    T = max(lengths)
+    padding = [T - n for n in lengths]
+    tokens = mx.array([p + [0] * (T - len(p)) for p in prompts])
+    valid = (mx.arange(T)[None] < mx.array(lengths)[:, None]).astype(mx.float32)
+    if max(padding) > 0:
+        for c in cache:
+            c.prepare(lengths=lengths, right_padding=padding)
+    state = state_of(cache)
+    last = mx.array(lengths) - 1
+    with state.inputs(valid=valid), last_position_only(model, last if T > 1 else None):
+        logits = model(tokens, cache=cache)
+    if logits.shape[1] > 1:  # a model whose final norm could not stand in: all positions
+        logits = logits[mx.arange(len(prompts)), last][:, None]
+    logits = logits[:, -1, :].astype(mx.float32)
+    if max(padding) > 0:
+        for c in cache:
+            c.finalize()
+    mx.eval(logits, [c.state for c in cache], [s for s in state.layers.values() if s is not None])
+    return logits, [[c.extract(b) for c in cache] for b in range(len(prompts))]
+
+
+class Saver:
+    """Writes memory files on its own thread, in the order the writes were handed over, so that
+    saving is off the decoding loop. `after(key, fn)` runs `fn(error)` once every write of `key`
+    handed over so far is done (error: the first that failed, else None); keys with writes in
+    flight are `busy()`. `wake()` is called whenever a key's writes are all done."""
+
+    def __init__(self, wake: Callable[[], None]):
+        self._wake = wake
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending: Counter = Counter()
+        self._failed: dict[Any, Exception] = {}
+        self._thread = threading.Thread(target=self._run, name="dmem-saver", daemon=True)
+        self._thread.start()
+
+    def write(self, key: Any, fn: Callable[[], Any]) -> None:
+        with self._lock:
+            self._pending[key] += 1
+        self._queue.put((key, fn, None))
+
+    def after(self, key: Any, fn: Callable[[Optional[Exception]], None]) -> None:
+        with self._lock:
+            now = not self._pending[key]
+            error = self._failed.pop(key, None) if now else None
+        if now:
+            fn(error)
+        else:
+            self._queue.put((key, None, fn))
+
+    def busy(self) -> set:
+        with self._lock:
+            return {k for k, n in self._pending.items() if n}
+
+    def close(self) -> None:
+        """Finish every write handed over, then stop."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            key, fn, then = item
+            if then is not None:  # the writes handed over before it are done
+                with self._lock:
+                    error = self._failed.pop(key, None)
+                try:
+                    then(error)
+                except Exception:
+                    log.exception("answering after a save failed")
+                continue
+            try:
+                fn()
+            except Exception as exc:  # the previous version of the file is untouched
+                log.error("saving memory %s failed: %s", key, exc)
+                self._failed.setdefault(key, exc)
+            finally:
+                with self._lock:
+                    self._pending[key] -= 1
+                    done = not self._pending[key]
+                    if done:
+                        del self._pending[key]
+                if done:
+                    self._wake()
+
+
 class Engine:
     """Serves chat jobs and memory calls on one worker thread.
 
     max_concurrent: rows decoding at once; max_queue: jobs waiting beyond them (more: 429).
+    write_behind: memory files are written by a writer thread (`Saver`), each reply answered
+    once its turn is on disk; False: written on the worker before the reply is answered.
     """
 
     def __init__(self, model: Any, tokenizer: Any, store: MemoryStore, max_concurrent: int = 8,
-                 max_queue: int = 64):
+                 max_queue: int = 64, write_behind: bool = True):
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.batchable = model.delta_mem.config.memory_write_granularity == "token"
@@ -195,6 +302,10 @@ class Engine:
         self._lock = threading.Lock()
         self._busy: set = set()  # keys with a row decoding
         self._batch = Batch(model)
+        self._started = False  # whether the last round started a job
+        self._saver = Saver(lambda: self._inbox.put(None)) if write_behind else None
+        if self._saver is not None:
+            store.write_behind = self._saver.write
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dmem-engine", daemon=True)
         self.healthy = True
@@ -227,9 +338,8 @@ class Engine:
 
     # -- the worker ------------------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while self._round(block=not self._batch.rows and not self._started):
             try:
-                self._admit(block=not self._batch.rows)
                 self._start_ready()
                 if self._batch.rows:
                     self._step()
@@ -239,12 +349,18 @@ class Engine:
                     self._fail(row, APIError(500, "internal error while generating"))
         for row in list(self._batch.rows):
             self._finish(row, "stopped")
+        if self._saver is not None:
+            self._saver.close()
         self.store.close()
+
+    def _round(self, block: bool) -> bool:
+        """Take in the jobs that arrived (waiting for one if `block`); False once stopped."""
+        self._admit(block)
+        return not self._stop.is_set()
 
     def _admit(self, block: bool) -> None:
         try:
-            job = self._inbox.get(timeout=0.5) if block and not self._waiting else \
-                self._inbox.get_nowait()
+            job = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
             while True:
                 if job is not None:
                     self._waiting.append(job)
@@ -252,14 +368,22 @@ class Engine:
         except queue.Empty:
             pass
 
+    def _held(self) -> set:
+        """Keys whose jobs wait: a row of theirs decodes, or their memory is being written."""
+        return self._busy | (self._saver.busy() if self._saver is not None else set())
+
     def _start_ready(self) -> None:
-        held = set(self._busy)
+        """Start the waiting jobs whose memory is free, in order: memory calls run, chat
+        requests are prefilled together and join the batch."""
+        held = self._held()
+        rows = len(self._batch)
+        starting: list[tuple[ChatJob, ChatSession, Turn]] = []
+        self._started = False
         for job in list(self._waiting):
             key = job.key
             if key in held:
-                held.add(key)
                 continue
-            if isinstance(job, ChatJob) and len(self._batch) >= (
+            if isinstance(job, ChatJob) and rows >= (
                     self.max_concurrent if self.batchable else 1):
                 held.add(key)
                 continue
@@ -267,15 +391,23 @@ class Engine:
             with self._lock:
                 self._pending -= 1
             held.add(key)
+            self._started = True
             if isinstance(job, CallJob):
                 self._run_call(job)
                 continue
             try:
-                self._start_chat(job)
+                opened = self._open_turn(job)
             except Exception:  # a bug: this request fails cleanly, the others go on
                 log.exception("starting a reply failed")
                 job.emit("error", APIError(500, "internal error while starting the reply"))
-        self.store.trim(self._busy)
+                continue
+            if opened is not None:
+                starting.append(opened)
+                self._busy.add(key)
+                rows += 1
+        if starting:
+            self._join(starting)
+        self.store.trim(self._held())
 
     def _run_call(self, job: CallJob) -> None:
         try:
@@ -294,42 +426,78 @@ class Engine:
         self.store.check_exists(memory)
         return self.store.snapshot(self.store.session(memory), memory, name)
 
-    def _start_chat(self, job: ChatJob) -> None:
+    def _open_turn(self, job: ChatJob) -> Optional[tuple[ChatJob, ChatSession, Turn]]:
+        """Begin the reply of `job` (its prompt's last call left pending where it can be
+        batched); None if it will not reply (an error was sent, or the client left)."""
         req = job.request
         if job.cancelled.is_set():
-            return
+            return None
         session = None
         try:
             session = self.store.session(req.memory)
             session.follow(req.history)
-            turn = session.begin_reply(req.user_text, req.max_tokens, job.cancelled.is_set)
+            turn = session.begin_reply(req.user_text, req.max_tokens, job.cancelled.is_set,
+                                       defer=self.batchable)
         except APIError as exc:
             job.emit("error", exc)
-            return
+            return None
         except ContextTooLongError as exc:
             job.emit("error", APIError(400, str(exc), "messages", "context_length_exceeded"))
-            return
+            return None
         except MemoryFileError as exc:
             job.emit("error", APIError(409, f"memory {req.memory!r}: {exc}", None,
                                        "memory_unusable"))
-            return
+            return None
         except Exception:
             log.exception("starting a reply failed")
             job.emit("error", APIError(500, "internal error while reading the conversation"))
-            return
+            return None
         if turn is None:  # the client left during the prefill: the turn was taken back
-            return
-        row = Row(job, session, turn, self.tokenizer)
-        self._busy.add(job.key)
-        self.stats["requests"] += 1
-        log.info("reply %s: memory %s, %d prompt tokens (%d new), waited %.0f ms",
-                 req.id[-8:], req.memory or "-", turn.context_tokens, turn.prompt_tokens,
-                 1000 * (time.perf_counter() - job.queued))
-        if turn.max_tokens < 1:
-            self._finish_row(row, "length")
-            return
-        self._batch.add(row)
-        self.stats["max_batch"] = max(self.stats["max_batch"], len(self._batch))
+            return None
+        return job, session, turn
+
+    def _join(self, starting: list[tuple[ChatJob, ChatSession, Turn]]) -> None:
+        """Feed the pending prompts of the turns starting together in one batched call, then
+        their rows join the batch (a turn without a reply to decode ends at once)."""
+        fed = []
+        for job, session, turn in starting:
+            if turn.pending is None:
+                continue
+            if job.cancelled.is_set():  # the client left: the turn is taken back
+                session.cancel_reply(turn)
+                self._busy.discard(job.key)
+            else:
+                fed.append((job, session, turn))
+        if fed:
+            try:
+                logits, caches = prefill(self.model, [s._ctx.cache for _, s, _ in fed],
+                                         [t.pending.ids for _, _, t in fed])
+            except Exception:
+                log.exception("prefill failed")
+                for job, session, turn in fed:
+                    session.cancel_reply(turn)
+                    self._busy.discard(job.key)
+                    job.emit("error", APIError(500, "internal error while reading the prompt"))
+                return
+            for k, (_, session, turn) in enumerate(fed):
+                session.complete_prompt(turn, logits[k], caches[k])
+        rows = []
+        for job, session, turn in starting:
+            if turn.pending is not None:  # taken back above
+                continue
+            row = Row(job, session, turn, self.tokenizer)
+            self.stats["requests"] += 1
+            req = job.request
+            log.info("reply %s: memory %s, %d prompt tokens (%d new), waited %.0f ms",
+                     req.id[-8:], req.memory or "-", turn.context_tokens, turn.prompt_tokens,
+                     1000 * (time.perf_counter() - job.queued))
+            if turn.max_tokens < 1:
+                self._finish_row(row, "length")
+            else:
+                rows.append(row)
+        if rows:
+            self._batch.add(rows)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(self._batch))
 
     def _step(self) -> None:
         """One token for every row: a sampled token of its reply, or once the reply has ended,
@@ -394,9 +562,22 @@ class Engine:
         # usage: the prompt is what was reused from the KV context plus every token read for
         # this request (parts of a long message written into δ only included)
         cached = max(0, t.context_tokens - (t.prompt_tokens - t.head_tokens))
-        row.job.emit("done", Reply(text=stats.text, finish_reason="length" if finish == "length"
-                                   else "stop", prompt_tokens=cached + t.prompt_tokens,
-                                   cached_tokens=cached, completion_tokens=stats.tokens))
+        reply = Reply(text=stats.text, finish_reason="length" if finish == "length" else "stop",
+                      prompt_tokens=cached + t.prompt_tokens, cached_tokens=cached,
+                      completion_tokens=stats.tokens)
+        if self._saver is None:
+            row.job.emit("done", reply)
+            return
+
+        def answer(error: Optional[Exception]) -> None:  # once the turn is on disk
+            if error is None:
+                row.job.emit("done", reply)
+            else:
+                row.job.emit("error", APIError(500, "the turn could not be saved (the memory "
+                                                    "file keeps the previous one; see the server "
+                                                    "log)", None, "save_failed"))
+
+        self._saver.after(row.job.key, answer)
 
     def _fail(self, row: Row, error: APIError) -> None:
         try:

@@ -14,8 +14,9 @@ import glob
 import shutil
 from collections import OrderedDict
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from filelock import FileLock, Timeout
 
@@ -36,6 +37,9 @@ class MemoryStore:
         self._factory = session_factory
         self.max_open = max_open
         self._open: OrderedDict[str, ChatSession] = OrderedDict()
+        # (memory, write) → None: hands the memory files' writes to a writer thread (the
+        # engine's); None: sessions write before returning
+        self.write_behind: Optional[Callable[[str, Callable[[], Any]], None]] = None
 
     def path(self, memory: str) -> Path:
         return self.directory / (memory + SUFFIX)
@@ -66,6 +70,8 @@ class MemoryStore:
             if file is not None:
                 file.close()
             raise
+        if self.write_behind is not None:
+            session.write_behind = partial(self.write_behind, memory)
         self._open[memory] = session
         return session
 
