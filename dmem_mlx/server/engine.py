@@ -220,66 +220,93 @@ def prefill(model: Any, caches: list[list[Any]], prompts: list[list[int]]) -> tu
 
 
 class Saver:
-    """Writes memory files on its own thread, in the order the writes were handed over, so that
-    saving is off the decoding loop. `after(key, fn)` runs `fn(error)` once every write of `key`
-    handed over so far is done (error: the first that failed, else None); keys with writes in
-    flight are `busy()`. `wake()` is called whenever a key's writes are all done."""
+    """Writes memory files off the decoding loop, on `threads` writer threads: the writes of one
+    key run in the order they were handed over, on one thread; different keys' writes run side
+    by side (a write waits mostly on fsync, and the file system commits concurrent ones
+    together). `after(key, fn)` runs `fn(error)` once every write of `key` handed over so far
+    is done (error: the first that failed, else None); keys with writes in flight are `busy()`.
+    `wake()` is called whenever a key's writes are all done."""
 
-    def __init__(self, wake: Callable[[], None]):
+    def __init__(self, wake: Callable[[], None], threads: int = 4):
         self._wake = wake
-        self._queue: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
-        self._pending: Counter = Counter()
+        self._writes: Counter = Counter()  # key → writes not done
+        self._queued: Counter = Counter()  # key → items (writes, afters) not done
+        self._home: dict[Any, int] = {}  # key → its thread while it has items queued
+        self._load = [0] * threads
         self._failed: dict[Any, Exception] = {}
-        self._thread = threading.Thread(target=self._run, name="dmem-saver", daemon=True)
-        self._thread.start()
+        self._queues = [queue.Queue() for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(q,), daemon=True,
+                                          name=f"dmem-saver-{k}")
+                         for k, q in enumerate(self._queues)]
+        for t in self._threads:
+            t.start()
+
+    def _put(self, key: Any, item: tuple) -> None:
+        """Queue `item` on `key`'s thread (the least loaded one if it has nothing queued)."""
+        with self._lock:
+            if key not in self._home:
+                self._home[key] = min(range(len(self._load)), key=self._load.__getitem__)
+            k = self._home[key]
+            self._load[k] += 1
+            self._queued[key] += 1
+            if item[1] is not None:
+                self._writes[key] += 1
+        self._queues[k].put(item)
 
     def write(self, key: Any, fn: Callable[[], Any]) -> None:
-        with self._lock:
-            self._pending[key] += 1
-        self._queue.put((key, fn, None))
+        self._put(key, (key, fn, None))
 
     def after(self, key: Any, fn: Callable[[Optional[Exception]], None]) -> None:
         with self._lock:
-            now = not self._pending[key]
+            now = not self._queued[key]
             error = self._failed.pop(key, None) if now else None
         if now:
             fn(error)
         else:
-            self._queue.put((key, None, fn))
+            self._put(key, (key, None, fn))
 
     def busy(self) -> set:
         with self._lock:
-            return {k for k, n in self._pending.items() if n}
+            return set(self._writes)
 
     def close(self) -> None:
         """Finish every write handed over, then stop."""
-        self._queue.put(None)
-        self._thread.join()
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join()
 
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
+    def _run(self, q: queue.Queue) -> None:
+        while (item := q.get()) is not None:
             key, fn, then = item
-            if then is not None:  # the writes handed over before it are done
-                with self._lock:
-                    error = self._failed.pop(key, None)
-                try:
-                    then(error)
-                except Exception:
-                    log.exception("answering after a save failed")
-                continue
             try:
-                fn()
-            except Exception as exc:  # the previous version of the file is untouched
-                log.error("saving memory %s failed: %s", key, exc)
-                self._failed.setdefault(key, exc)
+                if fn is not None:
+                    fn()
+                else:  # the key's writes handed over before it are done
+                    with self._lock:
+                        error = self._failed.pop(key, None)
+                    then(error)
+            except Exception as exc:
+                if fn is None:
+                    log.exception("answering after a save failed")
+                else:  # the previous version of the file is untouched
+                    log.error("saving memory %s failed: %s", key, exc)
+                    with self._lock:
+                        self._failed.setdefault(key, exc)
             finally:
                 with self._lock:
-                    self._pending[key] -= 1
-                    done = not self._pending[key]
-                    if done:
-                        del self._pending[key]
-                if done:
+                    self._load[self._home[key]] -= 1
+                    self._queued[key] -= 1
+                    if not self._queued[key]:
+                        del self._queued[key], self._home[key]
+                    saved = False
+                    if fn is not None:
+                        self._writes[key] -= 1
+                        if not self._writes[key]:
+                            del self._writes[key]
+                            saved = True
+                if saved:
                     self._wake()
 
 
@@ -303,7 +330,8 @@ class Engine:
         self._busy: set = set()  # keys with a row decoding
         self._batch = Batch(model)
         self._started = False  # whether the last round started a job
-        self._saver = Saver(lambda: self._inbox.put(None)) if write_behind else None
+        self._saver = Saver(lambda: self._inbox.put(None), threads=min(max_concurrent, 8)) \
+            if write_behind else None
         if self._saver is not None:
             store.write_behind = self._saver.write
         self._stop = threading.Event()
