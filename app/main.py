@@ -13,9 +13,10 @@ import platform
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from dmem_mlx.errors import DmemError, UsageError, user_message
+from dmem_mlx.flags import Parser, add_generation_flags, generation_flags_problem
 
 if TYPE_CHECKING:
     from dmem_mlx.runtime import MemoryFile
@@ -23,11 +24,6 @@ if TYPE_CHECKING:
 PROG = "dmem-chat"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")  # a memory NAME (no directory)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def memory_directory() -> Path:
@@ -53,24 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                "Ctrl+B memory panel, Ctrl+P command palette, F1 help, Ctrl+Q quits. /help in "
                "the app lists the slash commands (/undo, /retry, /history, /export …).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
-    parser.add_argument("--model", help="converted δ-mem model: a directory or a Hugging Face "
-                                        "repo (default: the bundled demo model)")
+    add_generation_flags(parser)
     parser.add_argument("--memory", help="memory file: a NAME (no '/') kept in "
                                          f"{memory_directory()}, or a path such as "
                                          "./me.safetensors in an existing directory (default: "
                                          "one memory per model in that directory)")
-    parser.add_argument("--temp", type=float, default=0.0,
-                        help="sampling temperature; 0 = greedy (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=1.0,
-                        help="nucleus sampling threshold in (0, 1] (default: %(default)s)")
-    parser.add_argument("--max-tokens", type=int, default=512,
-                        help="longest reply, in tokens (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--system", default=None, help="system prompt")
-    parser.add_argument("--max-kv-tokens", type=int, default=None,
-                        help="context budget in tokens; older turns (and the start of longer "
-                             "messages) then live only in the δ memory (default: from the "
-                             "model)")
     parser.add_argument("--read-only", action="store_true",
                         help="incognito: the memory is read but nothing is written or saved; "
                              "also opens a memory another dmem-chat has open")
@@ -78,14 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_numbers(args: argparse.Namespace) -> None:
-    if args.temp < 0:
-        raise UsageError(f"--temp must be ≥ 0, got {args.temp}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.max_tokens < 1:
-        raise UsageError(f"--max-tokens must be ≥ 1, got {args.max_tokens}")
-    if args.max_kv_tokens is not None and args.max_kv_tokens < 16:
-        raise UsageError(f"--max-kv-tokens must be ≥ 16, got {args.max_kv_tokens}")
+    if why := generation_flags_problem(args):
+        raise UsageError(why)
 
 
 def default_model() -> tuple[Path, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,14 +27,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import bench_speed as speed  # noqa: E402
+
 MODES = ("single", "tensor", "pipeline")
+# bench_speed's tiny shape and adapter, and a mid-sized model of 8 layers
 SHAPES = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=8, intermediate_size=256,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512),
+    "tiny": speed.SHAPES["tiny"],
     "mid": dict(hidden_size=1024, num_hidden_layers=8, intermediate_size=3072,
                 num_attention_heads=16, num_key_value_heads=8, head_dim=64, vocab_size=32000),
 }
-DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["q", "o"]}
+DELTA_CONFIG = speed.DELTA_CONFIG
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,21 +87,9 @@ def worker(mode: str, path: str, prompt_tokens: int, decode_tokens: int) -> None
 
 # -- the driver -------------------------------------------------------------------------------
 
-def _free_port_pair() -> int:
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of ports")
-
-
 def run_mode(mode: str, path: Path, args) -> dict:
+    from dmem_mlx.distributed import free_port_pair
+
     me = [str(Path(__file__).resolve()), "--worker", mode, str(path),
           "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -111,7 +100,7 @@ def run_mode(mode: str, path: Path, args) -> dict:
         extra = [f"--env=PYTHONPATH={ROOT}"]
         if os.environ.get("LD_PRELOAD"):
             extra.append(f"--env=LD_PRELOAD={os.environ['LD_PRELOAD']}")
-        cmd = [str(launch), "--backend", "ring", "-n", "2", "-p", str(_free_port_pair()),
+        cmd = [str(launch), "--backend", "ring", "-n", "2", "-p", str(free_port_pair()),
                "--python", sys.executable, *extra, "--", *me]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
                           timeout=1800)

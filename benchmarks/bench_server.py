@@ -127,7 +127,7 @@ class User(threading.Thread):
                 self.completed += 1
 
     def turn(self, client: httpx.Client, messages: list[dict]):
-        body = {"model": "m", "messages": messages, "user": self.name, "stream": self.stream,
+        body = {"messages": messages, "user": self.name, "stream": self.stream,
                 "max_tokens": self.max_tokens}
         if not self.stream:
             r = client.post(self.url + "/v1/chat/completions", json=body)

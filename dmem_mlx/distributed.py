@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -258,6 +259,24 @@ def gather_states(model: nn.Module, states: dict[int, Any]) -> dict[int, mx.arra
     everyone = mx.distributed.all_gather(mine[None], group=group, stream=mx.cpu)
     mx.eval(everyone)
     return {i: everyone[where.owners[i], k] for k, i in enumerate(layers)}
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port p of `host` such that p and p + 1 are free: `mlx.launch --backend ring -p p` on
+    one machine listens on one port per rank (tests, benchmarks)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind((host, port + 1))
+            return port
+        except OSError:
+            continue
+    raise DistributedError("no free pair of ports")
 
 
 def broadcast_bytes(payload: Optional[bytes], group: Any) -> bytes:

@@ -28,7 +28,7 @@ from dmem_mlx import attach_delta_mem
 from dmem_mlx.cache import make_prompt_cache
 from dmem_mlx.config import DeltaMemConfig
 from dmem_mlx.errors import DistributedError
-from dmem_mlx.distributed import pipeline, pipeline_split
+from dmem_mlx.distributed import free_port_pair, pipeline, pipeline_split
 from dmem_mlx.generate import main as generate_main
 from dmem_mlx.model import delta_parameters, load_delta_parameters
 from dmem_mlx.runtime import read_memory
@@ -42,28 +42,11 @@ TOLERANCE = 1e-5
 BACKBONES = ("qwen3", "smollm3")
 
 
-def _free_port_pair() -> int:
-    """A port p such that p and p + 1 are free (the ring backend listens on one per rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free pair of ports")
-
-
 def launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`mlx.launch --backend ring -n 2` on localhost, this interpreter, this checkout first."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    cmd = [str(LAUNCH), "--backend", "ring", "-n", "2", "-p", str(_free_port_pair()),
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", "2", "-p", str(free_port_pair()),
            "--python", sys.executable, "--env", f"PYTHONPATH={env['PYTHONPATH']}", "--", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=ROOT, stdin=subprocess.DEVNULL)
@@ -214,8 +197,10 @@ def _free_port() -> int:
 
 def _conversation(url: str) -> dict:
     """Replies and memory calls, the first two requests sent together (one batch)."""
+    model = httpx.get(url + "/v1/models", timeout=300).json()["data"][0]["id"]
+
     def chat(user: str, text: str, **sampling) -> str:
-        body = {"model": "tiny", "user": user, "max_tokens": 8,
+        body = {"model": model, "user": user, "max_tokens": 8,
                 "messages": [{"role": "user", "content": text}], **sampling}
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
         assert r.status_code == 200, r.text
@@ -259,7 +244,7 @@ def test_dmem_serve_under_mlx_launch(launcher, tiny_dirs, tmp_path):
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), DMEM_NO_OPENBLAS="1")
     ranks = subprocess.Popen(
-        [str(LAUNCH), "--backend", "ring", "-n", "2", "-p", str(_free_port_pair()), "--python",
+        [str(LAUNCH), "--backend", "ring", "-n", "2", "-p", str(free_port_pair()), "--python",
          sys.executable, "--env", f"PYTHONPATH={ROOT}", "--env", "DMEM_NO_OPENBLAS=1", "--",
          "-m", "dmem_mlx.server", "--model", str(path), "--memories", str(tmp_path / "two"),
          "--port", str(port), "--pipeline", "--log-level", "WARNING"],

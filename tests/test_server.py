@@ -435,6 +435,20 @@ def test_unknown_routes_and_memories_get_404(served):
     check_error(httpx.get(served[0].url + "/v1/chat/completions"), 405)
 
 
+def test_an_unknown_model_is_404_and_none_is_the_served_one(served, client):
+    """As OpenAI answers a model it does not serve: 404 model_not_found (nothing written); a
+    request naming no model gets the one model served (as mlx_lm.server's default)."""
+    server, memories = served
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", user="wrong-model", max_tokens=4,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    assert info.value.code == "model_not_found" and "'tiny'" in info.value.message
+    assert not (memories / "wrong-model.safetensors").exists()
+    r = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+
+
 def test_oversized_bodies_get_413(served):
     big = {"messages": [{"role": "user", "content": "x" * (70 * 1024)}]}
     check_error(chat(served[0], big), 413)

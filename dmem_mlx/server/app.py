@@ -160,6 +160,10 @@ def create_app(engine: Engine, model_id: str, limits: Limits, api_key: Optional[
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         req = chat_request(await _json(request), request.headers.get(MEMORY_HEADER), limits)
+        if req.model not in ("", model_id):  # as OpenAI: a model this server does not serve
+            raise APIError(404, f"the model {req.model[:80]!r} does not exist here: this server "
+                                f"serves {model_id!r} (GET /v1/models)", "model",
+                           "model_not_found")
         channel = Channel(asyncio.get_running_loop())
         job = ChatJob(req, channel.put)
         engine.submit(job)

@@ -7,25 +7,20 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Optional, Sequence
 
 from ..errors import DmemError, UsageError, user_message
+from ..flags import Parser, add_generation_flags, generation_flags_problem
 
 PROG = "dmem-serve"
 API_KEY_ENV = "DMEM_API_KEY"
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description="An OpenAI-compatible HTTP server for a δ-mem model that "
                                       "keeps one memory per user (the request's `user` field or "
                                       "an X-Dmem-Memory header).")
-    p.add_argument("--model", help="converted δ-mem model: a directory or a Hugging Face repo "
-                                   "(default: the bundled demo model)")
+    add_generation_flags(p, serving=True)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
@@ -34,17 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "directory)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: the "
                                      f"{API_KEY_ENV} environment variable; none: no key)")
-    p.add_argument("--max-kv-tokens", type=int, default=None,
-                   help="context budget per memory in tokens; older turns then live only in "
-                        "the δ memory (default: from the model)")
-    p.add_argument("--max-tokens", type=int, default=512,
-                   help="default reply length in tokens (default: %(default)s)")
     p.add_argument("--max-tokens-limit", type=int, default=4096,
                    help="the most max_tokens a request may ask for (default: %(default)s)")
-    p.add_argument("--temp", type=float, default=0.0,
-                   help="default sampling temperature (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0,
-                   help="default nucleus sampling top-p (default: %(default)s)")
     p.add_argument("--max-concurrent", type=int, default=8,
                    help="replies decoded together in one batch (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -67,20 +53,15 @@ def check(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with the flags, or None."""
     if not 0 <= args.port <= 65535:
         return f"--port must be in [0, 65535], got {args.port}"
-    if args.temp < 0:
-        return f"--temp must be ≥ 0, got {args.temp}"
-    if not 0 < args.top_p <= 1:
-        return f"--top-p must be in (0, 1], got {args.top_p}"
-    for flag in ("max_tokens", "max_tokens_limit", "max_concurrent", "max_open",
-                 "max_body_bytes"):
+    if why := generation_flags_problem(args):
+        return why
+    for flag in ("max_tokens_limit", "max_concurrent", "max_open", "max_body_bytes"):
         if getattr(args, flag) < 1:
             return f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}"
     if args.max_queue < 0:
         return f"--max-queue must be ≥ 0, got {args.max_queue}"
     if args.max_tokens > args.max_tokens_limit:
         return "--max-tokens must not exceed --max-tokens-limit"
-    if args.max_kv_tokens is not None and args.max_kv_tokens < 16:
-        return f"--max-kv-tokens must be ≥ 16, got {args.max_kv_tokens}"
     return None
 
 
