@@ -13,7 +13,7 @@ import platform
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from dmem_mlx.errors import DmemError, UsageError, user_message
 from dmem_mlx.flags import Parser, add_generation_flags, generation_flags_problem
@@ -176,8 +176,37 @@ def blas_description() -> str:
     return "MLX's built-in BLAS (OpenBLAS installed, not used)"
 
 
+def keep_typed_keys() -> Callable[[], None]:
+    """Until the app takes the terminal, keep keys typed ahead as they are; returns the function
+    that puts the terminal's settings back. A terminal in its normal mode turns a typed Return
+    into a newline as it arrives (ICRNL): a message typed and sent while dmem-chat starts would
+    reach the app as Ctrl+J (a new line in the input) instead of Enter. Echo and line editing
+    are turned off too, as the app does once it runs."""
+    try:
+        import termios
+    except ImportError:  # not a POSIX terminal
+        return lambda: None
+    try:
+        fd = sys.stdin.fileno()
+        before = termios.tcgetattr(fd)
+        after = list(before)
+        after[0] &= ~termios.ICRNL  # iflag
+        after[3] &= ~(termios.ICANON | termios.ECHO)  # lflag
+        termios.tcsetattr(fd, termios.TCSANOW, after)
+    except (OSError, ValueError, termios.error):  # stdin is not a terminal
+        return lambda: None
+
+    def restore() -> None:
+        try:
+            termios.tcsetattr(fd, termios.TCSANOW, before)
+        except (OSError, termios.error):
+            pass
+    return restore
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)  # --help and --version end here, before any import
+    restore_terminal: list[Callable[[], None]] = []
     try:
         check_numbers(args)
         local = (args.model is None or not HUB_ID.fullmatch(args.model)
@@ -190,28 +219,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from dmem_mlx.blas import reexec_with_openblas
 
         reexec_with_openblas(hint=False)  # before any heavy import (it restarts the process)
+        restore_terminal.append(keep_typed_keys())  # after it: the settings kept are the user's
         if not local:  # a hub repo id: resolving it imports mlx-lm (and may download)
             model_path, model_id = resolve_model(args.model), args.model
         memory_path = memory_location(args.memory, model_id)
         check_memory_path(memory_path)
         check_memory_contents(memory_path, model_path)
         memory = open_memory(memory_path, read_only=args.read_only)
+
+        from dmem_mlx.blas import openblas_hint
+
+        from .app import DmemChatApp, Sampling
+
+        app = DmemChatApp(model_path, memory, system=args.system,
+                          max_kv_tokens=args.max_kv_tokens, read_only=args.read_only,
+                          startup_hint=openblas_hint(), model_name=Path(model_id).name or model_id,
+                          blas=blas_description(),
+                          sampling=Sampling(max_tokens=args.max_tokens, temp=args.temp,
+                                            top_p=args.top_p, seed=args.seed))
+        app.run()  # the app releases the memory when it closes
     except (DmemError, OSError) as exc:
         print(f"{PROG}: error: {user_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-
-    from dmem_mlx.blas import openblas_hint
-
-    from .app import DmemChatApp, Sampling
-
-    app = DmemChatApp(model_path, memory, system=args.system, max_kv_tokens=args.max_kv_tokens,
-                      read_only=args.read_only, startup_hint=openblas_hint(),
-                      model_name=Path(model_id).name or model_id, blas=blas_description(),
-                      sampling=Sampling(max_tokens=args.max_tokens, temp=args.temp,
-                                        top_p=args.top_p, seed=args.seed))
-    app.run()  # the app releases the memory when it closes
+    finally:
+        for restore in restore_terminal:
+            restore()
     if app.start_error:
         print(f"{PROG}: error: {app.start_error}", file=sys.stderr)
         return 1

@@ -317,3 +317,31 @@ def test_flush_pacer_keeps_the_ui_share_near_its_target(monkeypatch):
     clock["wall"] += 0.05
     clock["cpu"] += 0.05  # the UI thread was busy all the time: capped at the longest interval
     assert pacer.next_interval() == 1.0
+
+
+def test_enter_typed_while_dmem_chat_starts_stays_enter(monkeypatch):
+    """Typed before the app takes the terminal, "hi⏎" reaches it as typed (a terminal in its
+    normal mode would deliver "hi\\n": Ctrl+J, a new line in the input, not a send); the
+    terminal's settings are put back afterwards."""
+    import os
+    import pty
+    import sys
+    import termios
+
+    from app.main import keep_typed_keys
+
+    master, slave = pty.openpty()
+    try:
+        monkeypatch.setattr(sys, "stdin", open(slave, closefd=False))
+        before = termios.tcgetattr(slave)
+        restore = keep_typed_keys()
+        os.write(master, b"hi\r")
+        got = b""
+        while len(got) < 3:
+            got += os.read(slave, 16)
+        assert got == b"hi\r"
+        restore()
+        assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)
