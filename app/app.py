@@ -45,6 +45,11 @@ BUSY_OK = {"help", "panel", "quit", "copy", "history"}  # may run while a reply 
 RETRY_TEMP = 0.7  # a retry under greedy decoding samples at this temperature (else: same reply)
 
 
+def plural(n: int, word: str) -> str:
+    """"1 part", "2 parts"."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
 @dataclass
 class Sampling:
     """Generation settings, in mlx-lm's names."""
@@ -283,10 +288,9 @@ class DmemChatApp(App[int]):
         info = loaded.info
         where = info.memory_path or "nowhere (this chat is not saved)"
         if info.turns or info.tokens_written:
-            turns = f"{info.turns} turn" + ("s" if info.turns != 1 else "")
             await self.add_note(f"memory loaded: {info.tokens_written:,} tokens written over "
-                                f"{turns} — {where}\nThe last conversation goes on; Ctrl+N "
-                                "starts a new one with only the memory.")
+                                f"{plural(info.turns, 'turn')} — {where}\nThe last conversation "
+                                "goes on; Ctrl+N starts a new one with only the memory.")
         else:
             await self.add_note(f"new memory — {where}. {self.greeting()}")
         if info.read_only:
@@ -430,7 +434,8 @@ class DmemChatApp(App[int]):
                 await self.add_note(
                     f"Your message ({len(event.text):,} characters) did not fit the context "
                     f"budget of {event.info.kv_budget:,} tokens: its first "
-                    f"{stats.memory_only_chars:,} characters ({stats.memory_only_parts} parts, "
+                    f"{stats.memory_only_chars:,} characters "
+                    f"({plural(stats.memory_only_parts, 'part')}, "
                     f"{stats.memory_only_tokens:,} tokens) were written into the memory only; "
                     f"the reply saw the last {kept:,} characters in context.", "yellow")
             if stats.finish_reason == "repetition":
