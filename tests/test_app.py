@@ -416,6 +416,8 @@ async def test_a_long_message_goes_into_memory_and_the_user_is_told(tiny_model, 
         stats = app.last_reply
         assert stats.memory_only_parts >= 1 and stats.tokens > 0
         assert "did not fit the context budget of 64 tokens" in notes(app)
+        parts = stats.memory_only_parts
+        assert f"({parts} part{'' if parts == 1 else 's'}, " in notes(app)
         [user] = app.query(UserMessage)
         assert user.text == text and "memory only" in str(user.border_subtitle)
 
