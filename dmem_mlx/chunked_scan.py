@@ -28,6 +28,7 @@ from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 
 from .delta_mem import MemoryInputs
 
@@ -39,19 +40,35 @@ GROUP = 16  # chunk maps composed per level of the inter-chunk scan
 
 @lru_cache(maxsize=None)
 def _masks(C: int) -> tuple[mx.array, mx.array, tuple[mx.array, ...]]:
-    """(strict lower [C, C], lower below the first subdiagonal [C, C], off-block masks per level)."""
-    t = mx.arange(C)[:, None]
-    j = mx.arange(C)[None, :]
-    strict = (t > j).astype(mx.float32)
-    below = (t > j + 1).astype(mx.float32)
+    """(strict lower [C, C], lower below the first subdiagonal [C, C], off-block masks per level).
+
+    Made from NumPy, so they are data, not graph nodes: no work per call, and safe to cache
+    when first made inside an `mx.compile` trace.
+    """
+    t = np.arange(C)[:, None]
+    j = np.arange(C)[None, :]
+    strict = mx.array((t > j).astype(np.float32))
+    below = mx.array((t > j + 1).astype(np.float32))
     levels = []
     m = 1
     while m < C:
         # Rows in the odd m-block and columns in the even m-block of the same 2m-block.
         same = (t // (2 * m)) == (j // (2 * m))
-        levels.append((same & ((t // m) % 2 == 1) & ((j // m) % 2 == 0)).astype(mx.float32))
+        levels.append(mx.array((same & ((t // m) % 2 == 1) & ((j // m) % 2 == 0))
+                               .astype(np.float32)))
         m *= 2
     return strict, below, tuple(levels)
+
+
+@lru_cache(maxsize=None)
+def _eye(n: int) -> mx.array:
+    """The n×n identity as data (`mx.eye` would add several graph nodes to every call)."""
+    return mx.array(np.eye(n, dtype=np.float32))
+
+
+def _pad_last(x: mx.array, before: int, after: int, value: float) -> mx.array:
+    """x with `before`/`after` entries of `value` around its last axis (one op)."""
+    return mx.pad(x, [(0, 0)] * (x.ndim - 1) + [(before, after)], constant_values=value)
 
 
 def unit_lower_inverse(L: mx.array) -> mx.array:
@@ -64,8 +81,8 @@ def unit_lower_inverse(L: mx.array) -> mx.array:
     C = L.shape[-1]
     _, _, offs = _masks(C)
     if not offs:
-        return mx.broadcast_to(mx.eye(C), L.shape)
-    X = mx.eye(C) - L * offs[0]
+        return mx.broadcast_to(_eye(C), L.shape)
+    X = _eye(C) - L * offs[0]
     for off in offs[1:]:
         X = X - (X @ (L * off)) @ X  # (this association is ~2x faster on the CPU backend)
     return X
@@ -76,7 +93,7 @@ def _compose_prefix(A: mx.array) -> mx.array:
     N, n = A.shape[-3], A.shape[-1]
     d = 1
     while d < N:
-        eye = mx.broadcast_to(mx.eye(n), (*A.shape[:-3], d, n, n))
+        eye = mx.broadcast_to(_eye(n), (*A.shape[:-3], d, n, n))
         A = mx.concatenate([eye, A[..., : N - d, :, :]], axis=-3) @ A
         d *= 2
     return A
@@ -93,7 +110,7 @@ def affine_states(s0: mx.array, A: mx.array) -> mx.array:
         return (s0[..., None, None, :] @ _compose_prefix(A))[..., 0, :]
     G = -(-N // GROUP)
     if pad := G * GROUP - N:
-        eye = mx.broadcast_to(mx.eye(n), (*A.shape[:-3], pad, n, n))
+        eye = mx.broadcast_to(_eye(n), (*A.shape[:-3], pad, n, n))
         A = mx.concatenate([A, eye], axis=-3)
     local = _compose_prefix(A.reshape(*A.shape[:-3], G, GROUP, n, n))  # [..., G, GROUP, n, n]
     after = affine_states(s0, local[..., -1, :, :])  # state after each group [..., G, n]
@@ -139,7 +156,7 @@ def chunked_scan(
     strict, below, _ = _masks(C)
 
     # Decays as products: E[t,j] = a_{j+1}⋯a_{t−1} (t > j), γ_{t−1}, d_j = a_{j+1}⋯a_C.
-    a_prev = mx.concatenate([mx.ones_like(a[..., :1]), a[..., :-1]], axis=-1)
+    a_prev = _pad_last(a[..., :-1], 1, 0, 1.0)
     E = mx.cumprod(a_prev[..., None] * below + (1.0 - below), axis=-2) * strict
     g_prev = mx.cumprod(a, axis=-1, inclusive=False)
     d = mx.cumprod(a, axis=-1, reverse=True, inclusive=False)
@@ -154,11 +171,10 @@ def chunked_scan(
 
     # Chunk maps s_end = s_start M + n as augmented [[M, 0], [n, 1]]: [B, H, r, N, r+1, r+1].
     DK = (UW * d[..., None]).swapaxes(-1, -2) @ kh  # [n; Σ d W kᵀ]: [B, H, r, N, 1 + r, r]
-    M = g_all[..., None, None] * mx.eye(r) - DK[..., 1:, :]
-    top = mx.concatenate([M, mx.zeros((*M.shape[:-1], 1))], axis=-1)
-    bottom = mx.concatenate([DK[..., :1, :], mx.ones((*M.shape[:-2], 1, 1))], axis=-1)
-    maps = mx.concatenate([top, bottom], axis=-2)
-    s0 = mx.concatenate([state, mx.ones((*state.shape[:-1], 1))], axis=-1)  # [B, H, r, r+1]
+    M = g_all[..., None, None] * _eye(r) - DK[..., 1:, :]
+    maps = mx.concatenate([_pad_last(M, 0, 1, 0.0), _pad_last(DK[..., :1, :], 0, 1, 1.0)],
+                          axis=-2)
+    s0 = _pad_last(state, 0, 1, 1.0)  # [B, H, r, r+1]
     ends = affine_states(s0, maps)[..., :r]  # [B, H, r, N, r]
     starts = mx.concatenate([state[..., None, :], ends[..., :-1, :]], axis=-2)
 

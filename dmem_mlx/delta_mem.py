@@ -73,13 +73,13 @@ def scan_step(
 def _step(state, qk, v, keep, erase, write):
     """`scan_step` on columns: qk [B, H, r, 2] (q̃, k̃); v, keep, erase, write [B, H, r, 1].
 
-    Returns (read [B, H, r, 1], new state). Both matvecs are one matmul, nothing is transposed
-    but k̃ (the form with the fewest ops at decode).
+    Returns (read [B, H, r, 1], new state). Written for the fewest MLX primitives (each costs a
+    dispatch at decode, DESIGN §9): both matvecs are one matmul, split in one op, and nothing
+    is transposed but k̃.
     """
-    rp = state @ qk  # [B, H, r, 2]: S q̃ (the read: S before this write) and p = S k̃
-    # S'[i,j] = keep_i S[i,j] − erase_i p_i k̃_j + write_i v_i k̃_j
-    c = write * v - erase * rp[..., 1:]
-    return rp[..., :1], keep * state + c * qk[..., 1:].swapaxes(-1, -2)
+    read, p = mx.split(state @ qk, 2, axis=-1)  # S q̃ (the read: S before this write), S k̃
+    # S'[i,j] = keep_i S[i,j] + (write_i v_i − erase_i p_i) k̃_j
+    return read, keep * state + (write * v - erase * p) * qk[..., 1:].swapaxes(-1, -2)
 
 
 def scan_reference(
@@ -138,7 +138,8 @@ def decode_step(
 def project(config: DeltaMemConfig, h: mx.array, w_in: mx.array, bias: mx.array) -> MemoryInputs:
     """`DeltaMemory.project` as a pure function of arrays (w_in, bias: `fused_weights()`)."""
     qk, *rest = _gated(config, mx.addmm(bias, h.astype(mx.float32), w_in))
-    return MemoryInputs(qk[..., 0], qk[..., 1], *(c[..., 0] for c in rest))
+    drop = lambda x: x.reshape(x.shape[:-1])  # noqa: E731 - [..., 1] → [...], one op each
+    return MemoryInputs(*map(drop, (*mx.split(qk, 2, axis=-1), *rest)))
 
 
 def _gated(config: DeltaMemConfig, x: mx.array):
@@ -148,22 +149,26 @@ def _gated(config: DeltaMemConfig, x: mx.array):
     (, λ_i) (see `DeltaMemory.fused_weights`; per-head gates are repeated on every row).
     """
     cfg = config
-    x = x.reshape(*x.shape[:-1], cfg.num_state_heads, cfg.rank, -1) if x.ndim < 4 or \
-        x.shape[-1] != projection_vectors(cfg) else x
-    qk = normalize_heads(x[..., :2], axis=-2) if cfg.normalize_qk else x[..., :2]
-    return (qk, x[..., 2:3], *gate_coefficients(cfg, x))
+    K = projection_vectors(cfg)
+    if x.ndim < 4 or x.shape[-1] != K:
+        x = x.reshape(*x.shape[:-1], cfg.num_state_heads, cfg.rank, K)
+    qk, v, *gates = mx.split(x, [2, 3, 4][:K - 2], axis=-1)  # one op for all the pieces
+    qk = normalize_heads(qk, axis=-2) if cfg.normalize_qk else qk
+    return (qk, v, *gate_coefficients(cfg, *gates))
 
 
-def gate_coefficients(config: DeltaMemConfig, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """(keep, erase, write) [..., 1] per state row from x [..., K] (DESIGN §1): β = σ(x_3),
-    λ = σ(x_4), 1 − β (coupled) or 1 (no_lambda)."""
-    beta = mx.sigmoid(x[..., 3:4])
+def gate_coefficients(config: DeltaMemConfig, beta_logit: mx.array,
+                      lambda_logit: Optional[mx.array] = None
+                      ) -> tuple[mx.array, mx.array, mx.array]:
+    """(keep, erase, write) per state row (DESIGN §1): β = σ(β_logit), λ = σ(λ_logit),
+    1 − β (coupled) or 1 (no_lambda). lambda_logit: only when λ is learned."""
+    beta = mx.sigmoid(beta_logit)
     if config.state_update_mode == "no_lambda":
         lam = mx.ones_like(beta)
-    elif config.couple_lambda:
+    elif lambda_logit is None:  # coupled
         lam = 1.0 - beta
     else:
-        lam = mx.sigmoid(x[..., 4:5])
+        lam = mx.sigmoid(lambda_logit)
     return row_coefficients(config, beta, lam)
 
 
@@ -230,11 +235,12 @@ class DeltaMemory(nn.Module):
     def fused_weights(self) -> dict[str, mx.array]:
         """The parameters arranged for few ops, cached until a parameter is replaced.
 
-        {"in": [D, P], "bias": [P]}: the memory q/k/v and gate projections as one matmul,
-        P = H·r·K columns ordered [H, r, K] (K = q, k, v, β (, λ): the entries of one state
-        row are adjacent), gate rows repeated r times when the gates are per head (G = H);
-        and per active head x: [R, out_x], W_Δx
-        with α/r and the trainable scale folded in. Rebuilt whenever a parameter is another
+        {"in": [1, D, P], "bias": [1, 1, P]}: the memory q/k/v and gate projections as one
+        matmul, P = H·r·K columns ordered [H, r, K] (K = q, k, v, β (, λ): the entries of one
+        state row are adjacent), gate rows repeated r times when the gates are per head
+        (G = H); and per active head x: [1, R, out_x], W_Δx with α/r and the trainable scale
+        folded in. (The leading 1s let a decode token's [1, 1, D] input meet them in one
+        `addmm` with no reshape or broadcast around it.) Rebuilt whenever a parameter is another
         array object (optimizer updates, `load_delta_parameters`, `Module.update`); after
         editing a weight in place (`w[...] = x`) call `clear_fused_weights()`.
         """
@@ -255,13 +261,13 @@ class DeltaMemory(nn.Module):
         K, H, r, D = len(rows), cfg.num_state_heads, cfg.rank, rows[0].shape[1]
         w_in = mx.stack(rows).reshape(K, H, r, D).transpose(1, 2, 0, 3).reshape(-1, D)
         bias = mx.concatenate(biases).reshape(K, H, r).transpose(1, 2, 0).reshape(-1)
-        weights = {"in": w_in.T, "bias": bias}
+        weights = {"in": w_in.T[None], "bias": bias[None, None]}
         for head in cfg.delta_heads:
             scale = cfg.scaling  # Δx = (α/r) · s_x · W_Δx read
             if cfg.trainable_delta_scale:
                 idx = DELTA_HEADS.index(head) if cfg.delta_scale_granularity == "head" else 0
                 scale = mx.sigmoid(f32(self.delta_scale_raw[idx])) * cfg.delta_scale_max * scale
-            weights[head] = (f32(getattr(self, f"delta_{head}_proj")) * scale).T
+            weights[head] = (f32(getattr(self, f"delta_{head}_proj")) * scale).T[None]
         # Kept lazy: evaluated with the first call that uses it (eval is not allowed under compile).
         self.__dict__["_fused"] = (sources, weights)
         return weights

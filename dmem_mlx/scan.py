@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .chunked_scan import DEFAULT_CHUNK, _masks, chunked_scan
+from .chunked_scan import DEFAULT_CHUNK, chunked_scan
 from .config import DeltaMemConfig
 from .delta_mem import MemoryInputs, decode_step, project, scan_reference
 from .errors import ConfigError
@@ -119,18 +119,10 @@ def token_scan(
         valid = mx.ones((B, T), mx.float32) if valid is None else valid.astype(mx.float32)
         valid = mx.pad(valid, [(0, 0), (0, pad)])
         h = mx.pad(h, [(0, 0), (0, pad), (0, 0)])
-    _concrete_masks()
     fn = _compiled_token_scan(memory.config, valid is not None, threading.get_ident())
     args = (h, state, w["in"], w["bias"])
     reads, new_state = fn(*args) if valid is None else fn(*args, valid)
     return (reads[:, :T] if pad else reads), new_state
-
-
-@lru_cache(maxsize=None)
-def _concrete_masks() -> None:
-    """The chunked scan's cached masks, evaluated outside any compiled trace (a cached array
-    made while tracing would be a placeholder of that trace)."""
-    mx.eval(_masks(DEFAULT_CHUNK))
 
 
 @lru_cache(maxsize=64)
@@ -157,16 +149,18 @@ def step(
     [B, H, r, r]).
     """
     w = memory.fused_weights() if weights is None else weights
-    path = resolve(backend)  # (on Metal the model decodes with `layer_step` instead)
-    key = (write, valid is not None, path != "reference", threading.get_ident())
-    steps = memory.__dict__.setdefault("_steps", {})  # this layer's step functions
-    fn = steps.get(key)
+    # (on Metal the model decodes with `layer_step`; this is the portable step of every
+    # backend but "reference", compiled where this machine can compile)
+    key = (write, valid is not None, backend != "reference", threading.get_ident())
+    steps = memory.__dict__.get("_steps")  # this layer's step functions, by key
+    fn = None if steps is None else steps.get(key)
     if fn is None:
-        if len(steps) > 64:  # threads come and go
-            steps.clear()
+        if steps is None or len(steps) > 64:  # threads come and go
+            steps = memory.__dict__["_steps"] = {}
         fn = steps[key] = step_function(memory.config, write, key[2], key[3])
-    return fn(h, state, w["in"], w["bias"]) if valid is None else \
-        fn(h, state, w["in"], w["bias"], valid)
+    if valid is None:
+        return fn(h, state, w["in"], w["bias"])
+    return fn(h, state, w["in"], w["bias"], valid)
 
 
 @lru_cache(maxsize=64)

@@ -32,7 +32,7 @@ def full_out_dim(projection: nn.Module) -> int:
 def rank_slice(projection: nn.Module, delta: Any) -> Any:
     """This rank's share of a correction to `projection`'s output.
 
-    delta: Δ [..., out] or (reads [..., R], weight [R, out]) (the scaled δ weight);
+    delta: Δ [..., out] or (reads [..., R], weight [..., R, out]) (the scaled δ weight);
     returned unchanged when `projection` is not all-to-sharded.
     """
     if not isinstance(projection, ALL_TO_SHARDED):
@@ -43,4 +43,4 @@ def rank_slice(projection: nn.Module, delta: Any) -> Any:
         return delta[..., i * width:(i + 1) * width]
     reads, weight = delta
     width = weight.shape[-1] // n
-    return reads, weight[:, i * width:(i + 1) * width]
+    return reads, weight[..., i * width:(i + 1) * width]

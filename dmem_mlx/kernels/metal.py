@@ -71,11 +71,11 @@ _LAYER_DECODE_SOURCE = """
     // One threadgroup of Threads threads per (correction head g, batch row b); each group
     // computes the projection and the reads itself (a few thousand FMAs), group 0 alone writes
     // the state, group g writes the columns of head g.
-    // h: [B, D] attention input (InT); w_in: [D, P] fp32, P = H·r·K, column (head, row i, m)
+    // h: [B, D] attention input (InT); w_in: [(1,) D, P] fp32, P = H·r·K, column (head, row i, m)
     // for entry i of the vector m = q, k, v, β (, λ) of each head (`DeltaMemory.fused_weights`:
-    // gates given per state row); bias: [P];
+    // gates given per state row); bias: [(1, 1,) P];
     // state_in: [B, H, r, r]; valid: [B] (false: a padding row, reads 0 and keeps its state);
-    // w_out: [R, O] fp32, the scaled δ weights of the active heads side by side, head g in
+    // w_out: [(1,) R, O] fp32, the scaled δ weights of the active heads side by side, head g in
     // columns head_start[g] .. head_start[g + 1] - 1; norm_weight, norm_eps: the RMSNorm of
     // the Δ of group NormGroup when DeltaNorm (template ints must not be negative: MLX puts
     // them in the kernel's name).
@@ -300,9 +300,9 @@ def layer_decode_launch(
     if memory_bytes > THREADGROUP_MEMORY:
         raise ValueError(f"metal_layer_decode: {memory_bytes} bytes of threadgroup memory "
                          f"(H = {H}, r = {r}) exceed {THREADGROUP_MEMORY}")
-    if "out" not in w:  # [R, O]: the active heads' scaled δ weights side by side
-        w["out"] = mx.concatenate([w[x] for x in heads], axis=1)
-    widths = [w[x].shape[1] for x in heads]
+    if "out" not in w:  # [1, R, O]: the active heads' scaled δ weights side by side
+        w["out"] = mx.concatenate([w[x] for x in heads], axis=-1)
+    widths = [w[x].shape[-1] for x in heads]
     starts = [0]
     for width in widths:
         starts.append(starts[-1] + width)
@@ -365,6 +365,6 @@ def metal_layer_decode(
         return {heads[0]: deltas}, new_state
     out, start = {}, 0
     for x in heads:  # each head's columns: views, no copy
-        width = w[x].shape[1]
+        width = w[x].shape[-1]
         out[x], start = deltas[..., start:start + width], start + width
     return out, new_state
