@@ -312,30 +312,36 @@ def print_tables(result: dict) -> None:
           f"load average {m['load_average_start']} -> {result['load_average_end']}")
     print("ratio = median over repetitions of (δ-mem / plain) measured back to back")
     if "decode" in result:
-        print("\nDecode (mlx_lm.stream_generate, fp32, greedy)")
-        print(f"{'backbone':>9} {'tokens':>6} {'plain tok/s':>12} {'δ-mem tok/s':>12} "
-              f"{'ratio':>6} {'added µs/layer/token':>21}")
-        for d in result["decode"]:
-            print(f"{d['shape']:>9} {d['tokens']:>6} {d['plain_tok_s']:>12.2f} "
-                  f"{d['dmem_tok_s']:>12.2f} {d['ratio']:>6.3f} {d['added_us_per_layer_token']:>21.1f}")
+        _table("Decode (mlx_lm.stream_generate, fp32, greedy)", result["decode"], [
+            ("backbone", 9, "shape", ""), ("tokens", 6, "tokens", ""),
+            ("plain tok/s", 12, "plain_tok_s", ".2f"), ("δ-mem tok/s", 12, "dmem_tok_s", ".2f"),
+            ("ratio", 6, "ratio", ".3f"),
+            ("added µs/layer/token", 21, "added_us_per_layer_token", ".1f")])
     if "prefill" in result:
-        print("\nPrefill (prompt tok/s, writes on)")
-        print(f"{'backbone':>9} {'tokens':>6} {'plain tok/s':>12} {'δ-mem tok/s':>12} {'ratio':>6}")
-        for d in result["prefill"]:
-            print(f"{d['shape']:>9} {d['prompt_tokens']:>6} {d['plain_tok_s']:>12.1f} "
-                  f"{d['dmem_tok_s']:>12.1f} {d['ratio']:>6.3f}")
+        _table("Prefill (prompt tok/s, writes on)", result["prefill"], [
+            ("backbone", 9, "shape", ""), ("tokens", 6, "prompt_tokens", ""),
+            ("plain tok/s", 12, "plain_tok_s", ".1f"), ("δ-mem tok/s", 12, "dmem_tok_s", ".1f"),
+            ("ratio", 6, "ratio", ".3f")])
     if "scan" in result:
-        print("\nState scan alone (r = 8, batch 1)")
-        print(f"{'heads':>5} {'tokens':>6} {'loop ms':>10} {'fast ms':>9} {'speedup':>8}")
-        for d in result["scan"]:
-            print(f"{d['heads']:>5} {d['tokens']:>6} {d['loop_ms']:>10.1f} {d['fast_ms']:>9.2f} "
-                  f"{d['speedup']:>7.1f}x")
+        _table("State scan alone (r = 8, batch 1)", [
+            {**d, "speedup": f"{d['speedup']:.1f}x"} for d in result["scan"]], [
+            ("heads", 5, "heads", ""), ("tokens", 6, "tokens", ""), ("loop ms", 10, "loop_ms", ".1f"),
+            ("fast ms", 9, "fast_ms", ".2f"), ("speedup", 8, "speedup", "")])
     if "memory" in result:
-        print("\nMemory per sequence: δ state vs KV cache for the same history")
-        print(f"{'backbone':>9} {'history':>8} {'δ state':>10} {'KV fp32':>10} {'KV bf16':>10}")
-        for d in result["memory"]:
-            print(f"{d['shape']:>9} {d['history_tokens']:>8} {_size(d['delta_state_bytes']):>10} "
-                  f"{_size(d['kv_cache_bytes_fp32']):>10} {_size(d['kv_cache_bytes_bf16']):>10}")
+        _table("Memory per sequence: δ state vs KV cache for the same history", [
+            {**d, **{k: _size(d[k]) for k in ("delta_state_bytes", "kv_cache_bytes_fp32",
+                                              "kv_cache_bytes_bf16")}} for d in result["memory"]], [
+            ("backbone", 9, "shape", ""), ("history", 8, "history_tokens", ""),
+            ("δ state", 10, "delta_state_bytes", ""), ("KV fp32", 10, "kv_cache_bytes_fp32", ""),
+            ("KV bf16", 10, "kv_cache_bytes_bf16", "")])
+
+
+def _table(title: str, rows: list[dict], columns: list[tuple[str, int, str, str]]) -> None:
+    """Print a titled table: one line per row; columns are (header, width, key, format)."""
+    print(f"\n{title}")
+    print(" ".join(f"{header:>{width}}" for header, width, _, _ in columns))
+    for row in rows:
+        print(" ".join(f"{row[key]:>{width}{fmt}}" for _, width, key, fmt in columns))
 
 
 def _size(n: int) -> str:

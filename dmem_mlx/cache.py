@@ -220,6 +220,12 @@ class DeltaState:
         object.__setattr__(self, key, value)
 
 
+def _kv_attribute(name: str) -> property:
+    """An attribute of `DeltaKVCache` that is the same attribute of its KV cache, read and set."""
+    return property(lambda self: getattr(self.kv, name),
+                    lambda self, value: setattr(self.kv, name, value))
+
+
 class DeltaKVCache:
     """The cache entry of a δ layer: mlx-lm's KV cache of that layer plus the sequence's δ state.
 
@@ -236,21 +242,9 @@ class DeltaKVCache:
             raise AttributeError(name)
         return getattr(self.kv, name)
 
-    @property
-    def state(self):
-        return self.kv.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.kv.state = value
-
-    @property
-    def meta_state(self):
-        return self.kv.meta_state
-
-    @meta_state.setter
-    def meta_state(self, value) -> None:
-        self.kv.meta_state = value
+    # Read and written on the KV cache (mlx-lm's load_prompt_cache sets both).
+    state = _kv_attribute("state")
+    meta_state = _kv_attribute("meta_state")
 
     def to_quantized(self, *args: Any, **kwargs: Any) -> "DeltaKVCache":
         if isinstance(self.kv, mlx_cache.QuantizedKVCache):
