@@ -298,9 +298,25 @@ class DmemChatApp(App[int]):
         if self.startup_hint:
             self.notify(self.startup_hint, severity="warning", timeout=15)
         self.ready = True
+        if any(m["role"] != "system" for m in loaded.messages):
+            self.read_context()
         pending, self.pending = self.pending, []
         for text in pending:
             self.submit_text(text, queued=True)
+
+    @work(group="context")
+    async def read_context(self) -> None:
+        """After loading: read the conversation into the KV context in the background (the
+        next turn would do it first; a message sent meanwhile waits for it), then show the
+        context as it is. Quitting stops it."""
+        from dmem_mlx.errors import DmemError
+
+        try:
+            await self.on_engine(self.live.read_context, self._stop.is_set)
+        except DmemError:
+            return  # the next turn reads it again and says what is wrong
+        if self.is_running and not self._session_closed:
+            await self.refresh_info()
 
     def greeting(self) -> str:
         """What to tell on a new memory: for the demo, the kinds of things it can remember."""

@@ -163,6 +163,25 @@ async def test_memory_survives_a_restart(tiny_model, tmp_path):
         assert f"tokens written  {written:,}" in counts(app)
 
 
+async def test_a_restart_reads_the_context_back(tiny_model, tmp_path):
+    memory = tmp_path / "chat.memory"
+    app = make_app(tiny_model, memory)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "My name is Ada.")
+        written = app.last_info.tokens_written
+        await pilot.press("ctrl+q")
+    app = make_app(tiny_model, memory)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await wait_until(pilot, lambda: app.last_info.kv_tokens > 0, 20)  # read, not written
+        info = app.last_info
+        assert info.tokens_written == written
+        assert str(app.query_one("#context-text").render()).startswith(f"{info.kv_tokens:,} / ")
+        await send(pilot, "I live in Paris.")  # the next turn goes on from there
+        assert app.last_info.tokens_written > written
+
+
 async def test_a_start_up_failure_is_shown_and_exits_1(tiny_model, tmp_path):
     from dmem_mlx.runtime import MemoryFile
 

@@ -360,16 +360,31 @@ class ChatSession:
 
     def undo(self) -> UndoStep:
         """Take back the last turn: δ state, transcript, counts and KV context as they were
-        before it (the context is read again now, without writing); saved. Returns the step (its `user_text` is the message taken back).
-        Raises NothingToUndoError."""
+        before it (the context is read again now, see `read_context`); saved. Returns the step
+        (its `user_text` is the message taken back). Raises NothingToUndoError."""
         self._check_idle()
         if not self._undo_steps:
             raise NothingToUndoError("nothing to undo in this conversation")
         step, incognito = self._undo_steps.pop()
         self._restore_step(step)
-        self._sync(False)  # the conversation that stays is read back into the context (no writes)
+        self._sync(False)
         self._save(force=not incognito)
         return step
+
+    def read_context(self, stop: Optional[Callable[[], bool]] = None) -> int:
+        """Read the conversation into the KV context now, without writing into δ (it is there
+        already) — what the next turn would do first; e.g. right after loading a memory, so that
+        the context is shown as it is. stop: checked between prefill chunks (what was read
+        stays; the next turn reads the rest). Returns the context's length in tokens."""
+        self._check_idle()
+        self._busy = True
+        try:
+            self._sync(False, stop=stop)
+        except Stopped:
+            pass
+        finally:
+            self._busy = False
+        return len(self._ctx)
 
     def retry(self, max_tokens: int = 256, **kwargs: Any) -> Iterator[ReplyChunk]:
         """Answer the last turn's message again from the state before it (`undo()`, then
