@@ -212,9 +212,13 @@ def check_memories(memories: Path, crowd: list[User]) -> dict:
     return {"lost": lost, "invalid": invalid}
 
 
-def isolation(model_dir: str, users: int, steps: int = 16) -> float:
-    """max |Δlogit| between each row of a batch of `users` memories (different histories, so
-    rows are left-padded) and the same conversation decoded alone, over `steps` tokens."""
+def isolation(model_dir: str, users: int, steps: int = 16) -> tuple[float, float]:
+    """(batched vs alone, others changed): max |Δlogit| between each row of a batch of `users`
+    memories (different histories, so rows are left-padded) and the same conversation decoded
+    alone, over `steps` tokens; and between row 0 of that batch and row 0 of a batch whose
+    other rows hold other memories (their δ states changed) and are fed other tokens. The
+    first also holds the BLAS's rounding for another batch size; the second is what another
+    user's memory does to a reply (0 when rows are independent)."""
     import mlx.core as mx
 
     from dmem_mlx import load
@@ -225,34 +229,47 @@ def isolation(model_dir: str, users: int, steps: int = 16) -> float:
 
     model, tokenizer = load(model_dir or str(demo_model_path()))
     job = ChatJob(ChatRequest([], "", "m", None), lambda *a: None)
-    batch, rows, alone = Batch(model), [], []
+    batches, rows, alone = [Batch(model), Batch(model)], [[], []], []
     for k in range(users):
-        pair = []
-        for _ in range(2):
+        made = []
+        for _ in range(3):
             session = ChatSession(model, tokenizer)
             for t in range(k % 3 + 1):  # histories of different lengths
                 session.feed([{"role": "user", "content": QUESTIONS[(k + t) % len(QUESTIONS)]
                                .format(name=NAMES[k % len(NAMES)], city=CITIES[k % len(CITIES)])},
                               {"role": "assistant", "content": "I see."}])
-            pair.append((session, session.begin_reply("What is my name?", steps + 1)))
-        (s, turn), (s_alone, turn_alone) = pair
-        rows.append(Row(job, s, turn, tokenizer))
-        batch.add(rows[-1:])
+            made.append((session, session.begin_reply("What is my name?", steps + 1)))
+        (s, turn), (s_other, turn_other), (s_alone, turn_alone) = made
+        if k > 0:  # another memory in every other row of the second batch
+            state = s_other._ctx.state
+            state.layers = {i: None if v is None else 0.5 - v for i, v in state.layers.items()}
+        for b, (session, t) in enumerate([(s, turn), (s_other, turn_other)]):
+            rows[b].append(Row(job, session, t, tokenizer))
         alone.append((s_alone, turn_alone))
-    worst = 0.0
+    for b in range(2):
+        batches[b].add(rows[b])
+    worst = others = 0.0
     logits_alone = [t.logits for _, t in alone]
-    logits = mx.stack([r.turn.logits for r in rows])
-    vocab = logits.shape[-1]
+    logits = [mx.stack([r.turn.logits for r in rows[b]]) for b in range(2)]
+    vocab = logits[0].shape[-1]
+
+    def gap(a: mx.array, b: mx.array) -> float:
+        d = float(mx.abs(a - b).max())
+        return d if d == d else float("inf")  # NaN counts as the worst
+
     for step in range(steps):
+        others = max(others, gap(logits[0][0], logits[1][0]))
         for k in range(users):
-            d = float(mx.abs(logits[k] - logits_alone[k]).max())
-            worst = max(worst, d if d == d else float("inf"))  # NaN counts as the worst
+            worst = max(worst, gap(logits[0][k], logits_alone[k]))
         tokens = [10 + (37 * k + 13 * step) % (vocab - 10) for k in range(users)]  # distinct
-        logits = batch.step(tokens)
-        for k, (row, (s_alone, turn_alone)) in enumerate(zip(rows, alone)):
-            row.session.record_token(row.turn, tokens[k])
+        changed = [tokens[0]] + [10 + (tokens[k] * 7) % (vocab - 10) for k in range(1, users)]
+        logits = [batches[0].step(tokens), batches[1].step(changed)]
+        for k in range(users):
+            rows[0][k].session.record_token(rows[0][k].turn, tokens[k])
+            rows[1][k].session.record_token(rows[1][k].turn, changed[k])
+            s_alone, turn_alone = alone[k]
             logits_alone[k] = s_alone.feed_token(turn_alone, tokens[k])
-    return worst
+    return worst, others
 
 
 def pct(values: list[float], q: float) -> float:
@@ -313,7 +330,7 @@ def main() -> None:
         completed = sum(u.completed for u in crowd)
     finally:
         server.stop()
-    influence = isolation(model, args.users)
+    influence, others = isolation(model, args.users)
     # 3. SIGKILL during the same load
     killed = {"lost": 0, "invalid": 0, "completed": 0}
     if args.kill_after > 0:
@@ -341,7 +358,7 @@ def main() -> None:
         "turns_lost": check["lost"], "files_invalid": check["invalid"],
         "kill_turns_completed": killed["completed"], "kill_turns_lost": killed["lost"],
         "kill_files_invalid": killed["invalid"], "kill_files": killed.get("files", 0),
-        "cross_user_max_abs_dlogit": influence,
+        "batched_vs_alone_max_abs_dlogit": influence, "cross_user_max_abs_dlogit": others,
     }
     n = args.users
     print("| measure (medians of %d rounds) | 1 user alone | %d users at once | ratio |"
@@ -357,7 +374,9 @@ def main() -> None:
           f"{result['ttft_p50_ms']:.0f} / {result['ttft_p95_ms']:.0f} ms |")
     print(f"| per-token latency p50 / p95 (between streamed chunks) | "
           f"{result['token_p50_ms']:.1f} / {result['token_p95_ms']:.1f} ms |")
-    print(f"| cross-user influence: max |Δlogit|, {n} rows batched vs alone | {influence:.1e} |")
+    print(f"| max |Δlogit|, {n} rows batched vs each alone | {influence:.1e} |")
+    print(f"| cross-user influence: max |Δlogit| of a row when the other rows' memories and "
+          f"tokens change | {others:.1e} |")
     print(f"| {n} users × {args.turns} turns: turns completed, lost, files invalid | "
           f"{completed}, {check['lost']}, {check['invalid']} ({len(errors)} errors) |")
     if args.kill_after > 0:
