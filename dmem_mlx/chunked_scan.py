@@ -146,7 +146,7 @@ def chunked_scan(
         keep = mx.pad(keep, widths, constant_values=1.0)
 
     def heads(x):  # [B, T, H, r] → [B, H, 1, N, C, r]
-        return x.reshape(B, N, C, H, r).transpose(0, 3, 1, 2, 4)[:, :, None]
+        return x.reshape(B, N, C, H, 1, r).transpose(0, 3, 4, 1, 2, 5)
 
     def rows(x):  # [B, T, H, r] → [B, H, r, N, C]
         return x.reshape(B, N, C, H, r).transpose(0, 3, 4, 1, 2)
@@ -160,7 +160,7 @@ def chunked_scan(
     E = mx.cumprod(a_prev[..., None] * below + (1.0 - below), axis=-2) * strict
     g_prev = mx.cumprod(a, axis=-1, inclusive=False)
     d = mx.cumprod(a, axis=-1, reverse=True, inclusive=False)
-    g_all = g_prev[..., -1] * a[..., -1]
+    g_all = (g_prev * a)[..., -1:]  # a_1⋯a_C: [B, H, r, N, 1]
 
     kt = kh.swapaxes(-1, -2)
     L = E * (kh @ kt) * b[..., None]  # [B, H, r, N, C, C]
@@ -171,15 +171,15 @@ def chunked_scan(
 
     # Chunk maps s_end = s_start M + n as augmented [[M, 0], [n, 1]]: [B, H, r, N, r+1, r+1].
     DK = (UW * d[..., None]).swapaxes(-1, -2) @ kh  # [n; Σ d W kᵀ]: [B, H, r, N, 1 + r, r]
-    M = g_all[..., None, None] * _eye(r) - DK[..., 1:, :]
+    M = g_all[..., None] * _eye(r) - DK[..., 1:, :]
     maps = mx.concatenate([_pad_last(M, 0, 1, 0.0), _pad_last(DK[..., :1, :], 0, 1, 1.0)],
                           axis=-2)
     s0 = _pad_last(state, 0, 1, 1.0)  # [B, H, r, r+1]
     ends = affine_states(s0, maps)[..., :r]  # [B, H, r, N, r]
     starts = mx.concatenate([state[..., None, :], ends[..., :-1, :]], axis=-2)
 
-    reads = OZ[..., 0] + (Z @ starts[..., None])[..., 0]  # [B, H, r, N, C]
-    reads = reads.transpose(0, 3, 4, 1, 2).reshape(B, N * C, H, r)[:, :T]
+    reads = OZ[..., :1] + Z @ starts[..., None]  # [B, H, r, N, C, 1]
+    reads = reads.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * C, H, r)[:, :T]
     if valid is not None:
         reads = reads * valid.astype(mx.float32)[:, :, None, None]
     return reads, ends[..., -1, :]
