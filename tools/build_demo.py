@@ -11,9 +11,11 @@ writes off, the loss is on the answer.
 
 Stages (each can be run alone, stopped at any point and continued with --resume; `all` runs
 them in order, skipping what is finished):
-    data       synthetic chats → WORK/pretrain.jsonl, WORK/{d1,d2,d3}/{train,valid}.jsonl
+    data       synthetic chats → WORK/pretrain.jsonl (backbone phase 1), WORK/pretrain_wide.jsonl
+               (phase 2), WORK/{w1,w2,w3}/{train,valid}.jsonl (δ curriculum)
     tokenizer  sentencepiece BPE trained on them → a tokenizer.json mlx-lm/transformers load
-    backbone   the Qwen3 backbone trained from scratch with MLX → WORK/backbone (checkpoint
+    backbone   the Qwen3 backbone trained from scratch with MLX, in BACKBONE_PHASES
+               → WORK/backbone (checkpoint
                every --save-every steps in WORK/backbone_ckpt; then WORK/backbone_probe: the
                backbone with an empty δ adapter, measured for in-context recall)
     adapter    the δ curriculum on the frozen backbone (python -m dmem_mlx.train, one process per
@@ -92,6 +94,19 @@ sys.path.insert(0, str(ROOT))
 from dmem_mlx.demo import persona  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+HELDOUT = ROOT / "benchmarks" / "heldout" / "recall.json"
+
+
+def heldout_phrasings() -> list[str]:
+    """Every telling, asking and small-talk sentence of the held-out evaluation set."""
+    held = json.loads(HELDOUT.read_text())
+    return ([t for table in ("tell", "tell_pairs", "ask") for ts in held[table].values()
+             for t in ts] + [t for pair in held["small_talk"] for t in pair])
+
+
+# Decontamination: the wide phrasings are sentence frames × fact names, so they could form an
+# evaluation sentence by chance; those are never generated.
+persona.withhold(heldout_phrasings())
 SHIP_DIR = ROOT / "dmem_mlx" / "demo" / "model"
 SHIP_BUDGET_MB = 30
 BACKBONE = {
@@ -108,23 +123,29 @@ DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["o"], "num_state_heads
 # Backbone documents: a whole episode in one context with one to three questions at the end
 # (copy from the context), or the final conversation alone, its questions answered as not told.
 PRETRAIN = {"episodes": 40000, "alone": 0.25, "casual_rate": 0.3, "not_told_rate": 0.2}
+# The backbone trains in phases, each continuing the last (weights and optimizer): (documents,
+# seed offset, wide phrasings, steps, peak learning rate, warm-up steps). Phase 1 is v2's data;
+# phase 2 asks and tells in the wider v3 phrasings (persona.WIDE_QUESTIONS, TELL_MORE).
+BACKBONE_PHASES = [("pretrain.jsonl", 0, False, 3000, 2e-3, 100),
+                   ("pretrain_wide.jsonl", 100, True, 1500, 1e-3, 50)]
 # δ data: (directory, seed offset, train episodes, max fact groups, max conversations,
 #  persona.episode options). Every set types 30 % of the user's messages casually and asks
 #  about a never-told fact in 15 % of the episodes.
-TALK = {"casual_rate": 0.3, "not_told_rate": 0.15, "summary_rate": 0.05, "small_talk_rate": 0.05}
-CURRICULUM_DATA = [("d1", 41, 8000, 1, 1, {**TALK}),
-                   ("d2", 42, 12000, 3, 2, {**TALK}),
-                   ("d3", 43, 16000, 7, 4, {**TALK, "older_first": 1.0, "wrong_acks": 0.2})]
+TALK = {"casual_rate": 0.3, "not_told_rate": 0.15, "summary_rate": 0.05, "small_talk_rate": 0.05,
+        "wide": True}
+CURRICULUM_DATA = [("w1", 41, 8000, 1, 1, {**TALK}),
+                   ("w2", 42, 12000, 3, 2, {**TALK}),
+                   ("w3", 43, 16000, 7, 4, {**TALK, "older_first": 1.0, "wrong_acks": 0.2})]
 # (data, --mode, steps, batch size, learning rate, --write-grad, --add-state-heads); each stage
 # continues the previous one. v1's lessons: one fact in one conversation first (the read-out
 # learns its code quickly), the chat regime itself in token mode (else a full memory answers
 # "Your name is ..." to "Hello, my name is Lena."), older facts asked more often, some
 # acknowledgements wrong (as the model's own can be in a live chat).
-CURRICULUM_TRAIN = [("d1", "history", 400, 32, 3e-3, "full", 0),
-                    ("d1", "token", 150, 16, 2e-3, "full", 0),
-                    ("d2", "history", 400, 32, 3e-3, "state", 0),
-                    ("d3", "history", 600, 32, 2e-3, "state", 0),
-                    ("d3", "history", 600, 32, 1e-3, "state", 0)]
+CURRICULUM_TRAIN = [("w1", "history", 400, 32, 3e-3, "full", 0),
+                    ("w1", "token", 150, 16, 2e-3, "full", 0),
+                    ("w2", "history", 400, 32, 3e-3, "state", 0),
+                    ("w3", "history", 600, 32, 2e-3, "state", 0),
+                    ("w3", "history", 600, 32, 1e-3, "state", 0)]
 
 
 def render(messages: list[dict]) -> str:
@@ -145,18 +166,18 @@ def _done(path: Path, resume: bool) -> bool:
 
 
 # -- data -------------------------------------------------------------------------------------
-def pretrain_document(rng: random.Random) -> str:
+def pretrain_document(rng: random.Random, wide: bool = False) -> str:
     """One backbone document (PRETRAIN): an episode in one context with questions at the end,
     or its last conversation alone with the questions answered as not told."""
     opts = {k: PRETRAIN[k] for k in ("casual_rate", "not_told_rate")}
-    ep = persona.episode(rng, summary_rate=0.05, small_talk_rate=0.05, **opts)
+    ep = persona.episode(rng, summary_rate=0.05, small_talk_rate=0.05, wide=wide, **opts)
     if rng.random() < PRETRAIN["alone"]:
-        person = persona.Person(dict(ep["facts"]))  # nothing told in this context
+        person = persona.Person(dict(ep["facts"]), wide=wide)  # nothing told in this context
         messages = [m for m in ep["messages"][:-2]]
         messages += persona.question_turn(rng, person, rng.choice(persona.SLOTS),
                                           PRETRAIN["casual_rate"])
         return render(messages)
-    person = persona.Person(dict(ep["facts"]), told=list(ep["told"]))
+    person = persona.Person(dict(ep["facts"]), told=list(ep["told"]), wide=wide)
     extra = []
     for _ in range(rng.randint(1, 3)):
         untold = [s for s in persona.SLOTS if s not in person.told]
@@ -168,12 +189,14 @@ def pretrain_document(rng: random.Random) -> str:
 
 def stage_data(work: Path, seed: int, resume: bool) -> None:
     """Backbone documents and δ-training episodes, from disjoint random streams."""
-    if not _done(work / "pretrain.jsonl", resume):
-        rng = random.Random(seed)
-        with open(work / "pretrain.jsonl.tmp", "w") as f:
+    for name, offset, wide, *_ in BACKBONE_PHASES:
+        if _done(work / name, resume):
+            continue
+        rng = random.Random(seed + offset)
+        with open(work / f"{name}.tmp", "w") as f:
             for _ in range(PRETRAIN["episodes"]):
-                f.write(json.dumps({"text": pretrain_document(rng)}) + "\n")
-        (work / "pretrain.jsonl.tmp").rename(work / "pretrain.jsonl")
+                f.write(json.dumps({"text": pretrain_document(rng, wide)}) + "\n")
+        (work / f"{name}.tmp").rename(work / name)
     for name, offset, n, groups, conversations, options in CURRICULUM_DATA:
         if _done(work / name / "valid.jsonl", resume):
             continue
@@ -258,15 +281,18 @@ def save_hf_tokenizer(model_file: Path, out: Path) -> None:
 
 
 # -- backbone ---------------------------------------------------------------------------------
-def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: float,
-                   max_len: int, save_every: int, resume: bool,
-                   stop_at: int | None = None) -> None:
-    """Pretrain the Qwen3 backbone from scratch (fp32) on the rendered conversations.
+def stage_backbone(work: Path, seed: int, phases: list[tuple], batch_tokens: int, max_len: int,
+                   save_every: int, resume: bool, stop_at: int | None = None) -> None:
+    """Pretrain the Qwen3 backbone from scratch (fp32) on the rendered conversations, phase by
+    phase (BACKBONE_PHASES: documents, seed offset, wide, steps, peak learning rate, warm-up),
+    each phase with its own data order and warm-up + cosine schedule, continuing the weights and
+    optimizer of the last.
 
     Checkpoints (weights, optimizer, step, the run's time and token counts) go to
-    WORK/backbone_ckpt every `save_every` steps; with --resume the run continues from the last
-    one with the same data order and schedule. `stop_at` ends this run at that step (with a
-    checkpoint), for time-boxed sessions. The finished backbone is saved in fp16."""
+    WORK/backbone_ckpt every `save_every` steps and at the end of each phase; with --resume the
+    run continues from the last one with the same data order and schedule. `stop_at` ends this
+    run at that (overall) step with a checkpoint, for time-boxed sessions. The finished
+    backbone is saved in fp16."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -275,15 +301,14 @@ def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: flo
     from mlx_lm.utils import _get_classes, load_tokenizer
 
     out, ckpt = work / "backbone", work / "backbone_ckpt"
+    total = sum(phase[3] for phase in phases)
     if resume and (work / "backbone_stats.json").is_file():
         done = json.loads((work / "backbone_stats.json").read_text())
-        if done["steps"] >= steps:
+        if done["steps"] >= total:
             print(f"  (done: the backbone has {done['steps']} steps)")
             return
     _need(work / "tokenizer" / "tokenizer.json", "tokenizer")
     tokenizer = load_tokenizer(work / "tokenizer")
-    texts = [json.loads(line)["text"] for line in open(work / "pretrain.jsonl")]
-    docs = [ids[:max_len] for ids in tokenizer._tokenizer(texts)["input_ids"]]
     args = dict(BACKBONE, vocab_size=len(tokenizer.get_vocab()))
     args["eos_token_id"] = tokenizer.convert_tokens_to_ids("<|im_end|>")
     # mlx-lm's own initialisation (uniform Linear, N(0, 1/D) embeddings): with a GPT-style
@@ -292,12 +317,15 @@ def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: flo
     model_class, args_class = _get_classes(args)
     model = model_class(args_class.from_dict(args))
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(f"backbone: {n_params / 1e6:.2f}M parameters, {len(docs)} documents, "
-          f"{sum(map(len, docs)) / 1e6:.2f}M tokens")
-    warmup = max(1, min(100, steps // 10))
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(1e-6, lr, warmup),
-         optim.cosine_decay(lr, steps - warmup, lr * 0.1)], [warmup])
+    def warmup_cosine(steps, lr, warmup):
+        return optim.join_schedules([optim.linear_schedule(1e-6, lr, warmup),
+                                     optim.cosine_decay(lr, steps - warmup, lr * 0.1)], [warmup])
+
+    phase_start, phase_schedule = 0, warmup_cosine(*phases[0][3:])
+
+    def schedule(step):  # the current phase's warm-up + cosine, on the optimizer's step count
+        return phase_schedule(step - phase_start)
+
     opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
 
     def loss_fn(model, x, y, mask):
@@ -305,9 +333,6 @@ def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: flo
         return ce.sum() / mask.sum()
 
     step_fn = nn.value_and_grad(model, loss_fn)
-    batches = _length_batches(np.argsort([len(d) for d in docs], kind="stable"), docs,
-                              batch_tokens)
-    draws = np.random.default_rng(seed).integers(len(batches), size=steps)  # the data order
     run = {"steps": 0, "seconds": 0.0, "tokens": 0, "sessions": []}
     if resume and (ckpt / "state.json").is_file():
         run = json.loads((ckpt / "state.json").read_text())
@@ -321,29 +346,45 @@ def stage_backbone(work: Path, seed: int, steps: int, batch_tokens: int, lr: flo
     run["sessions"].append(session)
     mx.reset_peak_memory()
     start, losses = time.perf_counter(), []
-    end = min(steps, stop_at or steps)
-    for step in range(run["steps"], end):
-        x, y, mask = _pad([docs[i] for i in batches[draws[step]]])
-        loss, grads = step_fn(model, x, y, mask)
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state, loss)
-        losses.append(loss.item())
-        session["tokens"] += int(mask.sum().item())
-        session["seconds"] = time.perf_counter() - start
-        run["steps"] = step + 1
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            print(json.dumps({"step": step + 1, "loss": round(float(np.mean(losses[-50:])), 4),
-                              "lr": float(opt.learning_rate),
-                              "tokens_per_sec": round(session["tokens"] / session["seconds"]),
-                              "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}),
-                  flush=True)
-        if (step + 1) % save_every == 0 or step + 1 == end:
-            session["peak_memory_gb"] = round(mx.get_peak_memory() / 1e9, 3)
-            session["loss"] = round(float(np.mean(losses[-50:])), 4)
-            _save_backbone_checkpoint(model, opt, ckpt, run)
-    if end < steps:
-        print(f"backbone: stopped at step {end} of {steps}; continue with --resume")
+    end = min(total, stop_at or total)
+    for name, offset, _wide, steps, lr, warmup in phases:
+        phase_end = phase_start + steps
+        if run["steps"] >= phase_end or run["steps"] >= end:
+            phase_start = phase_end
+            continue
+        _need(work / name, "data")
+        texts = [json.loads(line)["text"] for line in open(work / name)]
+        docs = [ids[:max_len] for ids in tokenizer._tokenizer(texts)["input_ids"]]
+        print(f"backbone: {n_params / 1e6:.2f}M parameters; phase {name}: steps "
+              f"{phase_start}-{phase_end}, {len(docs)} documents, "
+              f"{sum(map(len, docs)) / 1e6:.2f}M tokens", flush=True)
+        phase_schedule = warmup_cosine(steps, lr, warmup)
+        batches = _length_batches(np.argsort([len(d) for d in docs], kind="stable"), docs,
+                                  batch_tokens)
+        draws = np.random.default_rng(seed + offset).integers(len(batches), size=steps)
+        for step in range(run["steps"], min(phase_end, end)):
+            x, y, mask = _pad([docs[i] for i in batches[draws[step - phase_start]]])
+            loss, grads = step_fn(model, x, y, mask)
+            grads, _ = optim.clip_grad_norm(grads, 1.0)
+            opt.update(model, grads)
+            mx.eval(model.parameters(), opt.state, loss)
+            losses.append(loss.item())
+            session["tokens"] += int(mask.sum().item())
+            session["seconds"] = time.perf_counter() - start
+            run["steps"] = step + 1
+            if (step + 1) % 50 == 0 or step + 1 == phase_end:
+                print(json.dumps({"step": step + 1, "loss": round(float(np.mean(losses[-50:])), 4),
+                                  "lr": float(opt.learning_rate),
+                                  "tokens_per_sec": round(session["tokens"] / session["seconds"]),
+                                  "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}),
+                      flush=True)
+            if (step + 1) % save_every == 0 or step + 1 in (end, phase_end):
+                session["peak_memory_gb"] = round(mx.get_peak_memory() / 1e9, 3)
+                session["loss"] = round(float(np.mean(losses[-50:])), 4)
+                _save_backbone_checkpoint(model, opt, ckpt, run)
+        phase_start = phase_end
+    if end < total:
+        print(f"backbone: stopped at step {end} of {total}; continue with --resume")
         return
     run["seconds"] = sum(s["seconds"] for s in run["sessions"])
     run["tokens"] = sum(s["tokens"] for s in run["sessions"])
@@ -547,9 +588,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="skip finished stages, continue interrupted ones from their checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--backbone-steps", type=int, default=3000)
     p.add_argument("--backbone-batch-tokens", type=int, default=2048)
-    p.add_argument("--backbone-lr", type=float, default=2e-3)
     p.add_argument("--stop-at", type=int, help="end this backbone run at this step (a "
                    "checkpoint; continue with --resume)")
     p.add_argument("--save-every", type=int, default=100, help="backbone checkpoint interval")
@@ -566,9 +605,8 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "tokenizer":
             stage_tokenizer(work, args.vocab_size, args.resume)
         elif stage == "backbone":
-            stage_backbone(work, args.seed, args.backbone_steps, args.backbone_batch_tokens,
-                           args.backbone_lr, args.max_len, args.save_every, args.resume,
-                           args.stop_at)
+            stage_backbone(work, args.seed, BACKBONE_PHASES, args.backbone_batch_tokens,
+                           args.max_len, args.save_every, args.resume, args.stop_at)
             if args.stage == "all" and not (work / "backbone_stats.json").is_file():
                 break  # stopped early: the later stages need the finished backbone
         elif stage == "probe":

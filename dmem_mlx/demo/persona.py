@@ -330,6 +330,115 @@ SMALL_TALK = [
 ]
 SUMMARY_ORDER = ("name", "city", "job", "pet", "pet_name", "trip", "food", "hobby")
 
+# -- wider phrasings (v3) -------------------------------------------------------------------------
+# Asked in words its data never used ("What is my line of work?"), v2's backbone answered about
+# another fact: how a question names the fact matters more than its sentence. v3 adds sentence
+# frames × the names people use for each fact (ASK_FRAMES × FACT_NAMES), more whole questions
+# (ASK_MORE) and more ways of telling (TELL_MORE). A person draws from them only with
+# `Person.wide` (episode(wide=True)), so that v2's data is rebuilt unchanged.
+ASK_FRAMES = ["What is my {f}?", "Do you remember my {f}?", "Do you know my {f}?",
+              "Can you tell me my {f}?", "Tell me my {f}.", "Remind me of my {f}.",
+              "What was my {f} again?", "Can you remind me what my {f} is?",
+              "I forgot my {f}. What is it?", "Do you recall my {f}?", "Did I tell you my {f}?",
+              "What did I say my {f} was?", "So what's my {f}?", "Quick question: what is my {f}?",
+              "Any idea what my {f} is?", "And my {f}?", "What about my {f}?",
+              "Could you repeat my {f}?", "Hey, what's my {f} again?",
+              "My {f}, do you remember it?", "Do you still know my {f}?",
+              "What do you remember about my {f}?"]
+FACT_NAMES = {
+    "name": ["name", "first name", "own name"],
+    "city": ["city", "home city", "hometown", "home town", "town", "current city",
+             "place of residence", "city of residence"],
+    "job": ["job", "occupation", "profession", "line of work", "career", "trade", "day job",
+            "current job", "work"],
+    "pet": ["pet", "pet animal"],
+    "pet_name": ["pet's name", "{pet}'s name", "pet's name again"],
+    "trip": ["trip", "next trip", "travel destination", "holiday destination", "destination",
+             "vacation destination", "upcoming trip", "travel plans", "holiday plans",
+             "vacation plans"],
+    "food": ["favorite food", "favourite food", "favorite dish", "favourite dish", "favorite meal",
+             "go-to food", "comfort food", "favorite thing to eat"],
+    "hobby": ["hobby", "favorite hobby", "favourite hobby", "pastime", "favorite pastime",
+              "favorite activity", "free-time activity", "leisure activity", "weekend activity",
+              "main hobby"],
+}
+ASK_MORE = {
+    "name": ["What do you call me?", "Who am I again?", "Do you remember who I am?",
+             "What name do I go by?", "Who is talking to you?", "How should you call me?",
+             "Whats my name", "what am i called", "Who am I, do you know?"],
+    "city": ["Where do I live now?", "Where is home for me?", "Where am I living these days?",
+             "Which city is my home?", "In what town do I live?", "Where do I stay?",
+             "Which place do I live in?", "Where's my home?", "Where do I come from?"],
+    "job": ["What do I work as?", "What do I do for work?", "What kind of job do I have?",
+            "What am I by profession?", "What is it that I do?", "How do I earn money?",
+            "What do I do all day at work?", "Which job do I have?"],
+    "pet": ["What animal do I own?", "What kind of animal do I have?", "Which pet do I have?",
+            "What animal lives at my place?", "Do I have a pet?", "What type of pet is {pet_name}?",
+            "What kind of animal is {pet_name}?", "Which animal did I adopt?"],
+    "pet_name": ["What is my {pet} called?", "What's the name of my {pet}?",
+                 "What did I call my {pet}?", "Do you remember my {pet}'s name?",
+                 "What is my pet's name again?", "How is my {pet} called?",
+                 "What name did I give my {pet}?", "Who is my {pet}?"],
+    "trip": ["Where am I going?", "Where am I traveling next?", "Where am I flying to?",
+             "Which country am I off to?", "Where will I travel?", "Where is my vacation?",
+             "Where am I going on vacation?", "Where's my holiday?", "Where do I travel soon?",
+             "Which country will I visit?"],
+    "food": ["What do I like to eat most?", "What food do I love most?",
+             "What meal do I like best?", "Which dish do I love?", "What do I always order?",
+             "What could I eat every day?", "Which food is my favorite?", "What do I love eating?"],
+    "hobby": ["What do I like doing?", "What do I enjoy doing?", "How do I spend my weekends?",
+              "What keeps me busy in my spare time?", "What activity do I love?",
+              "What do I do when I'm free?", "What am I passionate about?",
+              "What do I do after work?"],
+}
+TELL_MORE = {
+    "name": ["Hi, {name} here.", "People call me {name}.", "Hey! My name's {name}.",
+             "I'm called {name}.", "Just so you know, my name is {name}.", "This is {name}."],
+    "city": ["My hometown is {city}.", "I stay in {city}.", "I'm living in {city} these days.",
+             "I've made my home in {city}.", "Right now I live in {city}.",
+             "My house is in {city}."],
+    "job": ["I do {a_job} {job}'s work.", "My occupation is {job}.", "I'm employed as {a_job} {job}.",
+            "My profession: {job}.", "I work as {a_job} {job} these days.",
+            "I'm {a_job} {job} at the moment."],
+    "pet": ["I have a pet {pet} called {pet_name}.", "{pet_name} is my {pet}, and I love it.",
+            "My {pet} {pet_name} lives with me.", "I got {a_pet} {pet} and called it {pet_name}."],
+    "trip": ["I'm off to {trip} next month.", "My holiday this year is in {trip}.",
+             "Soon I'll be traveling to {trip}.", "I'm going on vacation to {trip}.",
+             "We booked flights to {trip}."],
+    "food": ["My favourite dish is {food}.", "I eat {food} whenever I can.",
+             "{food} is what I like most.", "Best food ever? {food}.", "I'm obsessed with {food}."],
+    "hobby": ["My pastime is {hobby}.", "I love doing {hobby}.", "For fun I do {hobby}.",
+              "Most weekends I go {hobby}.", "My thing is {hobby}.",
+              "When I'm free I do {hobby}."],
+}
+
+
+def _wide_questions() -> dict[str, list[str]]:
+    return {slot: [f.format(f=name) for name in names for f in ASK_FRAMES] + ASK_MORE[slot]
+            for slot, names in FACT_NAMES.items()}
+
+
+WIDE_QUESTIONS = _wide_questions()
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"[a-z{}_']+", text.lower().replace("’", "'")))
+
+
+def withhold(sentences) -> int:
+    """Remove from the wide phrasings every one equal to one of `sentences` (case, spacing and
+    punctuation aside): the evaluation's held-out phrasings are never generated. Returns how many
+    were removed."""
+    banned = {_norm(t) for t in sentences}
+    removed = 0
+    for table in (WIDE_QUESTIONS, TELL_MORE):
+        for slot, texts in table.items():
+            kept = [t for t in texts if _norm(t) not in banned]
+            removed += len(texts) - len(kept)
+            table[slot] = kept
+    return removed
+
+
 
 def _template_words() -> list[str]:
     texts = [t for ts in TELL.values() for t in ts] + [t for ts in QUESTIONS.values() for t in ts]
@@ -353,6 +462,7 @@ class Person:
 
     facts: dict[str, str]
     told: list[str] = field(default_factory=list)
+    wide: bool = False  # draw from the wider v3 phrasings too
 
     def fill(self, template: str, facts: dict[str, str] | None = None, **extra: str) -> str:
         f = {**(facts or self.facts), **extra}
@@ -416,7 +526,8 @@ def _tell_turn(rng: random.Random, person: Person, groups: list[tuple[str, ...]]
     if key in TELL_TOGETHER and rng.random() < 0.5:
         sentences = [person.fill(rng.choice(TELL_TOGETHER[key]))]
     else:
-        sentences = [person.fill(rng.choice(TELL[g[0]])) for g in groups]
+        sentences = [person.fill(rng.choice(TELL[g[0]] + TELL_MORE[g[0]] if person.wide
+                                            else TELL[g[0]])) for g in groups]
     if rng.random() < 0.2:
         sentences.insert(0, rng.choice(["Hi!", "Hello again.", "Guess what?", "So,"]))
     slots = [s for g in groups for s in g]
@@ -465,7 +576,8 @@ def question_turn(rng: random.Random, person: Person, slot: str | None = None,
         question, reply = rng.choice(SUMMARY_QUESTIONS), summary(person)
     else:
         slot = slot or rng.choice(person.told)
-        question = person.fill(rng.choice(QUESTIONS[slot]))
+        question = person.fill(rng.choice(QUESTIONS[slot] + WIDE_QUESTIONS[slot] if person.wide
+                                          else QUESTIONS[slot]))
         reply = answer(person, slot) if slot in person.told else NOT_TOLD[slot]
     if casual_rate and rng.random() < casual_rate:
         question = casual(question, rng)
@@ -518,7 +630,7 @@ def episode(rng: random.Random, num_groups: int | None = None,
             small_talk_rate: float = 0.1, slot_weights: dict[str, float] | None = None,
             only: tuple[str, ...] | None = None, older_first: float = 0.0,
             wrong_acks: float = 0.0, not_told_rate: float = 0.0,
-            casual_rate: float = 0.0) -> dict:
+            casual_rate: float = 0.0, wide: bool = False) -> dict:
     """One person: earlier conversations, then a final conversation ending in a question turn.
 
     The question asks about a told slot, drawn uniformly or by `slot_weights` (missing slots
@@ -527,12 +639,13 @@ def episode(rng: random.Random, num_groups: int | None = None,
     (1 + older_first·k) times more. `only` limits what is told to the fact groups of these slots;
     `wrong_acks` is the share of acknowledgements drawn for someone else; `not_told_rate` the
     share of questions about a slot never told (answered as not told); `casual_rate` the share
-    of user messages typed casually (`casual`).
+    of user messages typed casually (`casual`); `wide` draws from the v3 phrasings too.
 
     Returns {"history": [conversation, ...], "messages": final conversation, "slot": the slot
     asked (or "summary" / "small_talk"), "facts": the person's facts, "told": the told slots}.
     """
     person = random_person(rng)
+    person.wide = wide
     num_groups = num_groups or rng.randint(1, len(GROUPS))
     num_conversations = num_conversations or rng.randint(1, 4)
     history = telling_conversations(rng, person, num_groups, num_conversations, only=only,
