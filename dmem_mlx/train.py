@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --adapter-path (weights, optimizer, step)")
     p.add_argument("--resume-adapter-file",
                    help="start from these δ weights (a delta_mem.safetensors)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (tokenizing, training)")
     g = p.add_argument_group("δ config (ignored with --init-from / --resume)")
     g.add_argument("--delta-config", help="JSON object or file with δ config fields")
     g.add_argument("--rank", type=int, help="state size r (8)")
@@ -215,9 +216,11 @@ def run(args: argparse.Namespace) -> dict:
     model, tokenizer, backbone = prepare_model(args)
     encoder = ChatEncoder(tokenizer)
     print(f"Loading data from {data}", flush=True)
-    train_set = load_split(train_file, encoder, args.mode, args.max_seq_length)
-    val_set = (load_split(valid_file, encoder, args.mode, args.max_seq_length)
-               if valid_file.is_file() else [])
+    progress = not args.no_progress
+    train_set = load_split(train_file, encoder, args.mode, args.max_seq_length,
+                           progress=progress)
+    val_set = (load_split(valid_file, encoder, args.mode, args.max_seq_length,
+                          progress=progress) if valid_file.is_file() else [])
     n_delta = sum(v.size for layer in model.delta_mem.layers.values()
                   for v in _leaves(layer.memory.parameters()))
     print(f"δ parameters: {n_delta:,} in {len(model.delta_mem.layers)} layers; "
@@ -228,7 +231,7 @@ def run(args: argparse.Namespace) -> dict:
         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
         val_batches=args.val_batches, save_every=args.save_every, seed=args.seed,
-        write_grad=args.write_grad, progress=not args.no_progress)
+        write_grad=args.write_grad, progress=progress)
     copy_backbone(backbone, out)
     freeze_backbone(model)
     opt = make_optimizer(opts)

@@ -219,12 +219,13 @@ def iterate_batches(examples: list[Example], batch_size: int, seed: int,
 
 
 def load_split(path: Path, encoder: ChatEncoder, mode: str, max_tokens: int,
-               limit: Optional[int] = None) -> list[Example]:
+               limit: Optional[int] = None, progress: bool = True) -> list[Example]:
     from tqdm import tqdm
 
     rows = read_jsonl(path)[:limit]
     out = []
-    bar = tqdm(rows, desc=f"tokenizing {path.name}", disable=len(rows) < 2000, leave=False)
+    bar = tqdm(rows, desc=f"tokenizing {path.name}", disable=not progress or len(rows) < 2000,
+               leave=False)
     for n, row in enumerate(bar, 1):
         try:
             out.append(make_example(encoder, row, mode, max_tokens))
