@@ -166,6 +166,11 @@ def test_adapter_stages_skip_finished_and_resume_unfinished(tmp_path, monkeypatc
 
     build = build_demo_module()
     make_tiny_backbone(tmp_path / "backbone")
+    steps = sum(phase[3] for phase in build.BACKBONE_PHASES)
+    (tmp_path / "backbone_stats.json").write_text(json.dumps({"steps": steps - 1}))
+    with pytest.raises(SystemExit, match="backbone is not finished"):
+        build.stage_adapter(tmp_path, seed=0, resume=True)
+    (tmp_path / "backbone_stats.json").write_text(json.dumps({"steps": steps}))
     rng = random.Random(0)
     (tmp_path / "d1").mkdir()
     for split in ("train", "valid"):

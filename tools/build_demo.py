@@ -414,6 +414,13 @@ def _save_backbone_checkpoint(model, opt, ckpt: Path, run: dict) -> None:
     (ckpt / "state.json").write_text(json.dumps(run, indent=1) + "\n")
 
 
+def backbone_finished(work: Path) -> bool:
+    """WORK/backbone holds the backbone after every phase of BACKBONE_PHASES."""
+    stats = work / "backbone_stats.json"
+    return stats.is_file() and (json.loads(stats.read_text())["steps"]
+                                >= sum(phase[3] for phase in BACKBONE_PHASES))
+
+
 def make_probe(work: Path) -> Path:
     """WORK/backbone_probe: the backbone (finished, or its last checkpoint) with an untrained δ
     adapter. With the memory empty the adapter reads nothing, so this is the backbone alone, in
@@ -432,7 +439,7 @@ def make_probe(work: Path) -> Path:
     probe = work / "backbone_probe"
     if probe.exists():
         shutil.rmtree(probe)
-    if (work / "backbone_stats.json").is_file():
+    if backbone_finished(work):
         shutil.copytree(work / "backbone", probe)
     else:  # a backbone still in training: its last checkpoint
         probe.mkdir()
@@ -516,7 +523,9 @@ def stage_adapter(work: Path, seed: int, resume: bool, quick_eval: bool = True) 
     A finished stage (its last checkpoint at its last step) is skipped; an interrupted one
     continues from its last checkpoint (train's --resume). After each stage: recall_eval
     --quick → WORK/eval/adapter_<i>.json."""
-    _need(work / "backbone" / "model.safetensors", "backbone")
+    if not backbone_finished(work):
+        raise SystemExit("error: the backbone is not finished; run `build_demo.py backbone "
+                         "--resume` first")
     for data in sorted({row[0] for row in CURRICULUM_TRAIN}):
         _need(work / data / "train.jsonl", "data")
     previous = None
@@ -593,6 +602,8 @@ def main(argv: list[str] | None = None) -> None:
                    "checkpoint; continue with --resume)")
     p.add_argument("--save-every", type=int, default=100, help="backbone checkpoint interval")
     p.add_argument("--max-len", type=int, default=768)
+    p.add_argument("--full-eval", action="store_true",
+                   help="probe and adapter stages: the whole held-out evaluation, not --quick")
     args = p.parse_args(argv)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -607,12 +618,12 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "backbone":
             stage_backbone(work, args.seed, BACKBONE_PHASES, args.backbone_batch_tokens,
                            args.max_len, args.save_every, args.resume, args.stop_at)
-            if args.stage == "all" and not (work / "backbone_stats.json").is_file():
+            if args.stage == "all" and not backbone_finished(work):
                 break  # stopped early: the later stages need the finished backbone
         elif stage == "probe":
-            stage_probe(work)
+            stage_probe(work, quick=not args.full_eval)
         elif stage == "adapter":
-            stage_adapter(work, args.seed, args.resume)
+            stage_adapter(work, args.seed, args.resume, quick_eval=not args.full_eval)
         else:
             stage_ship(work)
         print(f"[{stage}] {time.perf_counter() - start:.0f} s", flush=True)
