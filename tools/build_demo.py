@@ -559,8 +559,12 @@ def stage_adapter(work: Path, seed: int, resume: bool, quick_eval: bool = True) 
         previous = out
 
 
-def stage_ship(work: Path) -> None:
-    src = work / "model"
+def stage_ship(work: Path, stage: int | None = None) -> None:
+    """Copy the finished δ curriculum (or, with `stage`, the adapter after that stage of
+    CURRICULUM_TRAIN, counted from 1) into the package."""
+    if stage is not None and not 1 <= stage <= len(CURRICULUM_TRAIN):
+        raise SystemExit(f"error: --ship-stage must be 1–{len(CURRICULUM_TRAIN)}")
+    src = stage_dir(work, (stage or len(CURRICULUM_TRAIN)) - 1)
     _need(src / "delta_mem.safetensors", "adapter")
     keep = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "tokenizer.model", "chat_template.jinja", "special_tokens_map.json",
@@ -602,6 +606,8 @@ def main(argv: list[str] | None = None) -> None:
                    "checkpoint; continue with --resume)")
     p.add_argument("--save-every", type=int, default=100, help="backbone checkpoint interval")
     p.add_argument("--max-len", type=int, default=768)
+    p.add_argument("--ship-stage", type=int, help="ship: the adapter after this δ stage "
+                   "(1–%d) instead of the last" % len(CURRICULUM_TRAIN))
     p.add_argument("--full-eval", action="store_true",
                    help="probe and adapter stages: the whole held-out evaluation, not --quick")
     args = p.parse_args(argv)
@@ -625,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
         elif stage == "adapter":
             stage_adapter(work, args.seed, args.resume, quick_eval=not args.full_eval)
         else:
-            stage_ship(work)
+            stage_ship(work, args.ship_stage)
         print(f"[{stage}] {time.perf_counter() - start:.0f} s", flush=True)
 
 
