@@ -108,6 +108,9 @@ def memory_location(memory: Optional[str], model_id: str) -> Path:
     """--memory as given: a NAME (no directory part) always in the data directory, else a path;
     by default the one memory of `model_id` (a hub repo id, a directory or the demo's name)."""
     if is_path(memory):
+        if memory.endswith(("/", "\\")):  # type: ignore[union-attr]
+            raise UsageError(f"--memory {memory!r} names a directory; give a file in it, such "
+                             f"as {memory}me.safetensors")
         return Path(memory).expanduser()  # type: ignore[arg-type]
     from dmem_mlx.runtime.memory_file import SUFFIX, default_memory_path
 

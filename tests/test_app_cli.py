@@ -119,14 +119,16 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith("dmem-chat 0.")
 
 
-@pytest.mark.parametrize("where", ["text file", "missing directory", "directory", "bad name"])
+@pytest.mark.parametrize("where", ["text file", "missing directory", "directory", "bad name",
+                                   "missing directory with a slash"])
 def test_refused_memory_paths_create_nothing(where, tiny_model, tmp_path, data_home, capsys,
                                               monkeypatch, no_ui):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("my notes\n")
     (tmp_path / "folder").mkdir()
     memory = {"text file": "./notes.txt", "missing directory": "missing_dir/x.safetensors",
-              "directory": "./folder", "bad name": "a*b"}[where]
+              "directory": "./folder", "bad name": "a*b",
+              "missing directory with a slash": "./notes/"}[where]
     before = sorted(p.name for p in tmp_path.rglob("*"))
     assert main(["--model", str(tiny_model), "--memory", memory]) == 1
     one_line_error(capsys.readouterr())
