@@ -243,7 +243,8 @@ class MemoryPanel(VerticalScroll):
         self.query_one("#memory-counts", Static).update(
             f"tokens written  [b]{info.tokens_written:,}[/]\n"
             f"turns           [b]{info.turns:,}[/]\n"
-            f"only in memory  [b]{info.turns_in_memory_only:,}[/] turns\n"
+            f"only in memory  [b]{info.turns_in_memory_only:,}[/] "
+            f"turn{'' if info.turns_in_memory_only == 1 else 's'}\n"
             + (f"δ state         [b]{info.memory_bytes:,}[/] bytes\n" if info.memory_bytes else "")
             + f"undo steps      [b]{info.undo_depth}[/]\n"
             f"past chats      [b]{info.past_conversations}[/]\n"

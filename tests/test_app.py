@@ -110,6 +110,18 @@ async def confirm(pilot) -> None:
     await pilot.press("enter")
 
 
+async def test_panel_counts_one_turn_in_memory_only_in_the_singular(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path / "chat.memory")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "My name is Ada.")
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        await app.refresh_info()
+        assert app.last_info.turns_in_memory_only == 1
+        assert "only in memory  1 turn\n" in counts(app)
+
+
 async def test_reply_streams_saves_and_updates_panel(tiny_model, tmp_path):
     memory = tmp_path / "chat.memory"
     app = make_app(tiny_model, memory)
@@ -131,6 +143,7 @@ async def test_reply_streams_saves_and_updates_panel(tiny_model, tmp_path):
         assert info.last_saved is not None
         assert f"tokens written  {info.tokens_written:,}" in counts(app)
         assert "turns           1" in counts(app)
+        assert "only in memory  0 turns" in counts(app)
         heatmap = str(app.query_one("#state-heatmap").render())
         assert "L0" in heatmap and "scale ±0\n" not in heatmap + "\n"
         assert memory.exists()
