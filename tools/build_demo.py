@@ -15,9 +15,9 @@ them in order, skipping what is finished):
                (phase 2), WORK/{w1,w2,w3}/{train,valid}.jsonl (δ curriculum)
     tokenizer  sentencepiece BPE trained on them → a tokenizer.json mlx-lm/transformers load
     backbone   the Qwen3 backbone trained from scratch with MLX, in BACKBONE_PHASES
-               → WORK/backbone (checkpoint
-               every --save-every steps in WORK/backbone_ckpt; then WORK/backbone_probe: the
-               backbone with an empty δ adapter, measured for in-context recall)
+               → WORK/backbone (checkpoints every --save-every steps in WORK/backbone_ckpt)
+    probe      WORK/backbone_probe: the backbone (or its last checkpoint) with an empty δ
+               adapter, measured for in-context recall → WORK/eval/backbone_<step>.json
     adapter    the δ curriculum on the frozen backbone (python -m dmem_mlx.train, one process per
                stage, each resumable) → WORK/adapter_<i>_<data>, the last one WORK/model; after
                each stage benchmarks/recall_eval.py --quick → WORK/eval/<stage>.json
@@ -46,35 +46,41 @@ nine times in ten), the tokenizer (composable pieces) and the backbone's trainin
 in one context, acknowledgements and answers repeat what the user typed; alone, a question
 about something not in the context is answered "You haven't told me ...").
 
-Measured (2-core x86 CPU shared with six other helpers' jobs, fp32 + OpenBLAS, nice 19, one
-BLAS thread; figures of the session that ran the stage):
-    data                 12–25 s (40,000 backbone documents, 7.7M tokens; d1–d3: 36,000 episodes)
+The wide phrasings (v3, persona.WIDE_QUESTIONS / TELL_MORE, used from backbone phase 2 on):
+v2's backbone, asked "What is my line of work?", answered about another fact; how a question
+names a fact mattered more than its sentence. v3 crosses ~20 sentence frames with the names
+people use for each fact ("occupation", "line of work", "hometown", "pastime", "travel
+plans", ...) and adds whole questions and tellings; sentences of the held-out set that these
+frames happen to form are withheld (`persona.withhold`, checked by tests/test_train_demo.py).
+The training vocabulary was widened after reading the held-out failures, so the held-out set
+now measures new sentences more than new words.
+
+Measured (2-core x86 CPU shared with other jobs, fp32 + OpenBLAS, one BLAS thread; figures of
+the session that ran the stage):
+    data                 12–25 s (2 × 40,000 backbone documents, 7.9M + 8.2M tokens; w1–w3:
+                         36,000 episodes)
     tokenizer            4–10 s (2,048 pieces; a name is 3.4 pieces on average, none is one piece;
                          held-out names split as ▁P·ri·ya, ▁T·om·as·z)
-    backbone (3.7M)      session 1: steps 0–900 of 3,000 in 74 min, 1.70M tokens, 385 tokens/s
-                         (10–40 % of one core), peak 0.46 GB; loss 3.55 (step 50) → 0.71 (900)
-    probe                step 300 and step 800: in-context recall 1.6 % (1/63, --quick);
-                         acknowledgements name the told value 0–1 % of the time
-    adapter              not run yet
-A 6-layer backbone (5.3M parameters, 4,096-token batches) was tried first: under this load it
-did not reach step 50 in 6 minutes; the 4-layer one (v1's size) with 2,048-token batches does
-~4–8 s a step here (it did ~2,600 tokens/s with both cores to itself).
-At step 800 the backbone has learned the forms (greetings, "You live in …", "You haven't told me
-your name yet.") but not yet to copy: its values are invented ("The name's Diego." → "Nice to
-meet you, zea!"). Copying (an induction mechanism) tends to appear suddenly; if the probe still shows none by step ~2,000, add a copy
-stage before the rest (short documents: one fact told, acknowledged and asked) rather than
-training on.
+    backbone (3.7M)      phase 1 (steps 0–3,000): 7,623 s over three sessions, 5.68M tokens,
+                         peak 0.49 GB, loss 3.55 (step 50) → 0.41; phase 2 (3,000–4,500):
+                         2,877 s, 2.84M tokens, ~1,000 tokens/s, loss 0.90 → 0.42
+    probe                in-context recall (history in the context, δ empty; held-out, --quick
+                         unless noted): step 800 1.6 %, 2,400 25.4 %, 3,000 23.8 % (copying
+                         appeared between steps 800 and 2,400); phase 2: step 3,800 60.3 %,
+                         4,500 64.3 % (162/252, full set); acknowledgements naming the told
+                         value: 1 % → 39 % (3,000) → 56 % (4,500)
+    adapter              stage 1 (w1 history, 400 steps): 1,452 s, peak 3.7 GB; stage 2 (w1
+                         token, 150 steps): 206 s, peak 1.4 GB
+A 6-layer backbone (5.3M parameters, 4,096-token batches) was tried first: under load it did
+not reach step 50 in 6 minutes; the 4-layer one (v1's size) with 2,048-token batches does
+~1.6–2 s a step here with one core.
 
-Next session: continue the backbone (from its step-900 checkpoint in
-/work/demo-build/backbone_ckpt; data and tokenizer are in /work/demo-build and are rebuilt
-identically by `data`/`tokenizer` if lost), measure it, then train the δ curriculum:
-    python tools/build_demo.py backbone --work-dir /work/demo-build --resume   # to step 3000
-    python tools/build_demo.py probe --work-dir /work/demo-build   # in-context recall, acks
+To continue (data and tokenizer are rebuilt identically by `data`/`tokenizer` if lost):
     python tools/build_demo.py adapter --work-dir /work/demo-build --resume
     python benchmarks/recall_eval.py --model /work/demo-build/model   # ship only if it beats
     python tools/build_demo.py ship --work-dir /work/demo-build      # the shipped demo
-(each prefixed as above: OPENBLAS_NUM_THREADS=1 LD_PRELOAD=... nice -n 19). `--stop-at N` ends
-a backbone run at step N with a checkpoint, to fit a session.
+(each prefixed as above). `--stop-at N` ends a backbone run at step N with a checkpoint, to fit
+a session; `ship --ship-stage N` ships the adapter after δ stage N.
 """
 
 from __future__ import annotations
