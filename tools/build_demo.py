@@ -70,7 +70,12 @@ the session that ran the stage):
                          4,500 64.3 % (162/252, full set); acknowledgements naming the told
                          value: 1 % → 39 % (3,000) → 56 % (4,500)
     adapter              stage 1 (w1 history, 400 steps): 1,452 s, peak 3.7 GB; stage 2 (w1
-                         token, 150 steps): 206 s, peak 1.4 GB
+                         token, 150 steps): 206 s, peak 1.4 GB; stage 3 (w2 history, 400
+                         steps): 2,086 s, peak 5.6 GB. Held-out --quick after stage 1 / 2 / 3:
+                         δ-only natural 3.2 / 4.8 / 20.6 % (13/63), casual 6.5 / 12.9 / 9.7 %,
+                         out of list 0 %, never told answered as not told 88 / 79 / 85 %,
+                         no memory 0 %, acknowledgements naming the value 31 / 41 / 43 %.
+                         Stages 4–5 (w3, 7 facts over 4 conversations) not run yet.
 A 6-layer backbone (5.3M parameters, 4,096-token batches) was tried first: under load it did
 not reach step 50 in 6 minutes; the 4-layer one (v1's size) with 2,048-token batches does
 ~1.6–2 s a step here with one core.
