@@ -421,19 +421,22 @@ def _wide_questions() -> dict[str, list[str]]:
 WIDE_QUESTIONS = _wide_questions()
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.findall(r"[a-z{}_']+", text.lower().replace("’", "'")))
+def phrasing_key(text: str) -> str:
+    """A phrasing with case, spacing, punctuation and the article placeholders ({a_job},
+    {a_pet}) set aside: two phrasings with one key are the same phrasing."""
+    text = text.lower().replace("’", "'").replace("{a_pet}", "{a}").replace("{a_job}", "{a}")
+    return " ".join(re.findall(r"[a-z{}_']+", text))
 
 
 def withhold(sentences) -> int:
     """Remove from the wide phrasings every one equal to one of `sentences` (case, spacing and
     punctuation aside): the evaluation's held-out phrasings are never generated. Returns how many
     were removed."""
-    banned = {_norm(t) for t in sentences}
+    banned = {phrasing_key(t) for t in sentences}
     removed = 0
     for table in (WIDE_QUESTIONS, TELL_MORE):
         for slot, texts in table.items():
-            kept = [t for t in texts if _norm(t) not in banned]
+            kept = [t for t in texts if phrasing_key(t) not in banned]
             removed += len(texts) - len(kept)
             table[slot] = kept
     return removed
