@@ -135,10 +135,11 @@ def chunked_scan(
     C = min(chunk, 1 << max(T - 1, 1).bit_length())
     c = write * v
     if valid is not None:
-        m = (valid > 0)[:, :, None, None]
-        keep = mx.where(m, keep, 1.0)
-        erase = mx.where(m, erase, 0.0)
-        c = mx.where(m, c, 0.0)
+        valid = valid[:, :, None, None].astype(mx.float32)  # [B, T, 1, 1]
+        real = (valid > 0).astype(mx.float32)  # as products, the masks fuse with the coefficients
+        keep = keep * real + (1.0 - real)
+        erase = erase * real
+        c = c * real
     N = -(-T // C)
     if pad := N * C - T:
         widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
@@ -181,5 +182,5 @@ def chunked_scan(
     reads = OZ[..., :1] + Z @ starts[..., None]  # [B, H, r, N, C, 1]
     reads = reads.transpose(0, 3, 4, 1, 2, 5).reshape(B, N * C, H, r)[:, :T]
     if valid is not None:
-        reads = reads * valid.astype(mx.float32)[:, :, None, None]
+        reads = reads * valid
     return reads, ends[..., -1, :]

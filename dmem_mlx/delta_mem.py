@@ -32,10 +32,13 @@ class MemoryInputs(NamedTuple):
 def normalize_heads(x: mx.array, axis: int = -1) -> mx.array:
     """q̃ = tanh(q) / max(‖tanh(q)‖₂, 1e-6) on each head's r-slice.  x: [..., H, r] (the r
     entries along `axis`)."""
-    t = mx.tanh(x)
+    # ‖tanh(x)‖² summed from tanh(|x|)², the same numbers (tanh is odd, bit for bit in MLX): a
+    # tanh of its own, so that under mx.compile the squares fuse with it and the normalisation
+    # with the other, instead of tanh(x) and its squares being two dispatches (DESIGN §9)
+    squares = mx.sum(mx.square(mx.tanh(mx.abs(x))), axis=axis, keepdims=True)
     # sqrt of max(·, eps²): the same value, and a zero gradient (not NaN) for an all-zero x
-    norm = mx.sqrt(mx.maximum(mx.sum(t * t, axis=axis, keepdims=True), NORM_EPS * NORM_EPS))
-    return t / mx.maximum(norm, NORM_EPS)
+    norm = mx.sqrt(mx.maximum(squares, NORM_EPS * NORM_EPS))
+    return mx.tanh(x) / mx.maximum(norm, NORM_EPS)
 
 
 def row_coefficients(
@@ -111,19 +114,18 @@ def decode_step(
     h: mx.array,
     state: mx.array,
     w_in: mx.array,
-    bias: mx.array,
+    gate_bias: tuple[mx.array, ...],
     valid: Optional[mx.array] = None,
 ) -> tuple[mx.array, mx.array]:
     """One token through the memory: the projection (`DeltaMemory.project`) and `scan_step`.
 
     A pure function of arrays, so that it can be compiled (see scan.py). h: [B, 1, D];
-    state: [B, H, r, r]; w_in, bias: `DeltaMemory.fused_weights()`; valid: [B, 1] or None.
+    state: [B, H, r, r]; w_in, gate_bias: `DeltaMemory.fused_weights()`; valid: [B, 1] or None.
     write=False only reads. Returns (reads [B, 1, R], new state [B, H, r, r]).
     """
     B = h.shape[0]
-    x = mx.addmm(bias, h.astype(mx.float32), w_in).reshape(B, config.num_state_heads,
-                                                            config.rank, -1)
-    qk, v, keep, erase, write_ = _gated(config, x)
+    x = (h.astype(mx.float32) @ w_in).reshape(B, config.num_state_heads, config.rank, -1)
+    qk, v, keep, erase, write_ = _gated(config, x, gate_bias)
     if write:
         read, new_state = _step(state, qk, v, keep, erase, write_)
     else:
@@ -135,18 +137,21 @@ def decode_step(
     return read.reshape(B, 1, -1), new_state
 
 
-def project(config: DeltaMemConfig, h: mx.array, w_in: mx.array, bias: mx.array) -> MemoryInputs:
-    """`DeltaMemory.project` as a pure function of arrays (w_in, bias: `fused_weights()`)."""
-    qk, *rest = _gated(config, mx.addmm(bias, h.astype(mx.float32), w_in))
+def project(config: DeltaMemConfig, h: mx.array, w_in: mx.array,
+            gate_bias: tuple[mx.array, ...]) -> MemoryInputs:
+    """`DeltaMemory.project` as a pure function of arrays (w_in, gate_bias: `fused_weights()`)."""
+    qk, *rest = _gated(config, h.astype(mx.float32) @ w_in, gate_bias)
     drop = lambda x: x.reshape(x.shape[:-1])  # noqa: E731 - [..., 1] → [...], one op each
     return MemoryInputs(*map(drop, (*mx.split(qk, 2, axis=-1), *rest)))
 
 
-def _gated(config: DeltaMemConfig, x: mx.array):
+def _gated(config: DeltaMemConfig, x: mx.array, gate_bias: tuple[mx.array, ...]):
     """(qk̃ [..., H, r, 2], v, keep, erase, write [..., H, r, 1]) from the fused projection.
 
-    x: [..., P] or [..., H, r, K]: per head and state row i the K entries q_i, k_i, v_i, β_i
-    (, λ_i) (see `DeltaMemory.fused_weights`; per-head gates are repeated on every row).
+    x: h·W_in, [..., P] or [..., H, r, K]: per head and state row i the K entries q_i, k_i, v_i,
+    β_i (, λ_i) (see `DeltaMemory.fused_weights`; per-head gates are repeated on every row);
+    gate_bias: the β (, λ) biases [H, r, 1], added here so that under mx.compile the addition
+    fuses with the gates (q, k and v have no bias).
     """
     cfg = config
     K = projection_vectors(cfg)
@@ -154,7 +159,7 @@ def _gated(config: DeltaMemConfig, x: mx.array):
         x = x.reshape(*x.shape[:-1], cfg.num_state_heads, cfg.rank, K)
     qk, v, *gates = mx.split(x, [2, 3, 4][:K - 2], axis=-1)  # one op for all the pieces
     qk = normalize_heads(qk, axis=-2) if cfg.normalize_qk else qk
-    return (qk, v, *gate_coefficients(cfg, *gates))
+    return (qk, v, *gate_coefficients(cfg, *map(operator.add, gates, gate_bias)))
 
 
 def gate_coefficients(config: DeltaMemConfig, beta_logit: mx.array,
@@ -238,9 +243,11 @@ class DeltaMemory(nn.Module):
         {"in": [1, D, P], "bias": [1, 1, P]}: the memory q/k/v and gate projections as one
         matmul, P = H·r·K columns ordered [H, r, K] (K = q, k, v, β (, λ): the entries of one
         state row are adjacent), gate rows repeated r times when the gates are per head
-        (G = H); and per active head x: [1, R, out_x], W_Δx with α/r and the trainable scale
-        folded in. (The leading 1s let a decode token's [1, 1, D] input meet them in one
-        `addmm` with no reshape or broadcast around it.) Rebuilt whenever a parameter is another
+        (G = H); "gate_bias": the β (, λ) part of "bias" as a tuple of [H, r, 1] (what `project`
+        adds; the Metal kernel reads "bias"); and per active head x: [1, R, out_x], W_Δx with
+        α/r and the trainable scale folded in. (The leading 1s let a decode token's [1, 1, D]
+        input meet them in one matmul or `addmm` with no reshape or broadcast around it.)
+        Rebuilt whenever a parameter is another
         array object (optimizer updates, `load_delta_parameters`, `Module.update`); after
         editing a weight in place (`w[...] = x`) call `clear_fused_weights()`.
         """
@@ -261,7 +268,8 @@ class DeltaMemory(nn.Module):
         K, H, r, D = len(rows), cfg.num_state_heads, cfg.rank, rows[0].shape[1]
         w_in = mx.stack(rows).reshape(K, H, r, D).transpose(1, 2, 0, 3).reshape(-1, D)
         bias = mx.concatenate(biases).reshape(K, H, r).transpose(1, 2, 0).reshape(-1)
-        weights = {"in": w_in.T[None], "bias": bias[None, None]}
+        gate_bias = tuple(b.reshape(H, r, 1) for b in biases[1:])  # contiguous, unlike slices
+        weights = {"in": w_in.T[None], "bias": bias[None, None], "gate_bias": gate_bias}
         for head in cfg.delta_heads:
             scale = cfg.scaling  # Δx = (α/r) · s_x · W_Δx read
             if cfg.trainable_delta_scale:
@@ -281,7 +289,7 @@ class DeltaMemory(nn.Module):
         weights: `fused_weights()` if already at hand (the same for every method below).
         """
         w = self.fused_weights() if weights is None else weights
-        return project(self.config, h, w["in"], w["bias"])
+        return project(self.config, h, w["in"], w["gate_bias"])
 
     def delta(self, head: str, reads: mx.array, weights: Optional[dict] = None) -> mx.array:
         """Δx = (α/r) · s_x · W_Δx read, float32 (RMS-normalised for o if configured).

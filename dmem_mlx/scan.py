@@ -24,6 +24,7 @@ from functools import lru_cache, partial
 from typing import Callable, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from .chunked_scan import DEFAULT_CHUNK, chunked_scan
 from .config import DeltaMemConfig
@@ -115,22 +116,32 @@ def token_scan(
         reads, new_state = scan(state, memory.project(h, w), valid, backend)
         return reads.reshape(B, T, -1), new_state
     pad = -T % DEFAULT_CHUNK
-    if pad or valid is not None:
-        valid = mx.ones((B, T), mx.float32) if valid is None else valid.astype(mx.float32)
-        valid = mx.pad(valid, [(0, 0), (0, pad)])
+    if valid is not None and pad:
+        valid = mx.pad(valid.astype(mx.float32), [(0, 0), (0, pad)])
+    elif pad:
+        valid = _real_tokens(B, T, pad)
+    if pad:
         h = mx.pad(h, [(0, 0), (0, pad), (0, 0)])
     fn = _compiled_token_scan(memory.config, valid is not None, threading.get_ident())
-    args = (h, state, w["in"], w["bias"])
+    args = (h, state, w["in"], w["gate_bias"])
     reads, new_state = fn(*args) if valid is None else fn(*args, valid)
     return (reads[:, :T] if pad else reads), new_state
+
+
+@lru_cache(maxsize=64)
+def _real_tokens(batch: int, tokens: int, pad: int) -> mx.array:
+    """[batch, tokens + pad]: 1 for a call's tokens, 0 for the padding after them (data made
+    from NumPy, so no primitive runs per call)."""
+    return mx.array(np.repeat(np.r_[np.ones(tokens), np.zeros(pad)][None], batch, 0)
+                    .astype(np.float32))
 
 
 @lru_cache(maxsize=64)
 def _compiled_token_scan(config: DeltaMemConfig, masked: bool, thread: int) -> Callable:
     """Per thread: MLX streams belong to a thread, and a compiled graph to the stream it was
     traced on."""
-    def fn(h, state, w_in, bias, valid=None):
-        reads, new_state = chunked_scan(state, project(config, h, w_in, bias), valid)
+    def fn(h, state, w_in, gate_bias, valid=None):
+        reads, new_state = chunked_scan(state, project(config, h, w_in, gate_bias), valid)
         return reads.reshape(*reads.shape[:2], -1), new_state
 
     return mx.compile(fn)
@@ -159,8 +170,8 @@ def step(
             steps = memory.__dict__["_steps"] = {}
         fn = steps[key] = step_function(memory.config, write, key[2], key[3])
     if valid is None:
-        return fn(h, state, w["in"], w["bias"])
-    return fn(h, state, w["in"], w["bias"], valid)
+        return fn(h, state, w["in"], w["gate_bias"])
+    return fn(h, state, w["in"], w["gate_bias"], valid)
 
 
 @lru_cache(maxsize=64)
