@@ -333,9 +333,9 @@ def test_mixed_or_unsupported_dtypes_run_in_fp32():
     assert all(x.dtype == mx.float32 for x in launch["inputs"][:6])
 
 
-@pytest.mark.skipif(metal.metal_available(), reason="this machine has Metal")
+@pytest.mark.skipif(scan_module.metal_available(), reason="this machine has Metal")
 def test_without_metal_nothing_is_built_and_calls_fail_loudly():
-    assert not metal.metal_available()
+    assert not scan_module.metal_available()
     probe = ("import dmem_mlx, dmem_mlx.scan, dmem_mlx.kernels.metal as m; "
              "print(m._kernel.cache_info().currsize)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
@@ -344,7 +344,7 @@ def test_without_metal_nothing_is_built_and_calls_fail_loudly():
         mx.eval(metal.metal_scan(*make_scan_case(SCAN_CASES[4])))
 
 
-@pytest.mark.skipif(metal.metal_available(), reason="this machine has Metal")
+@pytest.mark.skipif(scan_module.metal_available(), reason="this machine has Metal")
 def test_without_metal_the_metal_backend_is_refused_in_one_line(tmp_path):
     from dmem_mlx.errors import ConfigError
     from dmem_mlx.tiny import make_tiny_dmem
@@ -362,7 +362,7 @@ def test_without_metal_the_metal_backend_is_refused_in_one_line(tmp_path):
     assert model.delta_mem.backend == "auto" and scan_module.resolve("auto") == "chunked"
 
 
-@pytest.mark.skipif(not metal.metal_available(), reason="needs a Metal GPU")
+@pytest.mark.skipif(not scan_module.metal_available(), reason="needs a Metal GPU")
 @pytest.mark.parametrize("case", SCAN_CASES, ids=case_id)
 def test_on_metal_scan(case):
     state, inputs, valid = make_scan_case(case)
@@ -372,7 +372,7 @@ def test_on_metal_scan(case):
     np.testing.assert_allclose(np.array(new_state), np.array(ref_state), **TOL)
 
 
-@pytest.mark.skipif(not metal.metal_available(), reason="needs a Metal GPU")
+@pytest.mark.skipif(not scan_module.metal_available(), reason="needs a Metal GPU")
 @pytest.mark.parametrize("case", LAYER_CASES, ids=case_id)
 def test_on_metal_layer_decode(case):
     memory, h, state, valid = make_layer_case(case)

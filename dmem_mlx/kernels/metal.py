@@ -214,11 +214,6 @@ _SPECS = {spec["name"]: spec for spec in (SCAN_KERNEL, LAYER_DECODE_KERNEL)}
 _FLOAT_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
-def metal_available() -> bool:
-    """True when the kernels can run: a Metal device that is also the default device."""
-    return mx.metal.is_available() and mx.default_device() == mx.gpu
-
-
 @lru_cache(maxsize=None)
 def _kernel(name: str):
     return mx.fast.metal_kernel(**_SPECS[name])
