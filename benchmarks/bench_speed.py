@@ -5,7 +5,10 @@ Sections (all by default):
            (and δ-mem's added µs per layer per token);
   prefill  prompt tok/s at long prompts with writes on, δ-mem vs plain;
   scan     the state scan alone: the dispatcher's fast path vs the per-token reference loop;
-  memory   bytes of δ state vs bytes of KV cache holding the same history.
+  memory   bytes of δ state vs bytes of KV cache holding the same history;
+  breakdown (only when named) where δ-mem's decode time goes on the tiny backbone: per layer and
+           token, graph building (Python) and evaluation, for δ-mem, δ-mem with its memory step
+           replaced by one doing nothing, and the attention wrapper alone.
 
 Both models share one set of random backbone weights (`dmem_mlx.tiny.build_model`); the δ model
 carries a random adapter (TSW, rank 8, heads q and o, like the release). Repetitions alternate
@@ -33,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx.core as mx  # noqa: E402
 
-SECTIONS = ("decode", "prefill", "scan", "memory")
+SECTIONS = ("decode", "prefill", "scan", "memory", "breakdown")
+DEFAULT_SECTIONS = SECTIONS[:4]
 # Qwen3 shapes (config.json of the released checkpoints); "tiny" is where per-layer costs show.
 SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=8, intermediate_size=256,
@@ -54,8 +58,9 @@ DELTA_CONFIG = {"rank": 8, "alpha": 16.0, "delta_heads": ["q", "o"]}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} "
+                        f"(default: {','.join(DEFAULT_SECTIONS)})")
     p.add_argument("--shapes", default="tiny,0.6b,1.7b",
                    help="backbones for decode (default: tiny,0.6b,1.7b; also: 4b)")
     p.add_argument("--prefill-shape", default="0.6b", help="backbone for prefill (default 0.6b)")
@@ -68,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt before decoding (32)")
     p.add_argument("--decode-tokens", type=int, default=0,
                    help="tokens generated per run (default: 200 tiny, 16 for big shapes)")
+    p.add_argument("--breakdown-tokens", type=int, default=1000,
+                   help="tokens per variant for the breakdown (1000)")
     p.add_argument("--repeats", type=int, default=12,
                    help="alternating repetitions per model (12; tiny decode runs 3x as many)")
     p.add_argument("--prefill-repeats", type=int, default=3, help="for prefill (3)")
@@ -186,6 +193,90 @@ def bench_decode(args, shape: str) -> dict:
         "shape": shape, "tokens": tokens, "plain_tok_s": c["plain"], "dmem_tok_s": c["dmem"],
         "ratio": c["ratio"], "added_us_per_layer_token": added / layers * 1e6, "runs": runs,
     }
+
+
+def bench_breakdown(args) -> list[dict]:
+    """Where δ-mem's decode time goes on the tiny backbone, per layer and token.
+
+    Plain mlx-lm and three δ-mem variants decode one token each in turn (synchronous
+    `mx.eval`, so that the time of building the graph in Python and of evaluating it can be
+    told apart); each variant's figures are medians of its per-token differences to the plain
+    token next to it, so a changing load hits both alike. Variants: "δ-mem" as shipped;
+    "no memory step": the step replaced by one returning zero reads and the state unchanged
+    (the attention wrapper and the two corrections); "wrapper only": also no corrections.
+    """
+    import dmem_mlx.model as model_module
+    from dmem_mlx.delta_mem import DeltaMemory
+    from mlx_lm.models.cache import make_prompt_cache
+
+    plain, dmem = build_pair("tiny", args.seed)
+    layers = SHAPES["tiny"]["num_hidden_layers"]
+    rank = DELTA_CONFIG["rank"]
+    shipped = (model_module.step, DeltaMemory.correct)
+    zero_reads = mx.zeros((1, 1, rank))
+
+    def no_step(memory, h, state, *rest):
+        return zero_reads, state
+
+    def no_correction(memory, head, out, reads, weights=None):
+        return out
+
+    variants = {"δ-mem": shipped, "no memory step": (no_step, shipped[1]),
+                "wrapper only": (no_step, no_correction)}
+    prompt = mx.random.randint(0, SHAPES["tiny"]["vocab_size"], (1, args.prompt_tokens),
+                               key=mx.random.key(args.seed))
+
+    def start(model):
+        cache = make_prompt_cache(model)
+        logits = model(prompt, cache=cache)
+        mx.eval(logits)
+        return [cache, mx.argmax(logits[:, -1:], axis=-1)]
+
+    def token(model, run) -> tuple[float, float]:
+        begin = time.perf_counter()
+        run[1] = mx.argmax(model(run[1], cache=run[0])[:, -1:], axis=-1)
+        built = time.perf_counter()
+        mx.eval(run[1])
+        return built - begin, time.perf_counter() - built
+
+    names = ["plain", *variants]
+    times = {name: [] for name in names}
+    try:
+        for _ in range(max(1, args.breakdown_tokens // 100)):  # fresh caches every 100 tokens
+            runs = {}
+            for name in names:
+                if name != "plain":
+                    model_module.step, DeltaMemory.correct = variants[name]
+                    dmem.delta_mem.reset()
+                runs[name] = start(plain if name == "plain" else dmem)
+            for i in range(105):  # the first 5 warm up
+                row = {}
+                for name in (names if i % 2 == 0 else names[::-1]):
+                    if name != "plain":
+                        model_module.step, DeltaMemory.correct = variants[name]
+                    row[name] = token(plain if name == "plain" else dmem, runs[name])
+                if i >= 5:
+                    for name in names:
+                        times[name].append(row[name])
+    finally:
+        model_module.step, DeltaMemory.correct = shipped
+    per_layer = 1e6 / layers
+    plain_times = times["plain"]
+    results = [{"variant": "plain mlx-lm", "build_us": statistics.median(
+        b for b, _ in plain_times) * per_layer, "eval_us": statistics.median(
+        e for _, e in plain_times) * per_layer, "total_us": statistics.median(
+        b + e for b, e in plain_times) * per_layer, "ratio": 1.0}]
+    for name in variants:
+        pairs = list(zip(times[name], plain_times))
+        results.append({
+            "variant": name,
+            "build_us": statistics.median(d[0] - p[0] for d, p in pairs) * per_layer,
+            "eval_us": statistics.median(d[1] - p[1] for d, p in pairs) * per_layer,
+            "total_us": statistics.median(sum(d) - sum(p) for d, p in pairs) * per_layer,
+            "ratio": statistics.median(sum(p) / sum(d) for d, p in pairs)})
+    del plain, dmem
+    mx.clear_cache()
+    return results
 
 
 def bench_prefill(args) -> list[dict]:
@@ -327,6 +418,12 @@ def print_tables(result: dict) -> None:
             {**d, "speedup": f"{d['speedup']:.1f}x"} for d in result["scan"]], [
             ("heads", 5, "heads", ""), ("tokens", 6, "tokens", ""), ("loop ms", 10, "loop_ms", ".1f"),
             ("fast ms", 9, "fast_ms", ".2f"), ("speedup", 8, "speedup", "")])
+    if "breakdown" in result:
+        _table("Decode time per layer and token, tiny backbone (plain: absolute; δ-mem variants: "
+               "added to plain; median of per-token differences)", result["breakdown"], [
+            ("variant", 16, "variant", ""), ("build µs", 9, "build_us", ".1f"),
+            ("eval µs", 8, "eval_us", ".1f"), ("total µs", 9, "total_us", ".1f"),
+            ("ratio", 6, "ratio", ".3f")])
     if "memory" in result:
         _table("Memory per sequence: δ state vs KV cache for the same history", [
             {**d, **{k: _size(d[k]) for k in ("delta_state_bytes", "kv_cache_bytes_fp32",
@@ -382,6 +479,8 @@ def main(argv=None) -> int:
             print(f"decode {shape}: ratio {result['decode'][-1]['ratio']:.3f}", file=sys.stderr)
     if "prefill" in sections:
         result["prefill"] = bench_prefill(args)
+    if "breakdown" in sections:
+        result["breakdown"] = bench_breakdown(args)
     result["load_average_end"] = load_average()
     print_tables(result)
     print(json.dumps(result))
