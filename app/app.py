@@ -674,9 +674,9 @@ class DmemChatApp(App[int]):
         budget = f"{info.kv_budget:,}" if info.kv_budget else "∞"
         await self.add_note(
             f"memory {info.memory_path or '(none)'} · {info.tokens_written:,} tokens written · "
-            f"{info.turns} turns ({info.turns_in_memory_only} only in memory) · context "
-            f"{info.kv_tokens:,}/{budget} tokens · {info.undo_depth} undo steps · "
-            f"{info.past_conversations} past conversations · "
+            f"{plural(info.turns, 'turn')} ({info.turns_in_memory_only:,} only in memory) · "
+            f"context {info.kv_tokens:,}/{budget} tokens · {plural(info.undo_depth, 'undo step')}"
+            f" · {plural(info.past_conversations, 'past conversation')} · "
             f"{'read-only' if info.read_only else 'writing'}\n"
             f"system prompt: {info.system or 'none'}" + (f"\nBLAS: {self.blas}" if self.blas
                                                           else ""))

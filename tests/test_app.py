@@ -753,3 +753,23 @@ async def test_memory_of_another_model_is_refused_in_the_app(tiny_model, tmp_pat
         assert app.session is None
         await pilot.press("ctrl+q")
     assert app.return_code == 1 and memory.read_bytes() == before
+
+
+async def test_info_counts_in_the_singular_and_the_plural(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path / "chat.memory")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "I like tea.")
+        await send(pilot, "/info")
+        info = app.query(Note).last().render()
+        assert app.last_info.turns == 1 and app.last_info.undo_depth == 1
+        assert "· 1 turn (0 only in memory) ·" in str(info)
+        assert "· 1 undo step ·" in str(info) and "· 0 past conversations ·" in str(info)
+        await send(pilot, "/new")
+        await send(pilot, "I like green tea.")
+        await send(pilot, "I also like coffee.")
+        await send(pilot, "/info")
+        info = str(app.query(Note).last().render())
+        assert "· 3 turns (1 only in memory) ·" in info and "· 2 undo steps ·" in info
+        assert "· 1 past conversation ·" in info
+        await pilot.press("ctrl+q")
