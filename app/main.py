@@ -179,6 +179,26 @@ def blas_description() -> str:
     return "MLX's built-in BLAS (OpenBLAS installed, not used)"
 
 
+def not_a_terminal() -> Optional[str]:
+    """Which of standard input, output and error is not a terminal (the app reads keys from the
+    first and draws on the last; output redirected to a file or a pipe would be left empty, or
+    filled with screen drawing), or None."""
+    for name, stream in (("input", sys.stdin), ("output", sys.stdout), ("error", sys.stderr)):
+        try:
+            if stream is None or not stream.isatty():
+                return f"standard {name}"
+        except (OSError, ValueError):  # closed
+            return f"standard {name}"
+    return None
+
+
+def check_terminal() -> None:
+    if stream := not_a_terminal():
+        raise UsageError(f"{stream} is not a terminal: dmem-chat is an interactive, full-screen "
+                         "chat; run it in a terminal without redirecting it (scripts can talk "
+                         "to a δ-mem model through dmem-serve)")
+
+
 def keep_typed_keys() -> Callable[[], None]:
     """Until the app takes the terminal, keep keys typed ahead as they are; returns the function
     that puts the terminal's settings back. A terminal in its normal mode turns a typed Return
@@ -224,10 +244,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reexec_with_openblas(hint=False)  # before any heavy import (it restarts the process)
         restore_terminal.append(keep_typed_keys())  # after it: the settings kept are the user's
         if not local:  # a hub repo id: resolving it imports mlx-lm (and may download)
+            check_terminal()
             model_path, model_id = resolve_model(args.model), args.model
         memory_path = memory_location(args.memory, model_id)
         check_memory_path(memory_path)
         check_memory_contents(memory_path, model_path)
+        check_terminal()  # last of the refusals: a bad path or file is named first
         memory = open_memory(memory_path, read_only=args.read_only)
 
         from dmem_mlx.blas import openblas_hint

@@ -773,7 +773,10 @@ def cli_main(cli: str) -> Callable[[list[str]], int]:
         uvicorn.run = never_serve
     else:
         import app.app
+        import app.main
         from app.main import main
+
+        app.main.not_a_terminal = lambda: None  # as if in a terminal: the memory is what is tested
 
         def never_run(self, *a, **k):  # a memory that opens would start the app: fail instead
             raise SystemExit(99)

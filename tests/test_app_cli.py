@@ -104,7 +104,15 @@ class NoUI:
 
 
 @pytest.fixture
-def no_ui(monkeypatch):
+def terminal(monkeypatch):
+    """As if dmem-chat ran in a terminal (pytest captures its output)."""
+    import app.main
+
+    monkeypatch.setattr(app.main, "not_a_terminal", lambda: None)
+
+
+@pytest.fixture
+def no_ui(monkeypatch, terminal):
     from app.app import DmemChatApp
 
     NoUI.started = 0
@@ -180,7 +188,8 @@ def test_fingerprint_from_files_matches_the_loaded_model(tiny_model, tmp_path):
     assert fingerprint_from_files(tmp_path) is None  # not a model: the session checks later
 
 
-def test_a_start_up_failure_in_the_app_exits_1(tiny_model, tmp_path, capsys, monkeypatch):
+def test_a_start_up_failure_in_the_app_exits_1(tiny_model, tmp_path, capsys, monkeypatch,
+                                                terminal):
     from app.app import DmemChatApp
 
     def failed_run(self):
@@ -242,7 +251,7 @@ def test_the_blas_module_is_light():
     assert out.split() == ["False", "False"]
 
 
-def test_locked_memory_is_refused_before_the_ui(tiny_model, tmp_path, capsys):
+def test_locked_memory_is_refused_before_the_ui(tiny_model, tmp_path, capsys, terminal):
     from dmem_mlx.runtime import MemoryFile
 
     path = tmp_path / "shared.memory"
@@ -347,3 +356,38 @@ def test_enter_typed_while_dmem_chat_starts_stays_enter(monkeypatch):
     finally:
         os.close(master)
         os.close(slave)
+
+
+@pytest.mark.parametrize("redirect", ["stdout to a file", "stdout piped", "stdin not a terminal"])
+def test_refused_in_one_line_when_not_in_a_terminal(redirect, tiny_model, tmp_path):
+    """`dmem-chat > out.txt`, `dmem-chat | less`, `echo hi | dmem-chat`: one line, exit 1, before
+    the memory is created or locked; nothing is drawn anywhere."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    memory = tmp_path / "m.safetensors"
+    master, slave = pty.openpty()
+    out = tmp_path / "out.txt"
+    try:
+        with open(out, "wb") as out_file:
+            stdin, stdout = {"stdout to a file": (slave, out_file),
+                             "stdout piped": (slave, subprocess.PIPE),
+                             "stdin not a terminal": (subprocess.DEVNULL, slave)}[redirect]
+            result = subprocess.run(
+                [sys.executable, "-m", "app.main", "--model", str(tiny_model), "--memory",
+                 str(memory)], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": str(root), "DMEM_NO_OPENBLAS": "1"},
+                timeout=60)  # (an app that started would wait for keys until then)
+    finally:
+        os.close(master)
+        os.close(slave)
+    stream = "input" if redirect == "stdin not a terminal" else "output"
+    err = result.stderr.decode()
+    assert result.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"dmem-chat: error: standard {stream} is not a terminal"), err
+    assert not (result.stdout or out.read_bytes())
+    assert list(tmp_path.iterdir()) == [out]  # no memory, no lock file
