@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from dmem_mlx.runtime import ChatSession, MemoryFile, ReplyStats, SessionInfo
 
 T = TypeVar("T")
+TYPING_THROUGH = (ConfirmScreen, HelpScreen, HistoryScreen)  # typed text goes on in the input
 BUSY_OK = {"help", "panel", "quit", "copy", "history"}  # may run while a reply streams
 RETRY_TEMP = 0.7  # a retry under greedy decoding samples at this temperature (else: same reply)
 
@@ -234,7 +235,18 @@ class DmemChatApp(App[int]):
 
     def on_key(self, event: events.Key) -> None:
         """Typing while the focus is elsewhere on the main screen (the panel …) goes to the input;
-        typed while the panel fills a narrow terminal, it brings the chat back first."""
+        typed while the panel fills a narrow terminal, it brings the chat back first. Typed while
+        a dialog is open (a confirmation, help, history: none takes text), characters and
+        Backspace edit the input behind it, so nothing typed is lost; the dialog's own keys (Tab,
+        ←/→, Enter, Escape, the arrows) stay the dialog's."""
+        if isinstance(self.screen, TYPING_THROUGH):
+            if event.is_printable and event.character or event.key == "backspace":
+                event.stop()
+                if event.key == "backspace":
+                    self.chat_input.action_delete_left()
+                else:
+                    self.chat_input.insert(event.character or "")
+            return
         if not (event.is_printable and event.character and len(self.screen_stack) == 1
                 and self.focused is not self.chat_input):
             return

@@ -21,7 +21,8 @@ class ConfirmScreen(ModalScreen[bool]):
     """Ask before something is destroyed; dismisses with True only when the destructive button
     is pressed. No letter answers it: Cancel has the focus, the other button takes Tab (or ←/→)
     then Enter, and it cannot be pressed during its first ARM_SECONDS — so keys typed ahead
-    while the dialog was on its way (Enter included) can only cancel."""
+    while the dialog was on its way (Enter included) can only cancel. Characters typed while it
+    is open go on into the chat input behind it (the app's on_key), as its subtitle says."""
 
     ARM_SECONDS = 0.6
     BINDINGS = [Binding("escape", "dismiss(False)", "Cancel"),
@@ -40,6 +41,8 @@ class ConfirmScreen(ModalScreen[bool]):
                 yield Button("Cancel", variant="primary", id="confirm-no")
 
     def on_mount(self) -> None:
+        self.query_one("#confirm-dialog").border_subtitle = "Tab · Enter · Esc cancels · " \
+                                                            "typing goes to your message"
         self.query_one("#confirm-no", Button).focus()
         self.set_timer(self.ARM_SECONDS, self.arm)
 

@@ -773,3 +773,31 @@ async def test_info_counts_in_the_singular_and_the_plural(tiny_model, tmp_path):
         assert "· 3 turns (1 only in memory) ·" in info and "· 2 undo steps ·" in info
         assert "· 1 past conversation ·" in info
         await pilot.press("ctrl+q")
+
+
+async def test_text_typed_while_a_dialog_is_open_goes_on_in_the_input(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path / "chat.memory")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "I like tea.")
+        written = app.last_info.tokens_written
+        chat_input = app.query_one(ChatInput)
+        await open_dialog(pilot, "/forget")
+        assert chat_input.text == ""
+        await pilot.press(*"maybe latr", "backspace", *"er, yes y")  # a person typing on
+        await pilot.pause(ConfirmScreen.ARM_SECONDS + 0.2)
+        assert isinstance(app.screen, ConfirmScreen)  # no letter answered it
+        assert chat_input.text == "maybe later, yes y"  # kept, behind the dialog
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: idle(app) and not isinstance(app.screen, ConfirmScreen))
+        await pilot.press(*" please")  # and typing goes on where it was
+        assert chat_input.text == "maybe later, yes y please"
+        assert app.focused is chat_input and app.last_info.tokens_written == written
+        chat_input.clear()
+        chat_input.text = "/history"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, HistoryScreen))
+        await pilot.press(*"ok", "escape")
+        await wait_until(pilot, lambda: idle(app) and not isinstance(app.screen, HistoryScreen))
+        assert chat_input.text == "ok"
+        await pilot.press("ctrl+q")
