@@ -15,6 +15,7 @@ The conversation is a `ChatView`; a reply's lifecycle is told by `ReplyStarted` 
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from dmem_mlx.runtime import ChatSession, MemoryFile, ReplyStats, SessionInfo
 
 T = TypeVar("T")
+QUIT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 TYPING_THROUGH = (ConfirmScreen, HelpScreen, HistoryScreen)  # typed text goes on in the input
 BUSY_OK = {"help", "panel", "quit", "copy", "history"}  # may run while a reply streams
 RETRY_TEMP = 0.7  # a retry under greedy decoding samples at this temperature (else: same reply)
@@ -146,13 +148,14 @@ class DmemChatApp(App[int]):
                  sampling: Optional[Sampling] = None, system: Optional[str] = None,
                  max_kv_tokens: Optional[int] = None, read_only: bool = False,
                  startup_hint: Optional[str] = None, model_name: Optional[str] = None,
-                 blas: str = "") -> None:
+                 blas: str = "", signals_received: Optional[list[int]] = None) -> None:
         """model_path: a converted model directory. memory: an open `MemoryFile`, a path to open
         (a lock held elsewhere is then reported in the app), or None for no file.
         open_session: replaces the loading step (a callable returning a ChatSession).
         startup_hint: a warning shown once the model is loaded (e.g. the OpenBLAS hint).
         model_name: shown in the header (default: the directory's name). blas: the BLAS in use,
-        shown in the panel."""
+        shown in the panel. signals_received: QUIT_SIGNALS that came before the app ran (it
+        quits at once for one of them)."""
         super().__init__()
         self.model_path = Path(model_path)
         self.model_name = model_name or self.model_path.name
@@ -178,6 +181,8 @@ class DmemChatApp(App[int]):
         self._stop = threading.Event()
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dmem-engine")
         self._session_closed = False
+        self._signals_received = signals_received if signals_received is not None else []
+        self._signal_handlers: list[int] = []
 
     # ---------------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -198,6 +203,7 @@ class DmemChatApp(App[int]):
         self.sub_title = self.model_name
         self.layout_panel()
         self.chat_input.focus()
+        self.quit_on_signals()
         self.load()
 
     def on_resize(self, event: events.Resize) -> None:
@@ -748,6 +754,28 @@ class DmemChatApp(App[int]):
         await self.close_session()
         self.exit(return_code=1 if self.start_error else 0)
 
+    def quit_on_signals(self) -> None:
+        """SIGTERM and SIGHUP (its terminal closed) quit as Ctrl+Q does: the reply stops (the
+        runtime keeps what was said and saves it), the memory is closed and its lock released,
+        the terminal put back; dmem-chat then exits with 128 + the signal's number."""
+        loop = asyncio.get_running_loop()
+        for signum in QUIT_SIGNALS:
+            try:
+                loop.add_signal_handler(signum, self.signal_quit, signum)
+            except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
+                break
+            self._signal_handlers.append(signum)
+        if self._signals_received:
+            self.signal_quit(self._signals_received[0])
+
+    def signal_quit(self, signum: int) -> None:
+        self.call_later(self.quit_after_signal, signum)
+
+    async def quit_after_signal(self, signum: int) -> None:
+        self._stop.set()
+        await self.close_session()
+        self.exit(return_code=128 + signum)
+
     async def close_session(self) -> None:
         """Release the memory lock after the engine finishes (saves happen after every turn)."""
         if self._session_closed:
@@ -768,3 +796,7 @@ class DmemChatApp(App[int]):
 
     async def on_unmount(self) -> None:
         await self.close_session()
+        loop = asyncio.get_running_loop()
+        for signum in self._signal_handlers:  # back to the default
+            loop.remove_signal_handler(signum)
+        self._signal_handlers = []

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import platform
 import re
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 from dmem_mlx.errors import DmemError, UsageError, user_message
 from dmem_mlx.flags import Parser, add_generation_flags, generation_flags_problem
@@ -199,6 +201,23 @@ def check_terminal() -> None:
                          "to a δ-mem model through dmem-serve)")
 
 
+@contextmanager
+def signals_kept() -> Iterator[list[int]]:
+    """While the memory is open and the app not yet running: SIGTERM and SIGHUP are kept in the
+    list yielded, not fatal (the app quits cleanly for them as soon as it runs)."""
+    received: list[int] = []
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            previous[name] = signal.signal(getattr(signal, name),
+                                           lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
 def keep_typed_keys() -> Callable[[], None]:
     """Until the app takes the terminal, keep keys typed ahead as they are; returns the function
     that puts the terminal's settings back. A terminal in its normal mode turns a typed Return
@@ -250,19 +269,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_memory_path(memory_path)
         check_memory_contents(memory_path, model_path)
         check_terminal()  # last of the refusals: a bad path or file is named first
-        memory = open_memory(memory_path, read_only=args.read_only)
-
         from dmem_mlx.blas import openblas_hint
 
         from .app import DmemChatApp, Sampling
 
-        app = DmemChatApp(model_path, memory, system=args.system,
-                          max_kv_tokens=args.max_kv_tokens, read_only=args.read_only,
-                          startup_hint=openblas_hint(), model_name=Path(model_id).name or model_id,
-                          blas=blas_description(),
-                          sampling=Sampling(max_tokens=args.max_tokens, temp=args.temp,
-                                            top_p=args.top_p, seed=args.seed))
-        app.run()  # the app releases the memory when it closes
+        with signals_kept() as received:
+            memory = open_memory(memory_path, read_only=args.read_only)
+            app = DmemChatApp(model_path, memory, system=args.system,
+                              max_kv_tokens=args.max_kv_tokens, read_only=args.read_only,
+                              startup_hint=openblas_hint(),
+                              model_name=Path(model_id).name or model_id,
+                              blas=blas_description(), signals_received=received,
+                              sampling=Sampling(max_tokens=args.max_tokens, temp=args.temp,
+                                                top_p=args.top_p, seed=args.seed))
+            app.run()  # the app releases the memory when it closes
     except (DmemError, OSError) as exc:
         print(f"{PROG}: error: {user_message(exc)}", file=sys.stderr)
         return 1

@@ -801,3 +801,39 @@ async def test_text_typed_while_a_dialog_is_open_goes_on_in_the_input(tiny_model
         await wait_until(pilot, lambda: idle(app) and not isinstance(app.screen, HistoryScreen))
         assert chat_input.text == "ok"
         await pilot.press("ctrl+q")
+
+
+async def test_sigterm_stops_the_reply_saves_and_releases_the_memory(tiny_model, tmp_path):
+    """SIGTERM while a reply streams ends dmem-chat as Ctrl+Q does: the reply stops, the turn is
+    saved as shown, the lock is released; the exit code is 128 + 15. (Run in a subprocess, with
+    its terminal, by test_app_cli's signal tests.)"""
+    import os
+    import signal
+
+    from dmem_mlx.runtime import MemoryFile, read_memory
+
+    memory = tmp_path / "m"
+    caught = []  # without the app's own handler, the signal would only land here
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    try:
+        app = make_app(tiny_model, None, sampling=Sampling(max_tokens=5000),
+                       open_session=wrapped_session(tiny_model, memory, ban_eos=True))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_loaded(pilot)
+            app.query_one(ChatInput).focus()
+            await pilot.press(*"hi")
+            with written_fragments() as writes:
+                await pilot.press("enter")
+                await wait_until(pilot, lambda: len([w for w in writes if w]) >= 2)
+            assert app.replying
+            os.kill(os.getpid(), signal.SIGTERM)
+            await wait_until(pilot, lambda: not app.is_running)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not caught and app.return_code == 128 + signal.SIGTERM
+    stats = app.last_reply or app.session.last_reply
+    assert stats.stopped and 0 < stats.tokens < 5000
+    saved = read_memory(memory)
+    assert [m["role"] for m in saved.transcript] == ["user", "assistant"]
+    assert saved.transcript[-1]["content"] == stats.text
+    MemoryFile.open(memory).close()  # the lock was released

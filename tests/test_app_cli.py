@@ -391,3 +391,138 @@ def test_refused_in_one_line_when_not_in_a_terminal(redirect, tiny_model, tmp_pa
     assert err.startswith(f"dmem-chat: error: standard {stream} is not a terminal"), err
     assert not (result.stdout or out.read_bytes())
     assert list(tmp_path.iterdir()) == [out]  # no memory, no lock file
+
+
+class Terminal:
+    """dmem-chat running in a pseudo-terminal of 120×40; what it draws is collected."""
+
+    def __init__(self, *argv: str):
+        import fcntl
+        import os
+        import pty
+        import struct
+        import subprocess
+        import sys
+        import termios
+        import threading
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[1]
+        self.master, self.slave = pty.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.settings = termios.tcgetattr(self.slave)
+        self.output = b""
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.main", *argv], stdin=self.slave, stdout=self.slave,
+            stderr=self.slave, env={**os.environ, "PYTHONPATH": str(root),
+                                    "DMEM_NO_OPENBLAS": "1", "TERM": "xterm-256color"})
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        import os
+
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.output += data
+
+    def wait_for(self, text: bytes, timeout: float = 60) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            assert self.process.poll() is None, self.output[-2000:]
+            assert time.monotonic() < deadline, f"{text!r} not shown: {self.output[-2000:]!r}"
+            time.sleep(0.05)
+
+    def type(self, keys: bytes) -> None:
+        import os
+
+        os.write(self.master, keys)
+
+    def close(self) -> None:
+        import os
+
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        for fd in (self.master, self.slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def test_sigterm_quits_cleanly_restoring_the_terminal(tiny_model, tmp_path):
+    """`kill PID` on a dmem-chat whose new memory was not written yet: exit 143, the lock file
+    it created is gone, the terminal's settings and main screen are back."""
+    import signal
+    import termios
+
+    memory = tmp_path / "m.safetensors"
+    terminal = Terminal("--model", str(tiny_model), "--memory", str(memory))
+    try:
+        terminal.wait_for(b"new memory")
+        assert memory.with_name(memory.name + ".lock").exists()  # held while it runs
+        terminal.process.send_signal(signal.SIGTERM)
+        assert terminal.process.wait(timeout=60) == 128 + signal.SIGTERM
+        assert termios.tcgetattr(terminal.slave) == terminal.settings
+        assert b"\x1b[?1049l" in terminal.output  # the alternate screen was left
+        assert list(tmp_path.iterdir()) == []  # nothing was written: no memory, no lock file
+    finally:
+        terminal.close()
+
+
+def test_sighup_after_the_terminal_closed_keeps_the_memory(tiny_model, tmp_path):
+    """The terminal window closes (its pty master goes, SIGHUP comes) after a turn: the memory
+    holds the turn, is readable and unlocked, and dmem-chat exits 128 + 1."""
+    import os
+    import signal
+
+    from dmem_mlx.runtime import MemoryFile, read_memory
+
+    memory = tmp_path / "m.safetensors"
+    terminal = Terminal("--model", str(tiny_model), "--memory", str(memory), "--max-tokens", "8")
+    try:
+        terminal.wait_for(b"new memory")
+        terminal.type(b"i like tea\r")
+        terminal.wait_for(b"tok/s")
+        os.close(terminal.master)
+        terminal.process.send_signal(signal.SIGHUP)
+        assert terminal.process.wait(timeout=60) == 128 + signal.SIGHUP
+    finally:
+        terminal.close()
+    saved = read_memory(memory)
+    assert [m["content"] for m in saved.transcript][:1] == ["i like tea"]
+    MemoryFile.open(memory).close()  # unlocked
+
+
+def test_a_signal_before_the_app_runs_is_kept_for_it(tiny_model, tmp_path):
+    """SIGTERM between opening the memory and the app's start is kept, not fatal; the app then
+    quits at once, closing the memory (its unwritten lock file goes)."""
+    import asyncio
+    import os
+    import signal
+
+    from app.app import DmemChatApp
+    from app.main import open_memory, signals_kept
+
+    before = signal.getsignal(signal.SIGTERM)
+    memory_path = tmp_path / "m.safetensors"
+    with signals_kept() as received:
+        memory = open_memory(memory_path)
+        os.kill(os.getpid(), signal.SIGTERM)
+        app = DmemChatApp(tiny_model, memory, signals_received=received)
+
+        async def run() -> None:
+            async with app.run_test(size=(120, 40)) as pilot:
+                while app.is_running:
+                    await pilot.pause(0.05)
+        asyncio.run(run())
+    assert received == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) == before
+    assert app.return_code == 128 + signal.SIGTERM and memory.closed
+    assert list(tmp_path.iterdir()) == []
