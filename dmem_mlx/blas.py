@@ -7,15 +7,6 @@ The `mlx[cpu]` wheel for Linux bundles a reference BLAS (≈2.4 GFLOP/s for an f
 the process starts: `reexec_with_openblas()`, called first thing by the command-line entry
 points, re-executes the same command with `LD_PRELOAD` naming the library.
 
-The re-executed process also gets `OPENBLAS_THREAD_TIMEOUT` (unless it is set): after each
-multi-threaded call OpenBLAS's worker threads spin for 2^28 cycles (~0.1 s) by default before
-they sleep, so between the short matmuls of decoding, prefill and the Python around them they
-burn the cores the engine, HTTP and UI threads need. 2^16 cycles (tens of µs) still catches
-back-to-back calls. Measured with dmem-serve, 8 users on the demo model, on a 2-core machine
-with one core taken: the server's CPU time per turn fell from ~56 ms to ~31–38 ms. An OpenBLAS
-preloaded by hand without the variable is re-executed once to add it (it is read only when the
-library loads).
-
 Environment: DMEM_NO_OPENBLAS=1 turns this off; DMEM_OPENBLAS_REEXEC marks the re-executed
 process (so it never loops).
 """
@@ -30,8 +21,6 @@ from typing import Callable, Mapping, Optional, Sequence
 
 OPT_OUT = "DMEM_NO_OPENBLAS"
 REEXEC_MARK = "DMEM_OPENBLAS_REEXEC"
-THREAD_TIMEOUT = "OPENBLAS_THREAD_TIMEOUT"  # log2 of the cycles idle BLAS threads spin
-SPIN_LOG2_CYCLES = "16"
 INSTALL_HINT = ("hint: matmuls on this CPU run on MLX's slow built-in BLAS; for ~50x faster "
                 "fp32 install OpenBLAS: sudo apt install libopenblas0-pthread")
 _VARIANTS = ("openblas-pthread", "openblas-openmp", "openblas-serial")
@@ -70,8 +59,7 @@ def reexec_plan(
     """The environment to re-execute `argv` with, or None when nothing should happen.
 
     Nothing happens off Linux, when opted out, inside a re-executed process or a test, when an
-    OpenBLAS is already preloaded with `OPENBLAS_THREAD_TIMEOUT` set (preloaded without it: the
-    plan only adds it), when none is installed, or without a command line to re-run.
+    OpenBLAS is already preloaded, when none is installed, or without a command line to re-run.
     """
     if (system or platform.system()) != "Linux" or not argv:
         return None
@@ -79,16 +67,13 @@ def reexec_plan(
         return None
     if environ.get("PYTEST_CURRENT_TEST"):  # a test calling main() must not restart pytest
         return None
-    env = dict(environ)
     if openblas_preloaded(environ):
-        if environ.get(THREAD_TIMEOUT):
-            return None
-    else:
-        library = find_openblas(machine, exists)
-        if library is None:
-            return None
-        env["LD_PRELOAD"] = " ".join(filter(None, [str(library), environ.get("LD_PRELOAD", "")]))
-    env.setdefault(THREAD_TIMEOUT, SPIN_LOG2_CYCLES)
+        return None
+    library = find_openblas(machine, exists)
+    if library is None:
+        return None
+    env = dict(environ)
+    env["LD_PRELOAD"] = " ".join(filter(None, [str(library), environ.get("LD_PRELOAD", "")]))
     env[REEXEC_MARK] = "1"
     return env
 

@@ -537,8 +537,6 @@ def plan(environ=None, system="Linux", machine="x86_64", installed=(X86,), argv=
 def test_reexec_plan_preloads_an_installed_openblas():
     env = plan({"PATH": "/bin"})
     assert env["LD_PRELOAD"] == X86 and env[blas.REEXEC_MARK] == "1" and env["PATH"] == "/bin"
-    assert env[blas.THREAD_TIMEOUT] == blas.SPIN_LOG2_CYCLES  # idle BLAS threads sleep soon
-    assert plan({blas.THREAD_TIMEOUT: "20"})[blas.THREAD_TIMEOUT] == "20"  # the user's kept
     env = plan({"LD_PRELOAD": "/opt/libfoo.so"})
     assert env["LD_PRELOAD"] == f"{X86} /opt/libfoo.so"
     arm = "/usr/lib/aarch64-linux-gnu/openblas-openmp/libblas.so.3"
@@ -549,8 +547,7 @@ def test_reexec_plan_preloads_an_installed_openblas():
     dict(environ={blas.OPT_OUT: "1"}),
     dict(environ={blas.REEXEC_MARK: "1"}),  # never loops
     dict(environ={"PYTEST_CURRENT_TEST": "test_x.py::test_main"}),  # never restarts pytest
-    dict(environ={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
-                  blas.THREAD_TIMEOUT: "28"}),  # already there, as the user wants it
+    dict(environ={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"}),  # already there
     dict(system="Darwin"),
     dict(installed=()),
     dict(machine="riscv64"),
@@ -558,13 +555,6 @@ def test_reexec_plan_preloads_an_installed_openblas():
 ])
 def test_reexec_plan_does_nothing(case):
     assert plan(**case) is None
-
-
-def test_reexec_plan_adds_the_thread_timeout_to_a_preloaded_openblas():
-    mine = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
-    env = plan({"LD_PRELOAD": mine}, installed=())
-    assert env == {"LD_PRELOAD": mine, blas.THREAD_TIMEOUT: blas.SPIN_LOG2_CYCLES,
-                   blas.REEXEC_MARK: "1"}
 
 
 def test_opt_out_zero_means_no_opt_out():
