@@ -15,7 +15,9 @@ The conversation is a `ChatView`; a reply's lifecycle is told by `ReplyStarted` 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +48,20 @@ QUIT_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if 
 TYPING_THROUGH = (ConfirmScreen, HelpScreen, HistoryScreen)  # typed text goes on in the input
 BUSY_OK = {"help", "panel", "quit", "copy", "history"}  # may run while a reply streams
 RETRY_TEMP = 0.7  # a retry under greedy decoding samples at this temperature (else: same reply)
+
+
+def terminal_present() -> bool:
+    """The terminal the app reads and draws on is still there (not hung up: its window open)."""
+    try:
+        import termios
+    except ImportError:  # not a POSIX terminal: no hang-up to tell apart
+        return True
+    try:
+        for stream in (sys.__stdin__, sys.__stderr__):
+            termios.tcgetattr(stream.fileno())  # type: ignore[union-attr]
+    except (termios.error, OSError, ValueError, AttributeError):
+        return False
+    return True
 
 
 def plural(n: int, word: str) -> str:
@@ -182,7 +198,8 @@ class DmemChatApp(App[int]):
         self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dmem-engine")
         self._session_closed = False
         self._signals_received = signals_received if signals_received is not None else []
-        self._signal_handlers: list[int] = []
+        self._signal_handlers: dict[int, object] = {}  # signal → the handler before the app's
+        self._hung_up = False
 
     # ---------------------------------------------------------------- layout
     def compose(self) -> ComposeResult:
@@ -298,6 +315,8 @@ class DmemChatApp(App[int]):
                 f"Could not start: {exc}\nCtrl+Q quits.")
             self.query_one("#loading-note", Note).add_class("error")
             self.notify(str(exc), title="Could not start", severity="error", timeout=30)
+            return
+        if self._session_closed:  # quitting (Ctrl+Q or a signal while it loaded)
             return
         await self.query_one("#loading-note").remove()
         self.snapshot_names = loaded.snapshots
@@ -755,26 +774,54 @@ class DmemChatApp(App[int]):
         self.exit(return_code=1 if self.start_error else 0)
 
     def quit_on_signals(self) -> None:
-        """SIGTERM and SIGHUP (its terminal closed) quit as Ctrl+Q does: the reply stops (the
-        runtime keeps what was said and saves it), the memory is closed and its lock released,
-        the terminal put back; dmem-chat then exits with 128 + the signal's number."""
-        loop = asyncio.get_running_loop()
+        """SIGTERM and SIGHUP quit as Ctrl+Q does: the reply stops (the runtime keeps what was
+        said and saves it), the memory is closed and its lock released, the terminal put back;
+        dmem-chat then exits with 128 + the signal's number. Plain signal handlers, not the
+        event loop's: they run even while the UI thread is stuck writing to a terminal that
+        is gone."""
+        self._event_loop = asyncio.get_running_loop()
         for signum in QUIT_SIGNALS:
             try:
-                loop.add_signal_handler(signum, self.signal_quit, signum)
-            except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
+                self._signal_handlers[signum] = signal.signal(signum, self.on_quit_signal)
+            except ValueError:  # not the main thread: the defaults stay
                 break
-            self._signal_handlers.append(signum)
         if self._signals_received:
-            self.signal_quit(self._signals_received[0])
+            self.on_quit_signal(self._signals_received[0], None)
 
-    def signal_quit(self, signum: int) -> None:
-        self.call_later(self.quit_after_signal, signum)
+    def on_quit_signal(self, signum: int, frame: object) -> None:
+        """With the terminal still there (`kill PID`), the app quits through its event loop and
+        puts the terminal back. With the terminal gone (its window closed: SIGHUP), the UI can
+        no longer draw — its writes fail and then block — so the memory is closed from another
+        thread, on the engine after the reply stops, and the process ends."""
+        self._stop.set()
+        if self.is_headless or terminal_present():
+            self._event_loop.call_soon_threadsafe(self.call_later, self.quit_after_signal, signum)
+        elif not self._hung_up:
+            self._hung_up = True
+            threading.Thread(target=self.close_and_exit, args=(128 + signum,),
+                             name="dmem-hangup", daemon=True).start()
 
     async def quit_after_signal(self, signum: int) -> None:
         self._stop.set()
         await self.close_session()
         self.exit(return_code=128 + signum)
+
+    def close_and_exit(self, code: int) -> None:
+        """Close the memory on the engine thread (after what runs there now), then end the
+        process at once: nothing is left to draw on, and the memory is saved and closed."""
+        try:
+            self._engine.submit(self._close_memory).result()
+        except RuntimeError:  # the app closes already: wait for its close on the engine
+            self._engine.shutdown(wait=True)
+        finally:
+            os._exit(code)
+
+    def _close_memory(self) -> None:
+        """Engine thread: release the memory (its lock file goes if nothing was written)."""
+        if self.session is not None:
+            self.session.close()
+        elif self.memory is not None and not isinstance(self.memory, (str, Path)):
+            self.memory.close()
 
     async def close_session(self) -> None:
         """Release the memory lock after the engine finishes (saves happen after every turn)."""
@@ -782,21 +829,13 @@ class DmemChatApp(App[int]):
             return
         self._session_closed = True
         self._stop.set()
-        session, memory = self.session, self.memory
-
-        def close() -> None:
-            if session is not None:
-                session.close()
-            elif memory is not None and not isinstance(memory, (str, Path)):
-                memory.close()
         try:
-            await self.on_engine(close)
+            await self.on_engine(self._close_memory)
         finally:
             self._engine.shutdown(wait=False)
 
     async def on_unmount(self) -> None:
         await self.close_session()
-        loop = asyncio.get_running_loop()
-        for signum in self._signal_handlers:  # back to the default
-            loop.remove_signal_handler(signum)
-        self._signal_handlers = []
+        for signum, previous in self._signal_handlers.items():  # back to what they were
+            signal.signal(signum, previous)
+        self._signal_handlers = {}

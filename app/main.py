@@ -196,9 +196,8 @@ def not_a_terminal() -> Optional[str]:
 
 def check_terminal() -> None:
     if stream := not_a_terminal():
-        raise UsageError(f"{stream} is not a terminal: dmem-chat is an interactive, full-screen "
-                         "chat; run it in a terminal without redirecting it (scripts can talk "
-                         "to a δ-mem model through dmem-serve)")
+        raise UsageError(f"{stream} is not a terminal: dmem-chat is a full-screen chat; run it "
+                         "in a terminal, not redirected (scripts can use dmem-serve)")
 
 
 @contextmanager

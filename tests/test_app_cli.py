@@ -477,6 +477,34 @@ def test_sigterm_quits_cleanly_restoring_the_terminal(tiny_model, tmp_path):
         terminal.close()
 
 
+def test_sighup_after_drawing_into_a_closed_terminal_ends_the_process(tiny_model, tmp_path):
+    """The window closed some time before SIGHUP comes: the UI's writes to the dead terminal
+    (the reply, the blinking cursor) failed, then blocked its thread. SIGHUP still saves and
+    releases the memory, and the process ends (exit 128 + 1) instead of hanging."""
+    import os
+    import signal
+    import time
+
+    from dmem_mlx.runtime import MemoryFile, read_memory
+
+    memory = tmp_path / "m.safetensors"
+    terminal = Terminal("--model", str(tiny_model), "--memory", str(memory), "--max-tokens",
+                        "100000", "--temp", "1", "--seed", "3")
+    try:
+        terminal.wait_for(b"new memory")
+        terminal.type(b"tell me everything\r")
+        terminal.wait_for(b"assistant")
+        os.close(terminal.master)
+        time.sleep(20)  # the app draws on into the closed terminal (the cursor blinks)
+        terminal.process.send_signal(signal.SIGHUP)
+        assert terminal.process.wait(timeout=60) == 128 + signal.SIGHUP
+    finally:
+        terminal.close()
+    saved = read_memory(memory)
+    assert [m["content"] for m in saved.transcript][:1] == ["tell me everything"]
+    MemoryFile.open(memory).close()  # unlocked
+
+
 def test_sighup_after_the_terminal_closed_keeps_the_memory(tiny_model, tmp_path):
     """The terminal window closes (its pty master goes, SIGHUP comes) after a turn: the memory
     holds the turn, is readable and unlocked, and dmem-chat exits 128 + 1."""
