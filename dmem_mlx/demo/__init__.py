@@ -4,8 +4,8 @@ A small domain model, not a general assistant: a ~3.7M-parameter Qwen3-architect
 trained from scratch on synthetic chats in which people tell the assistant about themselves
 (name, city, job, pet, travel plans, favourite food, hobby) and ask about it later, plus a δ-mem
 adapter trained so that those facts are recalled from the δ memory alone. The model shipped now
-(v1) was built by `tools/build_demo.py` at commit 6133bc1; the script and the domain
-(`dmem_mlx/demo/persona.py`) now build its successor, stage by stage (see the script).
+(v2) is the build of `tools/build_demo.py` (domain: `dmem_mlx/demo/persona.py`) after δ stage 4
+of 5; the script's docstring records each stage and how to continue.
 """
 
 from __future__ import annotations
