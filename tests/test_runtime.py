@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import dmem_mlx
-from dmem_mlx.runtime import ChatSession, ContextTooLongError, render, sentence_spans
+from dmem_mlx.runtime import (ChatSession, ContextTooLongError, MemoryFile, read_memory, render,
+                              sentence_spans)
 from dmem_mlx.runtime.context import Context
 from dmem_mlx.runtime.template import closing_tokens
 from dmem_mlx.tiny import make_tiny_dmem
@@ -526,3 +527,64 @@ def test_history_rewriting_template_stays_consistent(tiny, tiny_dir):
         assert_same_delta(got, {i: np.array(s[0]) for i, s in one_pass.states().items()})
         session._ctx.set_states({i: mx.array(got[i][None]) for i in got})
     assert all(rebuilt)
+
+
+
+# -- a reply cut mid-character -------------------------------------------------------------------
+def cut_reply(session, ids, keep, by_stop):
+    """Reply `ids` cut after `keep` tokens, by max_tokens or by a stop event; the streamed text."""
+    stop = threading.Event() if by_stop else None
+    streamed, fed = [], 0
+    for chunk in session.reply("Smile?", max_tokens=keep if not by_stop else len(ids),
+                               stop=stop, logits_processors=[force(ids)]):
+        streamed.append(chunk.text)
+        fed += chunk.token >= 0
+        if by_stop and fed == keep:
+            stop.set()
+    return "".join(streamed)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The shipped demo model: a SentencePiece tokenizer with byte fallback."""
+    from dmem_mlx.demo import load_demo
+    return load_demo()
+
+
+@pytest.mark.parametrize("by_stop", [False, True])
+@pytest.mark.parametrize("setup", ["tiny", "demo"])  # byte-level BPE, SentencePiece bytes
+def test_a_reply_cut_mid_character_drops_only_the_incomplete_character(request, tmp_path,
+                                                                       setup, by_stop):
+    """'ok 😀' cut inside the emoji's bytes: shown, transcript, context and memory file all
+    hold 'ok ' (no U+FFFD); a complete U+FFFD the model wrote mid-text stays (DESIGN §3)."""
+    model, tok = request.getfixturevalue(setup)
+    ids = tok.encode("a\ufffd ok 😀", add_special_tokens=False)
+    keep = next(k for k in range(len(ids)) if tok.decode(ids[:k]) == "a\ufffd ok \ufffd")
+    path = tmp_path / "m.safetensors"
+    with ChatSession(model, tok, memory=MemoryFile.open(path)) as session:
+        shown = cut_reply(session, ids, keep, by_stop)
+    assert shown == "a\ufffd ok " == session.last_reply.text
+    assert session.last_reply.finish_reason == ("stopped" if by_stop else "length")
+    assert session.messages[-1] == {"role": "assistant", "content": shown}
+    assert read_memory(path).transcript[-1]["content"] == shown
+    rendered = render(tok, session.messages, False).ids
+    assert session._ctx.ids == rendered[:len(session._ctx.ids)]  # context holds the kept text
+    assert len(session._ctx.ids) == len(rendered)
+
+
+@pytest.mark.parametrize("setup", ["tiny", "demo"])
+def test_final_text_keeps_a_complete_trailing_replacement_character(request, setup):
+    """Only an incomplete sequence goes: a U+FFFD the model spelled out in full (its three
+    bytes) stays at the end too."""
+    from dmem_mlx.runtime.session import final_text
+    _, tok = request.getfixturevalue(setup)
+    for text in ["ok \ufffd", "ok 😀", "ok"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        for k in range(len(ids) + 1):
+            detok = tok.detokenizer
+            for token in ids[:k]:
+                detok.add_token(token)
+            whole = tok.decode(ids[:k])
+            # a prefix keeps its complete characters; one cut inside the last one loses it
+            want = text if k == len(ids) else whole.rstrip("\ufffd")
+            assert final_text(detok) == want, (text, k)

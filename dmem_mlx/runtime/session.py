@@ -28,6 +28,7 @@ transcript, the context and the memory hold no repeats; `undo()` takes the whole
 
 from __future__ import annotations
 
+import codecs
 import threading
 from bisect import bisect_left
 import time
@@ -936,14 +937,13 @@ class ChatSession:
         if finish == "stopped" and not turn.tokens:  # before the first token: nothing kept
             self.cancel_reply(turn)
             return
-        detok.finalize()
-        text, tail = detok.text, "" if closed else detok.last_segment
+        text = final_text(detok)
+        tail = "" if closed else text[detok.offset:]
         if finish == "repetition":  # kept up to the loop's first round (last_reply.text)
             detok.reset()
             for token in turn.tokens[:loop_start(turn.tokens)]:
                 detok.add_token(token)
-            detok.finalize()
-            text, tail = detok.text, ""
+            text, tail = final_text(detok), ""
         self.end_reply(turn, finish, text)
         if error is not None:
             raise error
@@ -988,6 +988,49 @@ class ChatSession:
         spans = sentence_spans(text)
         k = sum(1 for a, _ in spans if a <= at)
         return first + max(k - 1, 0)
+
+
+def final_text(detokenizer: Any) -> str:
+    """Flush an mlx-lm streaming `detokenizer` and return the reply's whole text, less a
+    trailing incomplete UTF-8 character: a reply cut mid-character (a stop, max_tokens, a
+    repetition cut) would otherwise end in U+FFFD. Only the end is touched, and only an
+    incomplete sequence: a complete U+FFFD the model produced stays. The one way a reply's
+    text is finished (dmem-chat and dmem-serve)."""
+    detokenizer.finalize()
+    text = detokenizer.text
+    if text.endswith("\ufffd") and _ends_mid_character(detokenizer):
+        text = text[:-1]  # an incomplete sequence decodes to a single U+FFFD
+    return text
+
+
+def _ends_mid_character(detokenizer: Any) -> bool:
+    """True when the bytes of the detokenizer's tokens end inside a UTF-8 character (False
+    when its tokens' bytes are unknown, e.g. mlx-lm's naive detokenizer)."""
+    tail = b""
+    for token in reversed(detokenizer.tokens):
+        piece = _token_bytes(detokenizer, token)
+        if piece is None:
+            return False
+        tail = piece + tail
+        if len(tail) >= 4:  # the longest UTF-8 character
+            break
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(tail)
+    return bool(decoder.getstate()[0])  # bytes held waiting for the rest of a character
+
+
+def _token_bytes(detokenizer: Any, token: int) -> Optional[bytes]:
+    """The bytes of `token` as the detokenizer spells it: SentencePiece pieces are bytes
+    (byte-fallback tokens their one byte); byte-level BPE pieces map char by char to bytes."""
+    tokenmap = getattr(detokenizer, "tokenmap", None)
+    if tokenmap is None or not 0 <= token < len(tokenmap):
+        return None
+    piece = tokenmap[token]
+    if isinstance(piece, bytes):
+        return piece
+    from mlx_lm.tokenizer_utils import _byte_decoder  # the table mlx-lm's BPE detokenizer uses
+    table = _byte_decoder()
+    return b"".join(bytes([table[c]]) if c in table else c.encode("utf-8") for c in piece)
 
 
 def special_ids(tokenizer: Any) -> set[int]:

@@ -27,6 +27,7 @@ from mlx_lm.sample_utils import apply_top_p
 from ..cache import state_of, with_state
 from ..runtime import ChatSession, ContextTooLongError, MemoryFileError, Turn
 from ..runtime.context import last_position_only
+from ..runtime.session import final_text
 from .schemas import APIError, ChatRequest
 from .store import MemoryStore
 
@@ -117,10 +118,12 @@ class Row:
                 return "stop"
         return None
 
-    def flush(self, final: bool = False) -> None:
-        """Stream out the text that can no longer turn into a stop string."""
-        text = self.text if self.text is not None else self.detok.text
-        end = len(text) if final else max(self.sent, len(text) - self.hold)
+    def flush(self, final: Optional[str] = None) -> None:
+        """Stream out the text that can no longer turn into a stop string; final: the reply's
+        whole text, streamed out to its end."""
+        text = final if final is not None else self.text if self.text is not None \
+            else self.detok.text
+        end = len(text) if final is not None else max(self.sent, len(text) - self.hold)
         if end > self.sent:
             self.job.emit("delta", text[self.sent:end])
             self.sent = end
@@ -576,14 +579,13 @@ class Engine:
     def _finish_row(self, row: Row, finish: str) -> None:
         self._busy.discard(row.job.key)
         try:
-            row.detok.finalize()
-            text = row.text if row.text is not None else row.detok.text
+            text = row.text if row.text is not None else final_text(row.detok)
             stats = row.session.end_reply(row.turn, finish, text)
         except Exception:
             log.exception("ending a reply failed")
             row.job.emit("error", APIError(500, "internal error while saving the turn"))
             return
-        row.flush(final=True)
+        row.flush(final=stats.text)
         t = row.turn
         log.info("reply %s: %d tokens, %s, %.1f tokens/s", row.job.request.id[-8:], stats.tokens,
                  finish, stats.tokens_per_sec)
