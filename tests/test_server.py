@@ -224,6 +224,33 @@ def test_stop_strings_cut_the_reply_and_the_memory(served, client):
     assert read_memory(memories / "stopper.safetensors").transcript[-1]["content"] == cut
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_cut_mid_character_sends_and_keeps_no_replacement_character(
+        tiny, served, monkeypatch, stream):
+    """max_tokens inside the bytes of 'ok 😀': the client gets 'ok ' (streamed or not) and the
+    memory file keeps it, as dmem-chat does; a complete U+FFFD mid-text stays."""
+    server, memories = served
+    _, tok = tiny
+    ids = tok.encode("a\ufffd ok 😀", add_special_tokens=False)
+    keep = next(k for k in range(len(ids)) if tok.decode(ids[:k]) == "a\ufffd ok \ufffd")
+    # the reply is scripted: each row samples the next token of `ids`
+    monkeypatch.setattr(Row, "sample", lambda row, _: mx.array(ids[len(row.turn.tokens)]))
+    user = f"cut{int(stream)}"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Smile?"}],
+            "max_tokens": keep, "temperature": 1.0, "stream": stream, "user": user}
+    if stream:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                          timeout=60) as r:
+            events = [json.loads(line[len("data: "):]) for line in r.iter_lines()
+                      if line and line != "data: [DONE]"]
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events
+                       if e["choices"])
+    else:
+        text = chat(server, body).json()["choices"][0]["message"]["content"]
+    assert text == "a\ufffd ok "
+    assert read_memory(memories / f"{user}.safetensors").transcript[-1]["content"] == text
+
+
 def test_memory_endpoints(served, client):
     server, memories = served
     ask(client, "memo", [{"role": "user", "content": "I like tea."}])
