@@ -116,11 +116,9 @@ def token_scan(
         reads, new_state = scan(state, memory.project(h, w), valid, backend)
         return reads.reshape(B, T, -1), new_state
     pad = -T % DEFAULT_CHUNK
-    if valid is not None and pad:
-        valid = mx.pad(valid.astype(mx.float32), [(0, 0), (0, pad)])
-    elif pad:
-        valid = _real_tokens(B, T, pad)
     if pad:
+        valid = (_real_tokens(B, T, pad) if valid is None
+                 else mx.pad(valid.astype(mx.float32), [(0, 0), (0, pad)]))
         h = mx.pad(h, [(0, 0), (0, pad), (0, 0)])
     fn = _compiled_token_scan(memory.config, valid is not None, threading.get_ident())
     args = (h, state, w["in"], w["gate_bias"])
