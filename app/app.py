@@ -37,8 +37,8 @@ from textual.widgets import Footer, Header
 from .commands import (BY_NAME, COMMANDS, CommandError, export_target, help_markdown,
                        parse_command, transcript_json, transcript_markdown)
 from .screens import ConfirmScreen, HelpScreen, HistoryScreen
-from .widgets import (AssistantMessage, ChatInput, ChatView, MemoryPanel, Note, ReplyFinished,
-                      ReplyStarted, UserMessage)
+from .widgets import (AssistantMessage, ChatInput, ChatView, MemoryPanel, ModeBar, Note,
+                      ReplyFinished, ReplyStarted, UserMessage)
 
 if TYPE_CHECKING:
     from dmem_mlx.runtime import ChatSession, MemoryFile, ReplyStats, SessionInfo
@@ -211,6 +211,7 @@ class DmemChatApp(App[int]):
                     # from the engine thread importing mlx-lm
                     yield Note(f"loading {self.model_name} … (you can type already)",
                                id="loading-note")
+                yield ModeBar(id="mode-bar")
                 yield ChatInput(id="input", show_line_numbers=False,
                                 placeholder="Message — Enter sends, Ctrl+J new line, /help")
             yield MemoryPanel(self.blas, id="memory-panel")
@@ -244,6 +245,7 @@ class DmemChatApp(App[int]):
         panel = self.query_one(MemoryPanel)
         panel.display = shown
         self.query_one("#chat").display = not (shown and self.narrow)
+        panel.screen.set_class(shown and not self.narrow, "-panel-beside")  # (notifications)
         if not self.query_one("#chat").display:
             panel.focus()
         elif self.focused is None or self.focused is panel and not shown:
@@ -371,6 +373,8 @@ class DmemChatApp(App[int]):
     def show_info(self, info: "SessionInfo") -> None:
         self.last_info = info
         self.query_one(MemoryPanel).show(info)
+        file = self.session.memory if self.session is not None else None
+        self.query_one(ModeBar).show_mode(info.read_only, file is not None and file.read_only)
         memory = Path(info.memory_path).name if info.memory_path else "no memory file"
         self.sub_title = " · ".join([self.model_name, memory] +
                                     (["read-only"] if info.read_only else []))
@@ -664,8 +668,9 @@ class DmemChatApp(App[int]):
             session.read_only = not session.read_only
             return session.read_only
         read_only = await self.on_engine(toggle)
-        self.notify("read-only: turns are not written to memory" if read_only
-                    else "writing: turns are written to memory again")
+        await self.add_note("read-only from here: what you say is not written to memory"
+                            if read_only else "writing again from here: what you say is "
+                            "written to memory", "yellow" if read_only else "")
         await self.refresh_info()
 
     async def command_snapshot(self, name: str) -> None:

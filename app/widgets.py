@@ -61,6 +61,21 @@ class Note(Static):
     """A system note in the conversation (command results, loaded memory …)."""
 
 
+class ModeBar(Static):
+    """One line above the input, shown while nothing is written to memory (read-only): a mode
+    lasts, so it is laid out with the chat rather than told in a notification that goes."""
+
+    def show_mode(self, read_only: bool, file_read_only: bool) -> None:
+        """read_only: turns are not written; file_read_only: the memory file itself was opened
+        read-only (`--read-only`), so Ctrl+R cannot switch writing back on."""
+        self.display = read_only
+        if file_read_only:
+            self.update("read-only: the memory file was opened read-only — nothing you say is "
+                        "written or saved")
+        else:
+            self.update("read-only: nothing you say is written to memory — Ctrl+R writes again")
+
+
 class ChatView(VerticalScroll):
     """The conversation: user and assistant turns and notes, kept scrolled to the newest."""
 

@@ -837,3 +837,43 @@ async def test_sigterm_stops_the_reply_saves_and_releases_the_memory(tiny_model,
     assert [m["role"] for m in saved.transcript] == ["user", "assistant"]
     assert saved.transcript[-1]["content"] == stats.text
     MemoryFile.open(memory).close()  # the lock was released
+
+
+def assert_apart(*widgets) -> None:
+    """No two of `widgets` share a cell of the screen."""
+    for i, a in enumerate(widgets):
+        for b in widgets[i + 1:]:
+            assert not a.region.overlaps(b.region), (a, a.region, b, b.region)
+
+
+@pytest.mark.parametrize("size", [SIZE, (80, 24)])
+async def test_read_only_is_shown_above_the_input_and_nothing_covers_the_panel(tiny_model,
+                                                                              tmp_path, size):
+    """Ctrl+R's mode is a line laid out above the input (not a notification drawn over the
+    panel's border); notifications keep to the chat's column when the panel is beside it."""
+    from app.widgets import ModeBar
+
+    app = make_app(tiny_model, tmp_path / "m")
+    async with app.run_test(size=size, notifications=True) as pilot:
+        await wait_loaded(pilot)
+        bar, chat_input = app.query_one(ModeBar), app.query_one(ChatInput)
+        assert not bar.display
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: app.last_info.read_only and bar.display)
+        await pilot.press("ctrl+c")  # idle: a notification ("Ctrl+Q quits")
+        await wait_until(pilot, lambda: app.screen.query("Toast"), 10)
+        await pilot.pause()
+        footer, view = app.query_one("Footer"), app.query_one("#conversation")
+        assert "Ctrl+R writes again" in str(bar.render())
+        assert bar.region.height == 1 and bar.region.bottom == chat_input.region.y
+        assert_apart(view, bar, chat_input, footer)
+        panel = app.query_one(MemoryPanel)
+        if panel.display:  # beside the chat: whole, and nothing drawn over it
+            assert_apart(panel, bar, footer)
+            assert panel.region.bottom <= footer.region.y
+            for toast in app.screen.query("Toast"):
+                assert not toast.region.overlaps(panel.region), (toast.region, panel.region, app.screen.classes, toast.styles.margin)
+        assert "read-only from here" in notes(app)
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: not app.last_info.read_only and not bar.display)
+        assert "writing again from here" in notes(app)
