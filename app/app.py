@@ -38,7 +38,7 @@ from .commands import (BY_NAME, COMMANDS, CommandError, export_target, help_mark
                        parse_command, transcript_json, transcript_markdown)
 from .screens import ConfirmScreen, HelpScreen, HistoryScreen
 from .widgets import (AssistantMessage, ChatInput, ChatView, MemoryPanel, ModeBar, Note,
-                      ReplyFinished, ReplyStarted, UserMessage)
+                      ReplyFinished, ReplyStarted, UserMessage, reply_footer)
 
 if TYPE_CHECKING:
     from dmem_mlx.runtime import ChatSession, MemoryFile, ReplyStats, SessionInfo
@@ -133,6 +133,7 @@ class Loaded:
     info: "SessionInfo"
     snapshots: list[str]
     messages: list[dict[str, str]]
+    reply_tokens: list[Optional[int]]
 
 
 class DmemChatApp(App[int]):
@@ -304,7 +305,22 @@ class DmemChatApp(App[int]):
         self.session = session
         if self.start_read_only:
             session.read_only = True
-        return Loaded(session, session.info(), list(session.snapshots()), session.messages)
+        messages = session.messages
+        return Loaded(session, session.info(), list(session.snapshots()), messages,
+                      self._reply_tokens(messages))
+
+    def _reply_tokens(self, messages: list[dict[str, str]]) -> list[Optional[int]]:
+        """Engine thread (the tokenizer is not shared across threads): the length in tokens of
+        each reply in `messages` (None for the other messages), as the tokenizer spells it."""
+        tokenizer = self.live.tokenizer
+        return [len(tokenizer.encode(m["content"], add_special_tokens=False))
+                if m["role"] == "assistant" else None for m in messages]
+
+    async def show_transcript(self) -> None:
+        """Show the session's conversation (after a command changed it)."""
+        messages = self.live.messages
+        await self.chat_view.show_transcript(
+            messages, await self.on_engine(self._reply_tokens, messages))
 
     @work(group="load")
     async def load(self) -> None:
@@ -322,7 +338,7 @@ class DmemChatApp(App[int]):
             return
         await self.query_one("#loading-note").remove()
         self.snapshot_names = loaded.snapshots
-        await self.chat_view.show_transcript(loaded.messages)
+        await self.chat_view.show_transcript(loaded.messages, loaded.reply_tokens)
         self.show_info(loaded.info)
         info = loaded.info
         where = info.memory_path or "nowhere (this chat is not saved)"
@@ -476,14 +492,10 @@ class DmemChatApp(App[int]):
             stats = event.stats
             assert stats is not None and event.info is not None
             self.last_reply = stats
-            note = f"{stats.tokens} tokens · {stats.tokens_per_sec:.1f} tok/s"
-            if stats.stopped:
-                note += " · stopped"
-            if stats.finish_reason == "repetition":
-                note += " · cut: repeating"
-            if event.info.read_only:
-                note += " · read-only"
-            await event.reply.finish(note)
+            marks = [mark for mark, on in (("stopped", stats.stopped),
+                                           ("cut: repeating", stats.finish_reason == "repetition"),
+                                           ("read-only", event.info.read_only)) if on]
+            await event.reply.finish(reply_footer(stats.tokens, stats.tokens_per_sec, *marks))
             if stats.memory_only_parts:
                 kept = len(event.text) - stats.memory_only_chars
                 event.user.border_subtitle = (f"first {stats.memory_only_chars:,} characters "
@@ -579,7 +591,7 @@ class DmemChatApp(App[int]):
 
     async def show_conversation(self, note: str) -> None:
         """After a command changed the memory: its conversation, `note`, the panel."""
-        await self.chat_view.show_transcript(self.live.messages)
+        await self.show_transcript()
         await self.add_note(note)
         await self.refresh_info()
 
@@ -614,7 +626,7 @@ class DmemChatApp(App[int]):
 
     async def command_retry(self, _: str) -> None:
         step = await self.on_engine(self.live.undo)
-        await self.chat_view.show_transcript(self.live.messages)
+        await self.show_transcript()
         temp = None
         if self.sampling.temp == 0:
             temp = RETRY_TEMP

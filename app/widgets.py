@@ -50,11 +50,20 @@ class AssistantMessage(Markdown):
         self.text = text
         await self.update(text)
 
-    async def finish(self, stats: str) -> None:
+    async def finish(self, stats: Optional[str]) -> None:
         """Show the reply's statistics under it."""
         if not self.text.strip():
             await self.update("*(empty reply)*")
         self.border_subtitle = stats
+
+
+def reply_footer(tokens: int, tokens_per_sec: Optional[float] = None, *marks: str) -> str:
+    """The line under a reply: "12 tokens · 67.4 tok/s · stopped"; the speed is known for a
+    reply made in this run only."""
+    parts = [f"{tokens:,} token" + ("" if tokens == 1 else "s")]
+    if tokens_per_sec is not None:
+        parts.append(f"{tokens_per_sec:.1f} tok/s")
+    return " · ".join([*parts, *marks])
 
 
 class Note(Static):
@@ -96,17 +105,36 @@ class ChatView(VerticalScroll):
         self.anchor()
         return user, reply
 
-    async def show_transcript(self, messages: list[dict[str, str]]) -> None:
-        """Replace the conversation by `messages` ({"role", "content"}; system prompts skipped)."""
+    async def show_transcript(self, messages: list[dict[str, str]],
+                              reply_tokens: Optional[list[Optional[int]]] = None) -> None:
+        """Replace the conversation by `messages` ({"role", "content"}; system prompts skipped).
+        The turns that stay as they were on screen keep their footers (a reply's speed, a
+        stop); a reply shown anew (from the memory file) gets the footer of its length in
+        tokens, `reply_tokens[i]` for messages[i], when given."""
+        shown = [(type(w), w.text, w.border_subtitle) for w in self.children
+                 if isinstance(w, (UserMessage, AssistantMessage))]
         await self.remove_children()
         widgets: list[Union[UserMessage, AssistantMessage]] = []
-        for message in messages:
+        same = True  # the turns so far are those on screen
+        for i, message in enumerate(messages):
             if message["role"] == "user":
-                widgets.append(UserMessage(message["content"]))
+                widget: Union[UserMessage, AssistantMessage] = UserMessage(message["content"])
             elif message["role"] == "assistant":
-                widgets.append(AssistantMessage(message["content"]))
+                widget = AssistantMessage(message["content"])
+                if reply_tokens is not None and reply_tokens[i] is not None:
+                    widget.border_subtitle = reply_footer(reply_tokens[i])
+            else:
+                continue
+            k = len(widgets)
+            same = same and k < len(shown) and shown[k][:2] == (type(widget), widget.text)
+            if same:
+                widget.border_subtitle = shown[k][2]
+            widgets.append(widget)
         if widgets:
             await self.mount_all(widgets)
+        for widget in widgets:
+            if isinstance(widget, AssistantMessage) and not widget.text.strip():
+                await widget.finish(widget.border_subtitle)
 
 
 class ReplyStarted(Message):

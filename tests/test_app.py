@@ -877,3 +877,65 @@ async def test_read_only_is_shown_above_the_input_and_nothing_covers_the_panel(t
         await pilot.press("ctrl+r")
         await wait_until(pilot, lambda: not app.last_info.read_only and not bar.display)
         assert "writing again from here" in notes(app)
+
+
+def scripted_session(model_dir, memory, replies):
+    """open_session for the app: each reply is the next text of `replies`, token for token as
+    the tokenizer spells it, then end-of-sequence."""
+    import mlx.core as mx
+
+    import dmem_mlx
+    from dmem_mlx.runtime import ChatSession, MemoryFile
+
+    def open_session():
+        model, tokenizer = dmem_mlx.load(str(model_dir))
+        session = ChatSession(model, tokenizer, memory=MemoryFile.open(memory))
+        reply, script = session.reply, iter(replies)
+        eos = sorted(tokenizer.eos_token_ids)[0]
+
+        def scripted(*a, **k):
+            tokens = iter([*tokenizer.encode(next(script), add_special_tokens=False), eos])
+
+            def processor(_, logits):
+                return mx.where(mx.arange(logits.shape[-1]) == next(tokens), 1e9, -1e9)[None]
+            return reply(*a, logits_processors=[processor], **k)
+        session.reply = scripted
+        return session
+    return open_session
+
+
+def footers(app) -> list[str]:
+    return [str(reply.border_subtitle) for reply in app.query(AssistantMessage)]
+
+
+async def test_replies_shown_again_keep_a_footer_like_live_ones(tiny_model, tmp_path):
+    """A reply shown from the memory file (after a restart) has the footer of its length in
+    tokens, as a live one has (its speed is of the live run only); replies that stay on screen
+    through /undo keep theirs as they were."""
+    memory, replies = tmp_path / "m", ["Nice to meet you, Ada!", "", "Paris it is."]
+    app = make_app(tiny_model, None, sampling=Sampling(max_tokens=64),
+                   open_session=scripted_session(tiny_model, memory, replies))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "my name is ada")
+        first = app.last_reply.tokens
+        await send(pilot, "ok")  # an empty reply
+        live = footers(app)
+        assert live[0].startswith(f"{first} tokens · ") and live[0].endswith(" tok/s")
+        assert live[1].startswith("0 tokens · ")
+        assert app.query(AssistantMessage)[1].source == "*(empty reply)*"
+        await send(pilot, "i live in paris")
+        await send(pilot, "/undo")  # the turns that stay keep their footers
+        assert footers(app) == live
+        await pilot.press("ctrl+q")
+    app = make_app(tiny_model, None, sampling=Sampling(max_tokens=64),
+                   open_session=scripted_session(tiny_model, memory, replies[2:]))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        assert footers(app) == [f"{first} tokens", "0 tokens"]  # no speed: not known
+        assert app.query(AssistantMessage)[1].source == "*(empty reply)*"
+        await send(pilot, "i live in paris")
+        assert footers(app)[:2] == [f"{first} tokens", "0 tokens"]
+        assert footers(app)[2].endswith(" tok/s")
+        await send(pilot, "/undo")
+        assert footers(app) == [f"{first} tokens", "0 tokens"]
