@@ -495,6 +495,8 @@ class DmemChatApp(App[int]):
             marks = [mark for mark, on in (("stopped", stats.stopped),
                                            ("cut: repeating", stats.finish_reason == "repetition"),
                                            ("read-only", event.info.read_only)) if on]
+            if event.reply.text != stats.text:  # a loop cut; text a detokenizer changed later
+                await event.reply.show_text(stats.text)  # the screen ends as the memory keeps it
             await event.reply.finish(reply_footer(stats.tokens, stats.tokens_per_sec, *marks))
             if stats.memory_only_parts:
                 kept = len(event.text) - stats.memory_only_chars
@@ -508,7 +510,6 @@ class DmemChatApp(App[int]):
                     f"{stats.memory_only_tokens:,} tokens) were written into the memory only; "
                     f"the reply saw the last {kept:,} characters in context.", "yellow")
             if stats.finish_reason == "repetition":
-                await event.reply.show_text(stats.text)
                 await self.add_note("The reply went round in circles: cut, and its repeats left "
                                     "out of the memory. /undo takes the exchange back; /retry "
                                     "tries again.", "yellow")

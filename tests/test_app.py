@@ -343,6 +343,7 @@ async def test_escape_and_ctrl_c_stop_a_reply(tiny_model, tmp_path, key):
         assert stats.stopped and 0 < stats.tokens < 5000
         assert "stopped" in str(app.query_one(AssistantMessage).border_subtitle)
         assert app.session.messages[-1]["content"] == stats.text  # transcript consistent
+        assert app.query_one(AssistantMessage).text == stats.text  # and the screen
         assert app.is_running  # Ctrl+C stopped the reply, not the app
 
 
@@ -879,9 +880,10 @@ async def test_read_only_is_shown_above_the_input_and_nothing_covers_the_panel(t
         assert "writing again from here" in notes(app)
 
 
-def scripted_session(model_dir, memory, replies):
+def scripted_session(model_dir, memory, replies, lose_held_back=False):
     """open_session for the app: each reply is the next text of `replies`, token for token as
-    the tokenizer spells it, then end-of-sequence."""
+    the tokenizer spells it, then end-of-sequence. lose_held_back: the stream loses the text
+    the detokenizer held back to the end (as if it had spelled the reply otherwise)."""
     import mlx.core as mx
 
     import dmem_mlx
@@ -898,7 +900,8 @@ def scripted_session(model_dir, memory, replies):
 
             def processor(_, logits):
                 return mx.where(mx.arange(logits.shape[-1]) == next(tokens), 1e9, -1e9)[None]
-            return reply(*a, logits_processors=[processor], **k)
+            stream = reply(*a, logits_processors=[processor], **k)
+            return (c for c in stream if not (lose_held_back and c.token < 0))
         session.reply = scripted
         return session
     return open_session
@@ -939,3 +942,22 @@ async def test_replies_shown_again_keep_a_footer_like_live_ones(tiny_model, tmp_
         assert footers(app)[2].endswith(" tok/s")
         await send(pilot, "/undo")
         assert footers(app) == [f"{first} tokens", "0 tokens"]
+
+
+@pytest.mark.parametrize("lose_held_back", [False, True])
+async def test_a_reply_ends_on_screen_as_the_memory_keeps_it(tiny_model, tmp_path,
+                                                             lose_held_back):
+    """A trailing space the detokenizer holds back streams last; were the streamed text ever
+    to differ from the text kept (a detokenizer that changes earlier text), the screen ends
+    with the kept one."""
+    memory = tmp_path / "m"
+    app = make_app(tiny_model, None, sampling=Sampling(max_tokens=64),
+                   open_session=scripted_session(tiny_model, memory, ["Hello there "],
+                                                 lose_held_back))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        with written_fragments() as streamed:
+            await send(pilot, "hi")
+        assert app.last_reply.text == "Hello there " == app.session.messages[-1]["content"]
+        assert ("".join(streamed) == "Hello there ") is not lose_held_back
+        assert app.query_one(AssistantMessage).text == "Hello there "

@@ -588,3 +588,24 @@ def test_final_text_keeps_a_complete_trailing_replacement_character(request, set
             # a prefix keeps its complete characters; one cut inside the last one loses it
             want = text if k == len(ids) else whole.rstrip("\ufffd")
             assert final_text(detok) == want, (text, k)
+
+
+@pytest.mark.parametrize("setup", ["tiny", "demo"])  # byte-level BPE, SentencePiece bytes
+def test_a_reply_cut_anywhere_streams_exactly_the_text_it_keeps(request, tmp_path, setup):
+    """Spaces a streaming detokenizer holds back (byte-level BPE keeps a lone space until the
+    next token) come out in the last chunk: cut after any token, by a stop or by max_tokens,
+    the streamed text is the reply kept in the transcript and the memory file, trailing spaces
+    and a newline included."""
+    model, tok = request.getfixturevalue(setup)
+    for text in ["Hi there  ", "ok \n", "é 😀 "]:
+        ids = tok.encode(text, add_special_tokens=False)
+        for keep in range(1, len(ids) + 1):
+            for by_stop in (False, True):
+                path = tmp_path / f"{len(text)}-{keep}-{by_stop}.safetensors"
+                with ChatSession(model, tok, memory=MemoryFile.open(path)) as session:
+                    shown = cut_reply(session, ids + [ids[0]], keep, by_stop)
+                    assert shown == session.last_reply.text, (text, keep, by_stop)
+                    assert session.messages[-1]["content"] == shown, (text, keep, by_stop)
+                assert read_memory(path).transcript[-1]["content"] == shown
+                if keep == len(ids):
+                    assert shown == text.lstrip(" ")
