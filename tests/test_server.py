@@ -296,15 +296,61 @@ def test_batch_rows_never_see_each_other(tiny):
         ref = b_alone.feed_token(turn_ref, tb)
         worst = max(worst, float(mx.abs(logits[1] - ref).max()))
     assert worst <= 1e-5
-    batch.remove(rows[1])  # B's cache and state go back to its session
+    batch.remove([rows[1]])  # B's cache and state go back to its session
     b.end_reply(turn_b, "length", None)
     b_alone.end_reply(turn_ref, "length", None)
     assert b.messages == b_alone.messages
     for i, s in states_of(b_alone).items():
         np.testing.assert_allclose(states_of(b)[i], s, atol=1e-5)
-    batch.remove(rows[0])
+    batch.remove([rows[0]])
     a.end_reply(turn_a, "length", None)
     assert len(batch) == 0
+
+
+def test_rows_leaving_together_each_get_their_own_memory_back(tiny):
+    """Rows that end in the same step leave in one filter of the batch: each session gets
+    back the KV context and δ state it has alone, and the row that stays decodes on as alone."""
+    model, tokenizer = tiny
+    texts = ["Hi.", "I am Ada and I live in Paris with my cat Milo.", "Who am I?"]
+    batched, solo = [], []
+    for k, text in enumerate(texts):
+        pair = [ChatSession(model, tokenizer) for _ in range(2)]
+        for session in pair:
+            for t in range(k):  # contexts of different lengths: rows are left-padded
+                session.feed([{"role": "user", "content": f"Fact {t}: the sky is blue."},
+                              {"role": "assistant", "content": "Noted."}])
+        batched.append((pair[0], pair[0].begin_reply(text, 8)))
+        solo.append((pair[1], pair[1].begin_reply(text, 8)))
+    batch = Batch(model)
+    job = ChatJob(ChatRequest([], "", "tiny", None), lambda *a: None)
+    rows = [Row(job, s, t, tokenizer) for s, t in batched]
+    batch.add(rows)
+    for step in range(3):
+        tokens = [7 + 5 * k + step for k in range(3)]
+        batch.step(tokens)
+        for k, ((s, t), (alone_s, alone_t)) in enumerate(zip(batched, solo)):
+            s.record_token(t, tokens[k])
+            alone_s.feed_token(alone_t, tokens[k])
+    batch.remove([rows[2], rows[0]])  # not in batch order
+    assert batch.rows == [rows[1]] and batch.cache[0].keys.shape[0] == 1
+    for k in (0, 2):
+        (s, t), (alone_s, alone_t) = batched[k], solo[k]
+        assert len(s._ctx) == len(alone_s._ctx)
+        for i, state in states_of(alone_s).items():
+            np.testing.assert_allclose(states_of(s)[i], state, atol=1e-5)
+        ours, ref = s.feed_token(t, 11), alone_s.feed_token(alone_t, 11)
+        assert float(mx.abs(ours - ref).max()) <= 1e-5
+        s.end_reply(t, "length")
+        alone_s.end_reply(alone_t, "length")
+        assert s.messages == alone_s.messages
+    (s, t), (alone_s, alone_t) = batched[1], solo[1]
+    logits = batch.step([11])
+    s.record_token(t, 11)
+    assert float(mx.abs(logits[0] - alone_s.feed_token(alone_t, 11)).max()) <= 1e-5
+    batch.remove([rows[1]])
+    assert len(batch) == 0 and batch.cache == []
+    for i, state in states_of(alone_s).items():
+        np.testing.assert_allclose(states_of(s)[i], state, atol=1e-5)
 
 
 def test_prefill_together_gives_each_row_its_solo_logits(tiny):

@@ -161,23 +161,28 @@ class Batch:
                 mine.extend(other)
         self.rows.extend(rows)
 
-    def remove(self, row: Row) -> None:
-        """Take `row` out: its KV cache (padding stripped) and δ state go back to its session."""
-        i = self.rows.index(row)
-        own = [c.extract(i) for c in self.cache]
-        keep = [j for j in range(len(self.rows)) if j != i]
-        del self.rows[i]
+    def remove(self, rows: list[Row]) -> None:
+        """Take `rows` out, all in one filter of the batch's cache: each row's KV cache
+        (padding stripped) and δ state go back to its session."""
+        index = [self.rows.index(row) for row in rows]
+        own = [[c.extract(i) for c in self.cache] for i in index]
+        keep = [j for j in range(len(self.rows)) if j not in index]
+        self.rows = [self.rows[j] for j in keep]
         if keep:
             for c in self.cache:
                 c.filter(keep)
         else:
             self.cache = []
-        context = row.session._ctx
-        state = state_of(own)
-        context.set_states(state.layers)
-        context.cache = with_state([getattr(c, "kv", c) for c in own], self.model, context.state)
-        mx.eval([c.state for c in context.cache], [s for s in state.layers.values()
-                                                   if s is not None])
+        arrays = []
+        for row, cache in zip(rows, own):
+            context = row.session._ctx
+            state = state_of(cache)
+            context.set_states(state.layers)
+            context.cache = with_state([getattr(c, "kv", c) for c in cache], self.model,
+                                       context.state)
+            arrays += [c.state for c in context.cache]
+            arrays += [s for s in state.layers.values() if s is not None]
+        mx.eval(arrays)
 
     def step(self, tokens: list[int]) -> mx.array:
         """Feed one token per row (writes on); logits [B, vocab] float32, being computed."""
@@ -533,22 +538,28 @@ class Engine:
     def _step(self) -> None:
         """One token for every row: a sampled token of its reply, or once the reply has ended,
         the next of the template's closing tokens (fed here, in the batch, so that ending the
-        turn has nothing left to ingest); rows with nothing left to feed leave."""
+        turn has nothing left to ingest); rows with nothing left to feed leave, together.
+        A reply token's text is streamed as soon as it is accepted, before it is fed."""
         rows = list(self._batch.rows)
         mx.eval([r.y for r in rows if r.finish is None])
-        feed = []
+        feed, leaving = [], []
         for row in rows:
             if row.finish is None:
                 token = int(row.y.item())
                 finish = row.accept(token)
                 if finish is None:
+                    row.flush()
                     feed.append((row, token, True))
                     continue
                 self._close(row, finish)
             if row.forced:
                 feed.append((row, row.forced.pop(0), False))
             else:
-                self._finish(row, row.finish)
+                leaving.append(row)
+        if leaving:
+            self._batch.remove(leaving)
+            for row in leaving:
+                self._finish_row(row, row.finish)
         if not feed:
             return
         logits = self._batch.step([t for _, t, _ in feed])
@@ -558,7 +569,6 @@ class Engine:
             if not reply:
                 continue
             self.stats["tokens"] += 1
-            row.flush()
             if len(row.turn.tokens) >= row.turn.max_tokens:
                 self._close(row, "length")
             elif row.session.repeating(row.turn):  # a looping reply is cut (as in dmem-chat)
@@ -573,7 +583,7 @@ class Engine:
         row.forced = row.session.closing_tokens if row.text is None else []
 
     def _finish(self, row: Row, finish: str) -> None:
-        self._batch.remove(row)
+        self._batch.remove([row])
         self._finish_row(row, finish)
 
     def _finish_row(self, row: Row, finish: str) -> None:
