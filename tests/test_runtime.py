@@ -11,6 +11,7 @@ import dmem_mlx
 from dmem_mlx.runtime import (ChatSession, ContextTooLongError, MemoryFile, read_memory, render,
                               sentence_spans)
 from dmem_mlx.runtime.context import Context
+from dmem_mlx.runtime import template as template_module
 from dmem_mlx.runtime.template import closing_tokens
 from dmem_mlx.tiny import make_tiny_dmem
 
@@ -528,6 +529,51 @@ def test_history_rewriting_template_stays_consistent(tiny, tiny_dir):
         session._ctx.set_states({i: mx.array(got[i][None]) for i in got})
     assert all(rebuilt)
 
+
+
+def test_render_with_remembered_prefixes_is_the_same(tiny, tiny_dir):
+    """A session's render reuses the prefix renders of its last call (one prefix rendered per
+    turn, not every one): for a growing conversation, an edited message, a history-rewriting
+    template and a template changed on the same tokenizer, the result equals a fresh render."""
+    tok = dmem_mlx.load(str(tiny_dir))[1]  # a tokenizer of its own: its template changes
+    prefixes, calls = {}, []
+    real = template_module.render_text
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[1]))
+        return real(*args, **kwargs)
+
+    def check(messages, generation_prompt):
+        calls.clear()
+        fresh = render(tok, messages, generation_prompt)
+        n_fresh = len(calls)
+        calls.clear()
+        got = render(tok, messages, generation_prompt, prefixes=prefixes)
+        assert got == fresh
+        return n_fresh, len(calls)
+
+    template_module.render_text = counted
+    try:
+        messages = [{"role": "system", "content": SYSTEM}]
+        for k, (text, reply) in enumerate([("Hello! My name is Ada.", "Hi Ada."),
+                                           ("Where do I live? In Paris.", "In Paris."),
+                                           ("Thanks. I like tea.", "Noted: tea.")]):
+            messages.append({"role": "user", "content": text})
+            n_fresh, n_got = check(messages, True)
+            assert k == 0 or n_got == 2 < n_fresh  # the whole text and the new message
+            messages.append({"role": "assistant", "content": reply})
+            n_fresh, n_got = check(messages, False)
+            assert n_got == 1 < n_fresh  # the whole text only
+        messages[3] = {"role": "user", "content": "Where do I live? In Rome."}  # edited
+        check(messages, False)
+        check(messages, False)
+        tok._tokenizer.chat_template = THINK_TEMPLATE  # history rendered differently
+        for _ in range(2):
+            check(messages, False)
+            check(messages, True)
+        assert check(messages[:-1], False)[1] > 1  # its prefixes are not starts of the text
+    finally:
+        template_module.render_text = real
 
 
 # -- a reply cut mid-character -------------------------------------------------------------------

@@ -182,6 +182,7 @@ class ChatSession:
         self._groups = self._delta.config.memory_write_granularity != "token"
         self._ctx = Context(model, prefill_step, self.state)
         self._closing = closing_tokens(tokenizer)
+        self._prefixes: dict = {}  # the last render's prefix renders (template.render)
         # a reply ends at end-of-sequence and at any special (control) token, e.g. a ChatML
         # <|im_start|>: such a token is never fed, shown or written as text
         self._eos = set(getattr(tokenizer, "eos_token_ids", None) or []) | special_ids(tokenizer)
@@ -637,7 +638,7 @@ class ChatSession:
         idx = self._context_indices()
         numbers, starts = self._numbering()
         r = render(self.tokenizer, [self._messages[i] for i in idx], generation_prompt,
-                   [numbers[i] for i in idx], [starts[i] for i in idx])
+                   [numbers[i] for i in idx], [starts[i] for i in idx], self._prefixes)
         k = sum(1 for i in idx if i < self._committed)
         return r, (r.block_ends[k - 1] if k else 0)
 

@@ -92,12 +92,16 @@ def _common_prefix(a: str, b: str) -> int:
 
 def render(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool,
            message_numbers: Optional[Sequence[int]] = None,
-           sentence_starts: Optional[Sequence[int]] = None) -> Rendered:
+           sentence_starts: Optional[Sequence[int]] = None,
+           prefixes: Optional[dict] = None) -> Rendered:
     """Render `messages` and label every token.
 
     message_numbers: the id of each message (default: system -1, others 0, 1, 2, … in order);
     sentence_starts: the id of each message's first sentence (default: counted from 0).
     Ids are global: a context that starts mid-conversation passes its messages' ids.
+    prefixes: a dict the caller keeps between calls (a chat session's): the renders of this
+    call's leading messages are left in it, so that the next call, a turn later, renders only
+    what is new instead of every prefix again. The result is the same.
     """
     messages = list(messages)
     if message_numbers is None:
@@ -112,12 +116,24 @@ def render(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool
             n += count_sentences(m["content"]) if number >= 0 else 0
     text = render_text(tokenizer, messages, add_generation_prompt)
     # Character end of each message's block (prefix renders), clipped to where they agree.
-    ends, previous = [], 0
+    # With `prefixes`, a prefix rendered by an earlier call is reused where `text` starts with
+    # it (a template that renders earlier messages differently once more follow, e.g. history
+    # without think blocks, gives prefixes `text` does not start with: those are rendered).
+    keys = _prefix_keys(tokenizer, messages) if prefixes is not None else None
+    ends, previous, found = [], 0, {}
     for k in range(len(messages)):
-        prefix = text if (k == len(messages) - 1 and not add_generation_prompt) else \
-            render_text(tokenizer, messages[:k + 1], False)
+        prefix = prefixes.get(keys[k]) if keys else None
+        if k == len(messages) - 1 and not add_generation_prompt:
+            prefix = text
+        elif prefix is None or not text.startswith(prefix):
+            prefix = render_text(tokenizer, messages[:k + 1], False)
+        if keys:
+            found[keys[k]] = prefix
         previous = max(previous, _common_prefix(prefix, text))
         ends.append(previous)
+    if prefixes is not None:  # this conversation's prefixes only: bounded by its length
+        prefixes.clear()
+        prefixes.update(found)
     # Content span and sentence spans of each written message, searched inside its block.
     sentences: list[tuple[int, int, int]] = []  # (start char, end char, sentence id)
     for k, m in enumerate(messages):
@@ -151,6 +167,18 @@ def render(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool
     for k in range(1, len(messages)):  # an empty block ends where the previous one did
         block_ends[k] = max(block_ends[k], block_ends[k - 1])
     return Rendered(text, ids, blocks, message_ids, sentence_ids, block_ends)
+
+
+def _prefix_keys(tokenizer: Any, messages: Sequence[dict]) -> Optional[list[tuple]]:
+    """For each k, a key naming the render of messages[:k + 1] (template and message fields);
+    None when they cannot be keys (e.g. a message field holding a list)."""
+    try:
+        template = getattr(tokenizer, "chat_template", None)
+        items = [tuple(m.items()) for m in messages]
+        hash((template, tuple(items)))
+    except TypeError:
+        return None
+    return [(template, tuple(items[:k + 1])) for k in range(len(items))]
 
 
 def closing_tokens(tokenizer: Any, probe: str = "Probe reply.") -> list[int]:
