@@ -533,8 +533,11 @@ class ChatSession:
         self._ctx.reset()
 
     def _state_arrays(self) -> dict[int, np.ndarray]:
-        """The δ state of every layer as numpy [H, r, r] float32 (zeros before any write)."""
-        return {int(name.split(".")[1]): np.array(value[0], dtype=np.float32)
+        """The δ state of every layer as numpy [H, r, r] float32 (zeros before any write).
+        The evaluated [1, H, r, r] arrays are copied whole and sliced in NumPy: slicing them in
+        MLX would be one more evaluation each, waiting for whatever the stream is computing
+        (a server's batch step)."""
+        return {int(name.split(".")[1]): np.array(value, dtype=np.float32)[0]
                 for name, value in self.state.snapshot().items()}
 
     def _load_states(self, states: dict[int, np.ndarray]) -> None:
