@@ -592,6 +592,58 @@ def test_api_key_required_and_compared_in_constant_time(tiny, tmp_path, monkeypa
         server.stop()
 
 
+def test_requests_starting_together_share_a_prefill_and_one_alone_uses_its_own(
+        tiny, tmp_path, monkeypatch):
+    """Requests that start in the same round are prefilled in one batched call; a request
+    starting alone is fed on its own cache (no call of `prefill`). Either way each reply and
+    memory is the one the user gets alone, streamed text included."""
+    model, tokenizer = tiny
+    from dmem_mlx.server import engine as engine_module
+    from dmem_mlx.server.store import MemoryStore
+
+    calls = []
+    real = engine_module.prefill
+    monkeypatch.setattr(engine_module, "prefill",
+                        lambda m, caches, prompts: calls.append(len(prompts)) or
+                        real(m, caches, prompts))
+    store = MemoryStore(tmp_path, {}, lambda m: ChatSession(model, tokenizer, memory=m))
+    engine = Engine(model, tokenizer, store, max_concurrent=4)
+    texts = {"a": "Hello, my name is Ada.", "b": "I live in Paris.", "c": "Who am I?"}
+
+    def submit(user, text):
+        events, done = [], threading.Event()
+
+        def emit(kind, value):
+            events.append((kind, value))
+            if kind in ("done", "error"):
+                done.set()
+
+        engine.submit(ChatJob(ChatRequest([], text, "tiny", user, max_tokens=8), emit))
+        return events, done
+
+    together = {user: submit(user, text) for user, text in texts.items()}  # before start
+    engine.start()
+    try:
+        for events, done in together.values():
+            assert done.wait(60)
+        assert calls == [3]
+        later = submit("d", "Tell me a story.")
+        assert later[1].wait(60)
+        assert calls == [3]  # alone: no batched prefill
+    finally:
+        engine.stop()
+    for user, text in [*texts.items(), ("d", "Tell me a story.")]:
+        events = together[user][0] if user in together else later[0]
+        kind, reply = events[-1]
+        assert kind == "done"
+        replies, session = alone(tiny, [text], max_tokens=8)
+        assert reply.text == replies[0] == "".join(v for k, v in events if k == "delta")
+        data = read_memory(tmp_path / f"{user}.safetensors")
+        assert data.transcript == session.messages
+        for i, state in states_of(session).items():
+            np.testing.assert_allclose(data.states[i], state, atol=1e-5)
+
+
 def test_a_full_queue_answers_429(tiny, tmp_path):
     model, tokenizer = tiny
     from dmem_mlx.server.store import MemoryStore

@@ -410,10 +410,11 @@ class Engine:
 
     def _start_ready(self) -> None:
         """Start the waiting jobs whose memory is free, in order: memory calls run, chat
-        requests are prefilled together and join the batch."""
+        requests are prefilled together and join the batch (a request starting alone is
+        prefilled on its own cache: nothing to merge, pad or hand back)."""
         held = self._held()
         rows = len(self._batch)
-        starting: list[tuple[ChatJob, ChatSession, Turn]] = []
+        chats: list[ChatJob] = []
         self._started = False
         for job in list(self._waiting):
             key = job.key
@@ -431,16 +432,19 @@ class Engine:
             if isinstance(job, CallJob):
                 self._run_call(job)
                 continue
+            chats.append(job)
+            rows += 1
+        starting: list[tuple[ChatJob, ChatSession, Turn]] = []
+        for job in chats:
             try:
-                opened = self._open_turn(job)
+                opened = self._open_turn(job, defer=self.batchable and len(chats) > 1)
             except Exception:  # a bug: this request fails cleanly, the others go on
                 log.exception("starting a reply failed")
                 job.emit("error", APIError(500, "internal error while starting the reply"))
                 continue
             if opened is not None:
                 starting.append(opened)
-                self._busy.add(key)
-                rows += 1
+                self._busy.add(job.key)
         if starting:
             self._join(starting)
         self.store.trim(self._held())
@@ -462,9 +466,11 @@ class Engine:
         self.store.check_exists(memory)
         return self.store.snapshot(self.store.session(memory), memory, name)
 
-    def _open_turn(self, job: ChatJob) -> Optional[tuple[ChatJob, ChatSession, Turn]]:
-        """Begin the reply of `job` (its prompt's last call left pending where it can be
-        batched); None if it will not reply (an error was sent, or the client left)."""
+    def _open_turn(self, job: ChatJob, defer: bool) -> Optional[tuple[ChatJob, ChatSession,
+                                                                        Turn]]:
+        """Begin the reply of `job` (defer: its prompt's last call left pending, to be fed
+        with the other rows starting); None if it will not reply (an error was sent, or the
+        client left)."""
         req = job.request
         if job.cancelled.is_set():
             return None
@@ -473,7 +479,7 @@ class Engine:
             session = self.store.session(req.memory)
             session.follow(req.history)
             turn = session.begin_reply(req.user_text, req.max_tokens, job.cancelled.is_set,
-                                       defer=self.batchable)
+                                       defer=defer)
         except APIError as exc:
             job.emit("error", exc)
             return None
