@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from datetime import datetime
@@ -71,7 +72,9 @@ def parse_command(text: str) -> tuple[Command, str]:
     name, argument = name.lower(), argument.strip()
     command = BY_NAME.get(name)
     if command is None:
-        raise CommandError(f"unknown command /{name} — /help lists the commands")
+        near = difflib.get_close_matches(name, BY_NAME, n=1)
+        guess = f"did you mean /{near[0]}? " if near else ""
+        raise CommandError(f"unknown command /{name} — {guess}/help lists the commands")
     if command.argument and not argument:
         raise CommandError(f"/{name} needs {command.argument}: /{name} {command.argument}")
     if not command.argument and argument:

@@ -256,6 +256,11 @@ async def test_commands(tiny_model, tmp_path):
 
         await send(pilot, "/nonsense")
         assert any("unknown command" in n.message for n in notices(app))
+        app.query_one(ChatInput).clear()
+        await send(pilot, "/inof")  # a typo: the command meant, and the text back to fix it
+        assert "did you mean /info?" in notices(app)[-1].message
+        assert app.query_one(ChatInput).text == "/inof"
+        app.query_one(ChatInput).clear()
 
         panel = app.query_one(MemoryPanel)
         await pilot.press("ctrl+b")
