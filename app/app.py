@@ -620,8 +620,7 @@ class DmemChatApp(App[int]):
         if self.chat_input.text.strip():
             raise CommandError("the input is not empty: send or clear it first")
         step = await self.on_engine(self.live.undo)
-        self.chat_input.text = step.user_text
-        self.chat_input.move_cursor(self.chat_input.document.end)
+        self.chat_input.give_back(step.user_text)
         await self.show_conversation("the last exchange was taken back; edit the message and "
                                      "press Enter")
 

@@ -205,17 +205,24 @@ class ChatInput(TextArea):
         event.prevent_default()
         event.stop()
         if event.key != "enter":
-            self.replace("\n", *self.selection, maintain_selection_offset=False)
+            self.new_line(*self.selection)
             return
         row, column = self.cursor_location
         line = self.document.get_line(row)
         if column > 0 and line[column - 1] == "\\" and self.selection.is_empty:
-            self.replace("\n", (row, column - 1), (row, column), maintain_selection_offset=False)
+            self.new_line((row, column - 1), (row, column))
             return
         text = self.text
         if text.strip():
             self.clear()  # what is typed next starts afresh; the app gives back what it refuses
             self.post_message(self.Submitted(self, text))
+
+    def new_line(self, start: tuple[int, int], end: tuple[int, int]) -> None:
+        """Replace `start`…`end` by a line break; the cursor's new line is scrolled into view
+        once the input has grown (scrolled at once, a new last line would stay hidden below
+        the input's height limit)."""
+        self.replace("\n", start, end, maintain_selection_offset=False)
+        self.call_after_refresh(self.scroll_cursor_visible)
 
     def give_back(self, text: str, at_end: bool = False) -> None:
         """Put `text` back into the input: before anything typed since it was sent, or after
@@ -226,6 +233,7 @@ class ChatInput(TextArea):
         else:
             self.text = f"{rest}\n{text}" if at_end else f"{text}\n{rest}"
         self.move_cursor(self.document.end)
+        self.call_after_refresh(self.scroll_cursor_visible)  # once the input has grown
 
 
 def saved_when(when: Optional[datetime]) -> str:

@@ -966,3 +966,29 @@ async def test_a_reply_ends_on_screen_as_the_memory_keeps_it(tiny_model, tmp_pat
         assert app.last_reply.text == "Hello there " == app.session.messages[-1]["content"]
         assert ("".join(streamed) == "Hello there ") is not lose_held_back
         assert app.query_one(AssistantMessage).text == "Hello there "
+
+
+def cursor_shown(chat_input: ChatInput) -> bool:
+    row, top = chat_input.cursor_location[0], chat_input.scroll_offset.y
+    return top <= row < top + chat_input.content_size.height
+
+
+async def test_the_line_typed_on_stays_in_view_in_a_tall_input(tiny_model, tmp_path):
+    """Past the input's height limit, a new line (Ctrl+J, backslash-Enter) and a long message
+    given back (/edit) show the cursor's line, not the line before it."""
+    app = make_app(tiny_model, tmp_path / "m")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_loaded(pilot)
+        chat_input = app.query_one(ChatInput)
+        for i in range(12):
+            await pilot.press(*f"line {i}", "ctrl+j")
+            await pilot.pause()
+            assert cursor_shown(chat_input), i
+        await pilot.press(*"last\\", "enter")
+        await pilot.pause()
+        assert chat_input.cursor_location[0] == 13 and cursor_shown(chat_input)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        await send(pilot, "/edit")
+        await pilot.pause()
+        assert chat_input.text.startswith("line 0\nline 1") and cursor_shown(chat_input)
