@@ -675,6 +675,9 @@ class DmemChatApp(App[int]):
 
     async def command_readonly(self, _: str) -> None:
         session = self.live
+        if session.memory is not None and session.memory.read_only:
+            raise CommandError("the memory was opened with --read-only: nothing can be written "
+                               "to it; start dmem-chat without --read-only to write")
 
         def toggle() -> bool:
             session.read_only = not session.read_only

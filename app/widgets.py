@@ -79,8 +79,7 @@ class ModeBar(Static):
         read-only (`--read-only`), so Ctrl+R cannot switch writing back on."""
         self.display = read_only
         if file_read_only:
-            self.update("read-only: the memory file was opened read-only — nothing you say is "
-                        "written or saved")
+            self.update("read-only (--read-only): nothing you say is written or saved")
         else:
             self.update("read-only: nothing you say is written to memory — Ctrl+R writes again")
 

@@ -731,7 +731,8 @@ async def test_read_only_opens_a_locked_memory_and_saves_nothing(tiny_model, tmp
             assert app.last_reply.tokens > 0
             assert app.last_info.tokens_written == written
             await send(pilot, "/readonly")  # cannot start writing into a file opened read-only
-            assert notices(app, "error")
+            assert "start dmem-chat without --read-only" in notices(app, "error")[-1].message
+            assert "--read-only" in str(app.query_one("#mode-bar").render())
             assert app.last_info.read_only
             await send(pilot, "/undo")  # the read-only turn goes; the file is not touched
             assert not any(m.text.startswith("Do you") for m in app.query(UserMessage))
