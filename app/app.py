@@ -38,7 +38,8 @@ from .commands import (BY_NAME, COMMANDS, CommandError, export_target, help_mark
                        parse_command, transcript_json, transcript_markdown)
 from .screens import ConfirmScreen, HelpScreen, HistoryScreen
 from .widgets import (AssistantMessage, ChatInput, ChatView, MemoryPanel, ModeBar, Note,
-                      ReplyFinished, ReplyStarted, UserMessage, reply_footer)
+                      ReplyFinished, ReplyStarted, UserMessage, memory_only_footer,
+                      reply_footer)
 
 if TYPE_CHECKING:
     from dmem_mlx.runtime import ChatSession, MemoryFile, ReplyStats, SessionInfo
@@ -500,8 +501,7 @@ class DmemChatApp(App[int]):
             await event.reply.finish(reply_footer(stats.tokens, stats.tokens_per_sec, *marks))
             if stats.memory_only_parts:
                 kept = len(event.text) - stats.memory_only_chars
-                event.user.border_subtitle = (f"first {stats.memory_only_chars:,} characters "
-                                              "in memory only")
+                event.user.border_subtitle = memory_only_footer(stats.memory_only_chars)
                 await self.add_note(
                     f"Your message ({len(event.text):,} characters) did not fit the context "
                     f"budget of {event.info.kv_budget:,} tokens: its first "

@@ -66,6 +66,12 @@ def reply_footer(tokens: int, tokens_per_sec: Optional[float] = None, *marks: st
     return " · ".join([*parts, *marks])
 
 
+def memory_only_footer(chars: int) -> str:
+    """The line under a message too long for the context: its leading `chars` characters were
+    written into the memory only."""
+    return f"first {chars:,} characters in memory only"
+
+
 class Note(Static):
     """A system note in the conversation (command results, loaded memory …)."""
 
@@ -107,27 +113,35 @@ class ChatView(VerticalScroll):
     async def show_transcript(self, messages: list[dict[str, str]],
                               reply_tokens: Optional[list[Optional[int]]] = None) -> None:
         """Replace the conversation by `messages` ({"role", "content"}; system prompts skipped).
-        The turns that stay as they were on screen keep their footers (a reply's speed, a
-        stop); a reply shown anew (from the memory file) gets the footer of its length in
-        tokens, `reply_tokens[i]` for messages[i], when given."""
+        A message written in parts (consecutive user messages: a message longer than the
+        context budget) is one turn, as it was sent. The turns that stay as they were on
+        screen keep their footers (a reply's speed, a stop); a reply shown anew (from the
+        memory file) gets the footer of its length in tokens, `reply_tokens[i]` for
+        messages[i], when given."""
         shown = [(type(w), w.text, w.border_subtitle) for w in self.children
                  if isinstance(w, (UserMessage, AssistantMessage))]
         await self.remove_children()
+        turns: list[tuple[str, list[str], Optional[str]]] = []  # role, parts, footer
+        for i, message in enumerate(messages):
+            role, text = message["role"], message["content"]
+            if role == "user" and turns and turns[-1][0] == "user":
+                turns[-1][1].append(text)
+            elif role in ("user", "assistant"):
+                tokens = reply_tokens[i] if reply_tokens is not None else None
+                turns.append((role, [text], None if tokens is None else reply_footer(tokens)))
         widgets: list[Union[UserMessage, AssistantMessage]] = []
         same = True  # the turns so far are those on screen
-        for i, message in enumerate(messages):
-            if message["role"] == "user":
-                widget: Union[UserMessage, AssistantMessage] = UserMessage(message["content"])
-            elif message["role"] == "assistant":
-                widget = AssistantMessage(message["content"])
-                if reply_tokens is not None and reply_tokens[i] is not None:
-                    widget.border_subtitle = reply_footer(reply_tokens[i])
+        for k, (role, parts, footer) in enumerate(turns):
+            text = "".join(parts)
+            widget: Union[UserMessage, AssistantMessage]
+            if role == "user":
+                widget = UserMessage(text)
+                if len(parts) > 1:  # its leading parts went into the memory only
+                    footer = memory_only_footer(len(text) - len(parts[-1]))
             else:
-                continue
-            k = len(widgets)
-            same = same and k < len(shown) and shown[k][:2] == (type(widget), widget.text)
-            if same:
-                widget.border_subtitle = shown[k][2]
+                widget = AssistantMessage(text)
+            same = same and k < len(shown) and shown[k][:2] == (type(widget), text)
+            widget.border_subtitle = shown[k][2] if same else footer
             widgets.append(widget)
         if widgets:
             await self.mount_all(widgets)

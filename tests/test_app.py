@@ -446,6 +446,16 @@ async def test_a_long_message_goes_into_memory_and_the_user_is_told(tiny_model, 
         assert f"({parts} part{'' if parts == 1 else 's'}, " in notes(app)
         [user] = app.query(UserMessage)
         assert user.text == text and "memory only" in str(user.border_subtitle)
+        live = user.border_subtitle
+        await send(pilot, "/retry")  # shown again: still the one message, as sent
+        [user] = app.query(UserMessage)
+        assert user.text == text and user.border_subtitle == live
+        await pilot.press("ctrl+q")
+    app = make_app(tiny_model, tmp_path / "m", max_kv_tokens=64)
+    async with app.run_test(size=SIZE) as pilot:  # after a restart, from the memory file
+        await wait_loaded(pilot)
+        [user] = app.query(UserMessage)
+        assert user.text == text and user.border_subtitle == live
 
 
 async def test_a_looping_reply_is_cut_and_undone(tiny_model, tmp_path):
