@@ -134,7 +134,7 @@ class Loaded:
     info: "SessionInfo"
     snapshots: list[str]
     messages: list[dict[str, str]]
-    reply_tokens: list[Optional[int]]
+    reply_tokens: list[int]
 
 
 class DmemChatApp(App[int]):
@@ -310,12 +310,12 @@ class DmemChatApp(App[int]):
         return Loaded(session, session.info(), list(session.snapshots()), messages,
                       self._reply_tokens(messages))
 
-    def _reply_tokens(self, messages: list[dict[str, str]]) -> list[Optional[int]]:
+    def _reply_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """Engine thread (the tokenizer is not shared across threads): the length in tokens of
-        each reply in `messages` (None for the other messages), as the tokenizer spells it."""
+        each reply in `messages`, in order, as the tokenizer spells it."""
         tokenizer = self.live.tokenizer
         return [len(tokenizer.encode(m["content"], add_special_tokens=False))
-                if m["role"] == "assistant" else None for m in messages]
+                for m in messages if m["role"] == "assistant"]
 
     async def show_transcript(self) -> None:
         """Show the session's conversation (after a command changed it)."""

@@ -96,20 +96,34 @@ def help_markdown() -> str:
         "## Keys\n\n| key | |\n|---|---|\n" + keys + "\n")
 
 
+def as_sent(messages: list[dict[str, str]]) -> list[tuple[str, list[str]]]:
+    """(role, parts) of each message as the user sent it: consecutive user messages are the
+    parts of one message longer than the context budget (the leading ones were written into
+    the memory only; joined, they are the text sent)."""
+    turns: list[tuple[str, list[str]]] = []
+    for m in messages:
+        if m["role"] == "user" and turns and turns[-1][0] == "user":
+            turns[-1][1].append(m["content"])
+        else:
+            turns.append((m["role"], [m["content"]]))
+    return turns
+
+
 def transcript_markdown(messages: list[dict[str, str]], model: str,
                         memory: Optional[Path]) -> str:
     """A conversation as readable Markdown (the user's text in quote blocks, kept literal)."""
     lines = [f"# dmem-chat conversation", "",
              f"- model: {model}", f"- memory: {memory or 'none'}",
              f"- exported: {datetime.now().astimezone().isoformat(timespec='seconds')}", ""]
-    for m in messages:
-        if m["role"] == "system":
+    for role, parts in as_sent(messages):
+        content = "".join(parts)
+        if role == "system":
             lines += ["**system prompt:**", "", *[f"> {line}" for line in
-                                                 m["content"].splitlines()], ""]
-        elif m["role"] == "user":
-            lines += ["## you", "", "````text", m["content"], "````", ""]
+                                                 content.splitlines()], ""]
+        elif role == "user":
+            lines += ["## you", "", "````text", content, "````", ""]
         else:
-            lines += ["## assistant", "", m["content"], ""]
+            lines += ["## assistant", "", content, ""]
     return "\n".join(lines)
 
 

@@ -13,6 +13,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Markdown, OptionList, Static
 from textual.widgets.option_list import Option
 
+from .commands import as_sent
+
 if TYPE_CHECKING:
     from dmem_mlx.runtime import PastConversation
 
@@ -72,7 +74,7 @@ def conversation_title(k: int, conversation: "PastConversation") -> str:
     first = next((m["content"] for m in conversation.transcript if m["role"] == "user"), "")
     first = " ".join(first.split())
     when = (conversation.started or conversation.ended or "")[:16].replace("T", " ")
-    turns = sum(m["role"] == "user" for m in conversation.transcript)
+    turns = sum(role == "user" for role, _ in as_sent(conversation.transcript))
     return f"{k}. {when}  {turns} turn{'s' if turns != 1 else ''} · {first[:48]}"
 
 
@@ -106,11 +108,11 @@ class HistoryScreen(ModalScreen[None]):
     def show_conversation(self, event: OptionList.OptionHighlighted) -> None:
         conversation = self.past[int(event.option.id or 0)]
         text = Text()
-        for m in conversation.transcript:
-            if m["role"] == "system":
-                text.append(f"system: {m['content']}\n\n", "italic dim")
+        for role, parts in as_sent(conversation.transcript):
+            if role == "system":
+                text.append(f"system: {''.join(parts)}\n\n", "italic dim")
                 continue
-            text.append("you\n" if m["role"] == "user" else "assistant\n",
-                        "bold blue" if m["role"] == "user" else "bold green")
-            text.append(m["content"] + "\n\n")
+            text.append("you\n" if role == "user" else "assistant\n",
+                        "bold blue" if role == "user" else "bold green")
+            text.append("".join(parts) + "\n\n")
         self.query_one("#history-transcript", Static).update(text)

@@ -14,6 +14,7 @@ from textual.containers import VerticalScroll
 from textual.message import Message
 from textual.widgets import Label, Markdown, ProgressBar, Static, TextArea
 
+from .commands import as_sent
 from .heatmap import layer_norms, state_heatmap
 
 if TYPE_CHECKING:
@@ -111,35 +112,32 @@ class ChatView(VerticalScroll):
         return user, reply
 
     async def show_transcript(self, messages: list[dict[str, str]],
-                              reply_tokens: Optional[list[Optional[int]]] = None) -> None:
-        """Replace the conversation by `messages` ({"role", "content"}; system prompts skipped).
-        A message written in parts (consecutive user messages: a message longer than the
-        context budget) is one turn, as it was sent. The turns that stay as they were on
-        screen keep their footers (a reply's speed, a stop); a reply shown anew (from the
-        memory file) gets the footer of its length in tokens, `reply_tokens[i]` for
-        messages[i], when given."""
+                              reply_tokens: Optional[list[int]] = None) -> None:
+        """Replace the conversation by `messages` ({"role", "content"}; system prompts skipped),
+        each message as it was sent (`as_sent`: one written in parts is one). The turns that
+        stay as they were on screen keep their footers (a reply's speed, a stop); a reply shown
+        anew (from the memory file) gets the footer of its length in tokens: `reply_tokens`,
+        one per reply in order, when given."""
         shown = [(type(w), w.text, w.border_subtitle) for w in self.children
                  if isinstance(w, (UserMessage, AssistantMessage))]
         await self.remove_children()
-        turns: list[tuple[str, list[str], Optional[str]]] = []  # role, parts, footer
-        for i, message in enumerate(messages):
-            role, text = message["role"], message["content"]
-            if role == "user" and turns and turns[-1][0] == "user":
-                turns[-1][1].append(text)
-            elif role in ("user", "assistant"):
-                tokens = reply_tokens[i] if reply_tokens is not None else None
-                turns.append((role, [text], None if tokens is None else reply_footer(tokens)))
+        tokens = iter(reply_tokens or [])
         widgets: list[Union[UserMessage, AssistantMessage]] = []
         same = True  # the turns so far are those on screen
-        for k, (role, parts, footer) in enumerate(turns):
-            text = "".join(parts)
+        for role, parts in as_sent(messages):
+            text, footer = "".join(parts), None
             widget: Union[UserMessage, AssistantMessage]
             if role == "user":
                 widget = UserMessage(text)
                 if len(parts) > 1:  # its leading parts went into the memory only
                     footer = memory_only_footer(len(text) - len(parts[-1]))
-            else:
+            elif role == "assistant":
                 widget = AssistantMessage(text)
+                count = next(tokens, None)
+                footer = None if count is None else reply_footer(count)
+            else:
+                continue
+            k = len(widgets)
             same = same and k < len(shown) and shown[k][:2] == (type(widget), text)
             widget.border_subtitle = shown[k][2] if same else footer
             widgets.append(widget)

@@ -456,6 +456,17 @@ async def test_a_long_message_goes_into_memory_and_the_user_is_told(tiny_model, 
         await wait_loaded(pilot)
         [user] = app.query(UserMessage)
         assert user.text == text and user.border_subtitle == live
+        await send(pilot, f"/export {tmp_path / 'chat.md'}")  # as sent there too
+        assert (tmp_path / "chat.md").read_text().count("## you") == 1
+        await send(pilot, "/new")
+        app.query_one(ChatInput).text = "/history"
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: isinstance(app.screen, HistoryScreen))
+        await pilot.pause()
+        listed = app.screen.query_one("#history-list").get_option_at_index(0).prompt
+        assert "  1 turn · Sentence 0" in str(listed)
+        assert str(app.screen.query_one("#history-transcript").render()).count("you\n") == 1
+        await pilot.press("escape")
 
 
 async def test_a_looping_reply_is_cut_and_undone(tiny_model, tmp_path):
