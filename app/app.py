@@ -498,7 +498,11 @@ class DmemChatApp(App[int]):
                                            ("read-only", event.info.read_only)) if on]
             if event.reply.text != stats.text:  # a loop cut; text a detokenizer changed later
                 await event.reply.show_text(stats.text)  # the screen ends as the memory keeps it
-            await event.reply.finish(reply_footer(stats.tokens, stats.tokens_per_sec, *marks))
+            tokens = stats.tokens
+            if stats.finish_reason == "repetition":  # the length of what was kept, as restored
+                [tokens] = await self.on_engine(self._reply_tokens,
+                                                [{"role": "assistant", "content": stats.text}])
+            await event.reply.finish(reply_footer(tokens, stats.tokens_per_sec, *marks))
             if stats.memory_only_parts:
                 kept = len(event.text) - stats.memory_only_chars
                 event.user.border_subtitle = memory_only_footer(stats.memory_only_chars)

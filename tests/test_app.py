@@ -493,6 +493,8 @@ async def test_a_looping_reply_is_cut_and_undone(tiny_model, tmp_path):
         [reply] = app.query(AssistantMessage)  # the screen shows what the memory kept
         assert reply.text == stats.text == app.session.messages[-1]["content"]
         assert app.session.last_reply.text == app.session.tokenizer.decode([100])
+        kept = len(app.session.tokenizer.encode(stats.text, add_special_tokens=False))
+        assert str(reply.border_subtitle).startswith(f"{kept} token")  # as shown after a restart
         await send(pilot, "/undo")
         assert app.last_info.tokens_written == before and not app.query(UserMessage)
 
