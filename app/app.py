@@ -248,6 +248,7 @@ class DmemChatApp(App[int]):
         panel.display = shown
         self.query_one("#chat").display = not (shown and self.narrow)
         panel.screen.set_class(shown and not self.narrow, "-panel-beside")  # (notifications)
+        self.query_one(Footer).compact = self.narrow  # every key fits in 80 columns
         if not self.query_one("#chat").display:
             panel.focus()
         elif self.focused is None or self.focused is panel and not shown:

@@ -1016,3 +1016,17 @@ async def test_the_line_typed_on_stays_in_view_in_a_tall_input(tiny_model, tmp_p
         await send(pilot, "/edit")
         await pilot.pause()
         assert chat_input.text.startswith("line 0\nline 1") and cursor_shown(chat_input)
+
+
+async def test_every_key_of_the_footer_fits_in_80_columns(tiny_model, tmp_path):
+    """With the most keys shown (Escape's while the panel fills a narrow terminal), no key of
+    the footer is drawn over another (the command palette's was, over F1's)."""
+    app = make_app(tiny_model, tmp_path / "m")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_loaded(pilot)
+        await pilot.press("ctrl+b")
+        await pilot.pause()
+        keys = list(app.query("FooterKey"))
+        assert [k.key_display for k in keys] == ["^q", "esc", "^b", "^n", "^r", "f1", "^p"]
+        assert_apart(*keys)
+        assert all(k.region.right <= 80 for k in keys)
