@@ -167,12 +167,12 @@ class Batch:
         index = [self.rows.index(row) for row in rows]
         own = [[c.extract(i) for c in self.cache] for i in index]
         keep = [j for j in range(len(self.rows)) if j not in index]
-        self.rows = [self.rows[j] for j in keep]
         if keep:
             for c in self.cache:
                 c.filter(keep)
         else:
             self.cache = []
+        self.rows = [self.rows[j] for j in keep]  # (a failure above leaves them all in)
         arrays = []
         for row, cache in zip(rows, own):
             context = row.session._ctx
