@@ -387,6 +387,34 @@ def test_prefill_together_gives_each_row_its_solo_logits(tiny):
             alone_s.info().tokens_written
 
 
+def test_prefill_rolls_only_the_fed_positions(tiny, monkeypatch):
+    """Moving the prompts' right padding to the left (mlx-lm's `finalize`, a roll of the KV
+    buffers) covers the positions fed, not the spare room mlx-lm's cache grows by (256 at a
+    time); each row still gets its solo logits."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    model, tokenizer = tiny
+    sizes, real = [], BatchKVCache.finalize
+
+    def finalize(cache):
+        sizes.append((cache.keys.shape[2], cache._idx))
+        real(cache)
+
+    monkeypatch.setattr(BatchKVCache, "finalize", finalize)
+    rows, solo = [], []
+    for k, text in enumerate(["Hi.", "I am Ada and I live in Paris with my old cat Milo."]):
+        pair = [ChatSession(model, tokenizer) for _ in range(2)]
+        for session in pair:
+            session.feed([{"role": "user", "content": f"Fact {k}."},
+                          {"role": "assistant", "content": "Noted."}])
+        solo.append(pair[0].begin_reply(text, 4).logits)
+        rows.append((pair[1], pair[1].begin_reply(text, 4, defer=True)))
+    logits, _ = prefill(model, [s._ctx.cache for s, _ in rows], [t.pending.ids for _, t in rows])
+    assert sizes and all(size == filled for size, filled in sizes)
+    for k, alone_logits in enumerate(solo):
+        assert float(mx.abs(logits[k] - alone_logits).max()) <= 1e-5
+
+
 def test_a_deferred_prompt_can_be_taken_back(tiny):
     """A turn whose pending prompt is never fed (the client left) leaves the session as it was."""
     model, tokenizer = tiny

@@ -194,6 +194,14 @@ class Batch:
         return logits
 
 
+def trim_capacity(cache: Any) -> None:
+    """Drop the spare room after the filled part of a BatchKVCache's buffers (mlx-lm grows
+    them 256 positions at a time); the next token that needs room grows them again."""
+    kv = getattr(cache, "kv", cache)
+    if getattr(kv, "keys", None) is not None and kv.keys.shape[2] > kv._idx:
+        kv.keys, kv.values = kv.keys[..., :kv._idx, :], kv.values[..., :kv._idx, :]
+
+
 def prefill(model: Any, caches: list[list[Any]], prompts: list[list[int]]) -> tuple:
     """Feed `prompts[b]` (writes on) after the context of `caches[b]` (prompt caches of single
     sequences), all rows in one forward call; returns (logits [B, vocab] float32 of each row's
@@ -222,6 +230,7 @@ def prefill(model: Any, caches: list[list[Any]], prompts: list[list[int]]) -> tu
     logits = logits[:, -1, :].astype(mx.float32)
     if max(padding) > 0:
         for c in cache:
+            trim_capacity(c)  # the roll below then moves only what was fed, not spare room
             c.finalize()
     mx.eval(logits, [c.state for c in cache], [s for s in state.layers.values() if s is not None])
     return logits, [[c.extract(b) for c in cache] for b in range(len(prompts))]
