@@ -4,7 +4,7 @@ A small domain model, not a general assistant: a ~3.7M-parameter Qwen3-architect
 trained from scratch on synthetic chats in which people tell the assistant about themselves
 (name, city, job, pet, travel plans, favourite food, hobby) and ask about it later, plus a δ-mem
 adapter trained so that those facts are recalled from the δ memory alone. The model shipped now
-(v3) is the whole build of `tools/build_demo.py` (domain: `dmem_mlx/demo/persona.py`), all five
+(v4) is the whole build of `tools/build_demo.py` (domain: `dmem_mlx/demo/persona.py`), all six
 δ stages; the script's docstring records each stage and how to rebuild it.
 """
 
