@@ -6,8 +6,8 @@ Sections (all by default):
   prefill  prompt tok/s at long prompts with writes on, δ-mem vs plain;
   scan     the state scan alone: the dispatcher's fast path vs the per-token reference loop;
   memory   bytes of δ state vs bytes of KV cache holding the same history;
-  breakdown (only when named) where δ-mem's decode time goes on the tiny backbone: per layer and
-           token, graph building (Python) and evaluation, for δ-mem, δ-mem with its memory step
+  breakdown (only when named) where δ-mem's decode time goes (tiny backbone unless
+           --breakdown-shape): per layer and token, graph building (Python) and evaluation, for δ-mem, δ-mem with its memory step
            replaced by one doing nothing, and the attention wrapper alone.
 
 Both models share one set of random backbone weights (`dmem_mlx.tiny.build_model`); the δ model
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens generated per run (default: 200 tiny, 16 for big shapes)")
     p.add_argument("--breakdown-tokens", type=int, default=1000,
                    help="tokens per variant for the breakdown (1000)")
+    p.add_argument("--breakdown-shape", default="tiny",
+                   help="backbone for the breakdown (default tiny; 0.6b: its per-token differences "
+                        "resolve the ~1 %% a layer of that size pays, which run-level ratios cannot)")
     p.add_argument("--repeats", type=int, default=12,
                    help="alternating repetitions per model (12; tiny decode runs 3x as many)")
     p.add_argument("--prefill-repeats", type=int, default=3, help="for prefill (3)")
@@ -196,7 +199,7 @@ def bench_decode(args, shape: str) -> dict:
 
 
 def bench_breakdown(args) -> list[dict]:
-    """Where δ-mem's decode time goes on the tiny backbone, per layer and token.
+    """Where δ-mem's decode time goes on `--breakdown-shape`, per layer and token.
 
     Plain mlx-lm and three δ-mem variants decode one token each in turn (synchronous
     `mx.eval`, so that the time of building the graph in Python and of evaluating it can be
@@ -209,8 +212,9 @@ def bench_breakdown(args) -> list[dict]:
     from dmem_mlx.delta_mem import DeltaMemory
     from mlx_lm.models.cache import make_prompt_cache
 
-    plain, dmem = build_pair("tiny", args.seed)
-    layers = SHAPES["tiny"]["num_hidden_layers"]
+    shape = args.breakdown_shape
+    plain, dmem = build_pair(shape, args.seed)
+    layers = SHAPES[shape]["num_hidden_layers"]
     rank = DELTA_CONFIG["rank"]
     shipped = (model_module.step, DeltaMemory.correct)
     zero_reads = mx.zeros((1, 1, rank))
@@ -223,7 +227,7 @@ def bench_breakdown(args) -> list[dict]:
 
     variants = {"δ-mem": shipped, "no memory step": (no_step, shipped[1]),
                 "wrapper only": (no_step, no_correction)}
-    prompt = mx.random.randint(0, SHAPES["tiny"]["vocab_size"], (1, args.prompt_tokens),
+    prompt = mx.random.randint(0, SHAPES[shape]["vocab_size"], (1, args.prompt_tokens),
                                key=mx.random.key(args.seed))
 
     def start(model):
@@ -262,14 +266,14 @@ def bench_breakdown(args) -> list[dict]:
         model_module.step, DeltaMemory.correct = shipped
     per_layer = 1e6 / layers
     plain_times = times["plain"]
-    results = [{"variant": "plain mlx-lm", "build_us": statistics.median(
+    results = [{"shape": shape, "variant": "plain mlx-lm", "build_us": statistics.median(
         b for b, _ in plain_times) * per_layer, "eval_us": statistics.median(
         e for _, e in plain_times) * per_layer, "total_us": statistics.median(
         b + e for b, e in plain_times) * per_layer, "ratio": 1.0}]
     for name in variants:
         pairs = list(zip(times[name], plain_times))
         results.append({
-            "variant": name,
+            "shape": shape, "variant": name,
             "build_us": statistics.median(d[0] - p[0] for d, p in pairs) * per_layer,
             "eval_us": statistics.median(d[1] - p[1] for d, p in pairs) * per_layer,
             "total_us": statistics.median(sum(d) - sum(p) for d, p in pairs) * per_layer,
@@ -419,8 +423,9 @@ def print_tables(result: dict) -> None:
             ("heads", 5, "heads", ""), ("tokens", 6, "tokens", ""), ("loop ms", 10, "loop_ms", ".1f"),
             ("fast ms", 9, "fast_ms", ".2f"), ("speedup", 8, "speedup", "")])
     if "breakdown" in result:
-        _table("Decode time per layer and token, tiny backbone (plain: absolute; δ-mem variants: "
-               "added to plain; median of per-token differences)", result["breakdown"], [
+        _table(f"Decode time per layer and token, {result['breakdown'][0]['shape']} backbone "
+               "(plain: absolute; δ-mem variants: added to plain; median of per-token differences)",
+               result["breakdown"], [
             ("variant", 16, "variant", ""), ("build µs", 9, "build_us", ".1f"),
             ("eval µs", 8, "eval_us", ".1f"), ("total µs", 9, "total_us", ".1f"),
             ("ratio", 6, "ratio", ".3f")])
@@ -459,7 +464,7 @@ def main(argv=None) -> int:
         print(f"error: unknown section(s) {bad}; choose from {','.join(SECTIONS)}", file=sys.stderr)
         return 2
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    if bad := [s for s in shapes + [args.prefill_shape] if s not in SHAPES]:
+    if bad := [s for s in shapes + [args.prefill_shape, args.breakdown_shape] if s not in SHAPES]:
         print(f"error: unknown shape(s) {bad}; choose from {','.join(SHAPES)}", file=sys.stderr)
         return 2
     if not args.default_cache_limit:
