@@ -765,7 +765,15 @@ class DmemChatApp(App[int]):
             self.action_toggle_panel()
 
     def action_interrupt(self) -> None:
-        """Ctrl+C: stop a streaming reply; otherwise copy a selection, or say how to quit."""
+        """Ctrl+C: stop a streaming reply; otherwise copy a selection, or say how to quit.
+        A priority key, it comes ahead of keys typed before it that the input still holds (an
+        Enter among them starts a reply): it is decided after them, in their order."""
+        if self.replying:
+            self._stop.set()
+            return
+        self.chat_input.call_later(self.call_later, self.interrupt_after_typed_keys)
+
+    def interrupt_after_typed_keys(self) -> None:
         if self.replying:
             self._stop.set()
             return

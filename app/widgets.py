@@ -226,7 +226,9 @@ class ChatInput(TextArea):
         text = self.text
         if text.strip():
             self.clear()  # what is typed next starts afresh; the app gives back what it refuses
-            self.post_message(self.Submitted(self, text))
+            # straight to the app, ahead of keys typed after Enter: those still wait in this
+            # input's queue, and an Escape among them must find the reply started
+            self.app.post_message(self.Submitted(self, text))
 
     def new_line(self, start: tuple[int, int], end: tuple[int, int]) -> None:
         """Replace `start`…`end` by a line break; the cursor's new line is scrolled into view

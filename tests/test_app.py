@@ -1030,3 +1030,23 @@ async def test_every_key_of_the_footer_fits_in_80_columns(tiny_model, tmp_path):
         assert [k.key_display for k in keys] == ["^q", "esc", "^b", "^n", "^r", "f1", "^p"]
         assert_apart(*keys)
         assert all(k.region.right <= 80 for k in keys)
+
+
+@pytest.mark.parametrize("stop_key", ["escape", "ctrl+c"])
+async def test_a_stop_typed_right_after_enter_stops_that_reply(tiny_model, tmp_path, stop_key):
+    """Enter then Escape (or Ctrl+C) in one burst — typed ahead, or while the UI was busy: the
+    stop is for the reply that Enter starts, not lost because the message was on its way."""
+    from textual import events
+
+    app = make_app(tiny_model, None, sampling=Sampling(max_tokens=5000),
+                   open_session=wrapped_session(tiny_model, tmp_path / "m", ban_eos=True))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        app.query_one(ChatInput).focus()
+        app.query_one(ChatInput).text = "oops, not this"
+        app.post_message(events.Key("enter", "\r"))
+        app.post_message(events.Key(stop_key, {"escape": "\x1b", "ctrl+c": "\x03"}[stop_key]))
+        await wait_until(pilot, lambda: app.replies_finished == 1)
+        stats = app.session.last_reply
+        assert stats.stopped or stats.taken_back
+        assert stats.tokens < 5000
