@@ -725,6 +725,9 @@ class DmemChatApp(App[int]):
         source = Path(path).expanduser()
         if not source.is_file():
             raise CommandError(f"{source}: no such file")
+        # a file that is damaged, not a memory or another model's is refused before the
+        # question, not after the user has agreed to lose the current memory for it
+        await self.on_engine(self.live.check_import, source)
         await self.replace_memory(f"Replace the current memory by {source}? (take a /snapshot "
                                   "first to keep it)", "Import", f"imported {source}",
                                   self.live.import_, source)

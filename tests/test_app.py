@@ -277,6 +277,37 @@ async def test_commands(tiny_model, tmp_path):
     assert app.return_code == 0
 
 
+async def test_import_refuses_a_bad_file_before_asking(tiny_model, tmp_path):
+    """/import of a damaged file or a non-memory says why at once: no dialog offering to
+    replace the current memory with it first (found in the s6 tmux walk-through)."""
+    memory = tmp_path / "chat.memory"
+    app = make_app(tiny_model, memory)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "I like tea.")
+        export = tmp_path / "exported.memory"
+        await send(pilot, f"/export-memory {export}")
+        damaged = tmp_path / "damaged.memory"
+        data = bytearray(export.read_bytes())
+        data[-40:-36] = b"XXXX"
+        damaged.write_bytes(bytes(data))
+        notes_file = tmp_path / "notes.txt"
+        notes_file.write_text("not a memory\n" * 10)
+        before = memory.read_bytes()
+        for path in (damaged, notes_file):
+            app.query_one(ChatInput).text = f"/import {path}"
+            failures = len(notices(app, "error"))
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen)
+                             or len(notices(app, "error")) > failures)
+            assert not isinstance(app.screen, ConfirmScreen)
+            assert notices(app, "error")[-1].title == "/import failed"
+            assert str(path) in notices(app, "error")[-1].message
+        assert memory.read_bytes() == before
+        await open_dialog(pilot, f"/import {export}")  # a good file still asks first
+        await pilot.press("escape")
+
+
 async def test_palette_runs_commands(tiny_model, tmp_path):
     app = make_app(tiny_model, tmp_path / "chat.memory")
     async with app.run_test(size=SIZE) as pilot:

@@ -449,6 +449,10 @@ class ChatSession:
             raise MemoryFileError(f"{path}: cannot write ({exc.strerror or exc})") from None
         return path
 
+    def check_import(self, path: PathLike) -> None:
+        """Raise MemoryFileError unless `path` is a memory file import_ would take."""
+        read_memory(Path(path).expanduser(), self.fingerprint)
+
     def import_(self, path: PathLike) -> None:
         """Replace the memory with an exported memory file (validated, same model), then save."""
         self._check_idle()
