@@ -60,9 +60,9 @@ class AssistantMessage(Markdown):
 
 def reply_footer(tokens: int, tokens_per_sec: Optional[float] = None, *marks: str) -> str:
     """The line under a reply: "12 tokens · 67.4 tok/s · stopped"; the speed is known for a
-    reply made in this run only."""
+    reply made in this run only, and not for an empty one (the model ended at once)."""
     parts = [f"{tokens:,} token" + ("" if tokens == 1 else "s")]
-    if tokens_per_sec is not None:
+    if tokens_per_sec is not None and tokens:
         parts.append(f"{tokens_per_sec:.1f} tok/s")
     return " · ".join([*parts, *marks])
 

@@ -985,7 +985,7 @@ async def test_replies_shown_again_keep_a_footer_like_live_ones(tiny_model, tmp_
         await send(pilot, "ok")  # an empty reply
         live = footers(app)
         assert live[0].startswith(f"{first} tokens · ") and live[0].endswith(" tok/s")
-        assert live[1].startswith("0 tokens · ")
+        assert live[1] == "0 tokens"  # an empty reply has no speed
         assert app.query(AssistantMessage)[1].source == "*(empty reply)*"
         await send(pilot, "i live in paris")
         await send(pilot, "/undo")  # the turns that stay keep their footers
@@ -1081,3 +1081,11 @@ async def test_a_stop_typed_right_after_enter_stops_that_reply(tiny_model, tmp_p
         stats = app.session.last_reply
         assert stats.stopped or stats.taken_back
         assert stats.tokens < 5000
+
+
+def test_an_empty_reply_gives_no_speed():
+    from app.widgets import reply_footer
+
+    assert reply_footer(0, 0.0) == "0 tokens"  # not "0 tokens · 0.0 tok/s"
+    assert reply_footer(0, 0.0, "read-only") == "0 tokens · read-only"
+    assert reply_footer(1, 61.04, "stopped") == "1 token · 61.0 tok/s · stopped"
