@@ -150,7 +150,9 @@ def check_memory_contents(path: Path, model_path: Path) -> None:
 
     expected = fingerprint_from_files(model_path)
     if expected is not None and (why := fingerprint_mismatch(data.fingerprint, expected)):
-        raise MemoryFileError(f"{path}: refused: {why}")
+        # e.g. the bundled demo model replaced by an upgrade: say the way on, keep the file
+        raise MemoryFileError(f"{path}: refused: {why}; the file is left as it is: chat on "
+                              "another memory with --memory NAME, or move this one away")
 
 
 def open_memory(path: Path | str, read_only: bool = False) -> "MemoryFile":

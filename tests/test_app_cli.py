@@ -167,7 +167,8 @@ def test_memory_of_another_model_is_refused_before_the_ui(tiny_model, tmp_path, 
     other = make_tiny_dmem(tmp_path / "other", seed=7)
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(["--model", str(other), "--memory", str(path)]) == 1
-    assert "another model" in one_line_error(capsys.readouterr())
+    error = one_line_error(capsys.readouterr())
+    assert "another model" in error and "--memory NAME" in error  # the way on is said
     assert no_ui.started == 0 and sorted(p.name for p in tmp_path.iterdir()) == before
     assert main(["--model", str(tiny_model), "--memory", str(path)]) == 0  # its own model
     assert no_ui.started == 1
