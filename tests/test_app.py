@@ -1083,7 +1083,7 @@ async def test_a_stop_typed_right_after_enter_stops_that_reply(tiny_model, tmp_p
         assert stats.tokens < 5000
 
 
-def test_an_empty_reply_gives_no_speed():
+async def test_an_empty_reply_gives_no_speed():
     from app.widgets import reply_footer
 
     assert reply_footer(0, 0.0) == "0 tokens"  # not "0 tokens · 0.0 tok/s"

@@ -1,16 +1,10 @@
 """benchmarks/bench_speed.py's command line (its figures are measured, never asserted here)."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from repo_scripts import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "benchmarks" / "bench_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_speed.py")
 
 
 def test_breakdown_shape_is_an_option_and_an_unknown_one_is_refused_in_one_line(capsys):

@@ -1,6 +1,5 @@
 """The memory file: round trip, session persistence, lock, crash safety, refusal of bad files."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from dmem_mlx.runtime import (ChatSession, MemoryData, MemoryFile, MemoryFileErr
                               MemoryLockedError, default_memory_path, read_memory)
 from dmem_mlx.runtime.memory_file import FORMAT_NAME, FORMAT_VERSION, _checksum, encode
 from dmem_mlx.tiny import make_tiny_dmem
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "You are a helpful assistant."
@@ -298,10 +298,7 @@ def test_a_lock_file_stays_only_next_to_a_memory_written_here(tmp_path):
 
 
 def test_crash_during_saves_always_leaves_a_loadable_version(tmp_path):
-    spec = importlib.util.spec_from_file_location("crash_saves", ROOT / "benchmarks" /
-                                                  "crash_saves.py")  # a script, not a module
-    crash = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(crash)
+    crash = load_script("benchmarks/crash_saves.py")
     # rounds of 10 kills until 3 have landed inside a write (how many do depends on the
     # machine's speed; each round must survive every kill whatever it hits)
     mid_write = 0

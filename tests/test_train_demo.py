@@ -1,21 +1,18 @@
 """The demo's domain, its tokenizer conversion, and the shipped demo model (never retrained)."""
 
-import importlib.util
 import random
 from pathlib import Path
 
 import pytest
 
 from dmem_mlx.demo import DEMO_DIR, persona
+from repo_scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_demo_module():
-    spec = importlib.util.spec_from_file_location("build_demo", ROOT / "tools" / "build_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/build_demo.py")
 
 
 def test_fact_values_are_disjoint_single_words():
