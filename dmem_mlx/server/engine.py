@@ -196,10 +196,12 @@ class Batch:
 
 def trim_capacity(cache: Any) -> None:
     """Drop the spare room after the filled part of a BatchKVCache's buffers (mlx-lm grows
-    them 256 positions at a time); the next token that needs room grows them again."""
+    them 256 positions at a time); the next token that needs room grows them again. A cache
+    without mlx-lm's fill mark (`_idx`, not public API) is left as it is: only slower."""
     kv = getattr(cache, "kv", cache)
-    if getattr(kv, "keys", None) is not None and kv.keys.shape[2] > kv._idx:
-        kv.keys, kv.values = kv.keys[..., :kv._idx, :], kv.values[..., :kv._idx, :]
+    filled = getattr(kv, "_idx", None)
+    if getattr(kv, "keys", None) is not None and filled is not None and kv.keys.shape[2] > filled:
+        kv.keys, kv.values = kv.keys[..., :filled, :], kv.values[..., :filled, :]
 
 
 def prefill(model: Any, caches: list[list[Any]], prompts: list[list[int]]) -> tuple:
