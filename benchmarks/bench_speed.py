@@ -7,8 +7,9 @@ Sections (all by default):
   scan     the state scan alone: the dispatcher's fast path vs the per-token reference loop;
   memory   bytes of δ state vs bytes of KV cache holding the same history;
   breakdown (only when named) where δ-mem's decode time goes (tiny backbone unless
-           --breakdown-shape): per layer and token, graph building (Python) and evaluation, for δ-mem, δ-mem with its memory step
-           replaced by one doing nothing, and the attention wrapper alone.
+           --breakdown-shape): per layer and token, graph building (Python) and evaluation,
+           for δ-mem, δ-mem with its memory step replaced by one doing nothing, and the
+           attention wrapper alone.
 
 Both models share one set of random backbone weights (`dmem_mlx.tiny.build_model`); the δ model
 carries a random adapter (TSW, rank 8, heads q and o, like the release). Repetitions alternate
