@@ -166,14 +166,16 @@ class DmemChatApp(App[int]):
                  sampling: Optional[Sampling] = None, system: Optional[str] = None,
                  max_kv_tokens: Optional[int] = None, read_only: bool = False,
                  startup_hint: Optional[str] = None, model_name: Optional[str] = None,
-                 blas: str = "", signals_received: Optional[list[int]] = None) -> None:
+                 blas: str = "", signals_received: Optional[list[int]] = None,
+                 memory_note: Optional[str] = None) -> None:
         """model_path: a converted model directory. memory: an open `MemoryFile`, a path to open
         (a lock held elsewhere is then reported in the app), or None for no file.
         open_session: replaces the loading step (a callable returning a ChatSession).
         startup_hint: a warning shown once the model is loaded (e.g. the OpenBLAS hint).
         model_name: shown in the header (default: the directory's name). blas: the BLAS in use,
         shown in the panel. signals_received: QUIT_SIGNALS that came before the app ran (it
-        quits at once for one of them)."""
+        quits at once for one of them). memory_note: a line shown above the first words on a
+        new memory (e.g. that an earlier demo model's memory is kept elsewhere)."""
         super().__init__()
         self.model_path = Path(model_path)
         self.model_name = model_name or self.model_path.name
@@ -183,6 +185,7 @@ class DmemChatApp(App[int]):
         self.max_kv_tokens = max_kv_tokens
         self.start_read_only = read_only
         self.startup_hint = startup_hint
+        self.memory_note = memory_note
         self.blas = blas
         self._open_session = open_session or self._load_session
         self.session: Optional["ChatSession"] = None
@@ -349,6 +352,8 @@ class DmemChatApp(App[int]):
                                 f"{plural(info.turns, 'turn')} — {where}\nThe last conversation "
                                 "goes on; Ctrl+N starts a new one with only the memory.")
         else:
+            if self.memory_note:
+                await self.add_note(self.memory_note, "yellow")
             await self.add_note(f"new memory — {where}. {self.greeting()}")
         if info.read_only:
             await self.add_note("read-only: nothing you say now is written or saved", "yellow")

@@ -80,6 +80,16 @@ def default_model() -> tuple[Path, str]:
                          "(a converted δ-mem model directory or hub repo)") from None
 
 
+def demo_default_memory(default: Path, model_path: Path) -> tuple[Path, Optional[str]]:
+    """The demo's default memory — its version's own (`default`), or its memory under an
+    earlier name — and, when it is new while an earlier demo model's is kept, the line that says
+    so (dmem_mlx.demo.memory). Nothing is moved or written."""
+    from dmem_mlx.demo.memory import default_demo_memory, upgrade_notice
+
+    memory = default_demo_memory(default, model_path)
+    return memory.path, upgrade_notice(memory)
+
+
 def resolve_model(name: str) -> Path:
     """A local converted model directory; a hub repo id ("org/name") is downloaded first."""
     from dmem_mlx.config import CONFIG_NAME
@@ -150,7 +160,7 @@ def check_memory_contents(path: Path, model_path: Path) -> None:
 
     expected = fingerprint_from_files(model_path)
     if expected is not None and (why := fingerprint_mismatch(data.fingerprint, expected)):
-        # e.g. the bundled demo model replaced by an upgrade: say the way on, keep the file
+        # e.g. an earlier demo model's memory named with --memory: say the way on, keep the file
         raise MemoryFileError(f"{path}: refused: {why}; the file is left as it is: chat on "
                               "another memory with --memory NAME, or move this one away")
 
@@ -266,7 +276,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not local:  # a hub repo id: resolving it imports mlx-lm (and may download)
             check_terminal()
             model_path, model_id = resolve_model(args.model), args.model
-        memory_path = memory_location(args.memory, model_id)
+        memory_note = None
+        if args.model is None:  # the demo: a default memory per demo version
+            from dmem_mlx.demo import DEMO_MEMORY
+
+            memory_path = memory_location(args.memory, DEMO_MEMORY)
+            if args.memory is None:
+                memory_path, memory_note = demo_default_memory(memory_path, model_path)
+        else:
+            memory_path = memory_location(args.memory, model_id)
         check_memory_path(memory_path)
         check_memory_contents(memory_path, model_path)
         check_terminal()  # last of the refusals: a bad path or file is named first
@@ -281,6 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               startup_hint=openblas_hint(),
                               model_name=Path(model_id).name or model_id,
                               blas=blas_description(), signals_received=received,
+                              memory_note=memory_note,
                               sampling=Sampling(max_tokens=args.max_tokens, temp=args.temp,
                                                 top_p=args.top_p, seed=args.seed))
             app.run()  # the app releases the memory when it closes

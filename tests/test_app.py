@@ -159,6 +159,47 @@ async def test_new_memory_greeting_names_what_the_demo_remembers(tiny_model, tmp
             assert "new memory" in notes(app) and expected in notes(app)
 
 
+async def test_after_a_demo_upgrade_a_new_memory_says_once_where_the_earlier_one_is(
+        tiny_model, tmp_path):
+    """The model (here the tiny one in the demo's place) cannot read the memory an earlier
+    build wrote: dmem-chat starts on its version's own memory, says where the earlier one is
+    kept, and leaves that file byte for byte as it was — also after a session and a restart."""
+    from demo_memories import write_memory
+
+    from app.main import demo_default_memory
+
+    default = tmp_path / "dmem-demo-v4.safetensors"
+    assert demo_default_memory(default, tiny_model) == (default, None)  # nothing earlier
+    app = make_app(tiny_model, default, model_name="dmem-demo")
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        assert "new memory" in notes(app) and "cannot read" not in notes(app)
+        await pilot.press("ctrl+q")
+    earlier = tmp_path / "dmem-demo.safetensors"
+    kept = write_memory(earlier, tiny_model, adapter_sha256="e" * 64)
+    path, note = demo_default_memory(default, tiny_model)
+    assert path == default and note is not None
+    app = make_app(tiny_model, path, model_name="dmem-demo", memory_note=note)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        shown = notes(app)
+        assert "The demo model is new" in shown and f"untouched at {earlier}" in shown
+        assert shown.index("cannot read") < shown.index("new memory")  # then the greeting
+        assert "your pet and its name" in shown
+        await send(pilot, "My name is Ada.")
+        assert app.last_info.turns == 1
+        await pilot.press("ctrl+q")
+    assert earlier.read_bytes() == kept and default.exists()
+    path, note = demo_default_memory(default, tiny_model)  # the next start: said once
+    assert (path, note) == (default, None)
+    app = make_app(tiny_model, path, model_name="dmem-demo", memory_note=note)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        assert "memory loaded" in notes(app) and "cannot read" not in notes(app)
+        await pilot.press("ctrl+q")
+    assert earlier.read_bytes() == kept
+
+
 async def test_memory_survives_a_restart(tiny_model, tmp_path):
     memory = tmp_path / "chat.memory"
     app = make_app(tiny_model, memory)

@@ -77,14 +77,16 @@ def data_home(tmp_path, monkeypatch):
 
 
 def test_memory_names_live_in_the_data_directory(tmp_path, data_home, monkeypatch):
+    from dmem_mlx.demo import DEMO_MEMORY, DEMO_VERSION
     from dmem_mlx.runtime import default_memory_path
 
     from app.main import memory_directory, memory_location
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "work").mkdir()  # a directory of that name here changes nothing
-    default = default_memory_path("dmem-demo")
-    assert memory_location(None, "dmem-demo") == default
+    default = default_memory_path(DEMO_MEMORY)
+    assert memory_location(None, DEMO_MEMORY) == default
+    assert default.name == f"dmem-demo-v{DEMO_VERSION}.safetensors"  # one per demo version
     assert default.parent == memory_directory() == data_home / "dmem-mlx" / "memories"
     assert memory_location("work", "dmem-demo") == memory_directory() / "work.safetensors"
     assert memory_location("notes.txt", "dmem-demo") == memory_directory() / \
@@ -98,9 +100,11 @@ class NoUI:
     """Stands in for the app's run(): records that the UI would have started."""
 
     started = 0
+    app = None  # the last app that would have run
 
     def __call__(self, app):
         NoUI.started += 1
+        NoUI.app = app
 
 
 @pytest.fixture
@@ -172,6 +176,51 @@ def test_memory_of_another_model_is_refused_before_the_ui(tiny_model, tmp_path, 
     assert no_ui.started == 0 and sorted(p.name for p in tmp_path.iterdir()) == before
     assert main(["--model", str(tiny_model), "--memory", str(path)]) == 0  # its own model
     assert no_ui.started == 1
+
+
+def test_the_demo_starts_on_its_versions_own_memory(data_home, no_ui):
+    from dmem_mlx.demo import DEMO_VERSION
+
+    assert main([]) == 0 and no_ui.started == 1
+    app = no_ui.app
+    app.memory.close()
+    memories = data_home / "dmem-mlx" / "memories"
+    assert app.memory.path == memories / f"dmem-demo-v{DEMO_VERSION}.safetensors"
+    assert app.memory_note is None and app.model_name == "dmem-demo"
+
+
+def test_after_a_demo_upgrade_the_demo_starts_on_a_new_memory_and_names_the_kept_one(
+        data_home, no_ui):
+    """The memory of an earlier demo model (the unversioned name of those before v4's tag) is
+    not refused at start: a new memory, and a line that says where the earlier one is kept."""
+    from demo_memories import write_memory
+    from dmem_mlx.demo import DEMO_DIR, DEMO_VERSION
+
+    memories = data_home / "dmem-mlx" / "memories"
+    earlier = memories / "dmem-demo.safetensors"
+    kept = write_memory(earlier, DEMO_DIR, adapter_sha256="e" * 64)
+    assert main([]) == 0 and no_ui.started == 1
+    app = no_ui.app
+    app.memory.close()
+    assert app.memory.path == memories / f"dmem-demo-v{DEMO_VERSION}.safetensors"
+    assert app.memory.data is None  # new
+    assert f"untouched at {earlier}" in app.memory_note and "cannot read" in app.memory_note
+    assert earlier.read_bytes() == kept
+    assert sorted(p.name for p in memories.iterdir()) == ["dmem-demo.safetensors"]
+
+
+def test_an_earlier_demo_memory_named_explicitly_is_still_refused(data_home, capsys, no_ui):
+    from demo_memories import write_memory
+    from dmem_mlx.demo import DEMO_DIR
+
+    earlier = data_home / "dmem-mlx" / "memories" / "dmem-demo.safetensors"
+    kept = write_memory(earlier, DEMO_DIR, adapter_sha256="e" * 64)
+    for memory in ("dmem-demo", str(earlier)):
+        assert main(["--memory", memory]) == 1
+        error = one_line_error(capsys.readouterr())
+        assert "another model" in error and "left as it is" in error
+    assert no_ui.started == 0 and earlier.read_bytes() == kept
+    assert sorted(p.name for p in earlier.parent.iterdir()) == ["dmem-demo.safetensors"]
 
 
 def test_fingerprint_from_files_matches_the_loaded_model(tiny_model, tmp_path):

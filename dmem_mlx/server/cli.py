@@ -72,23 +72,37 @@ def resolve(args: argparse.Namespace) -> tuple[Path, str, Path]:
     from ..runtime import default_memory_path
 
     if args.model:
-        model_id = args.model
+        model_id = memory_id = args.model
         path = resolve_model_path(args.model, extra_patterns=["delta_mem_config.json",
                                                               "delta_mem.safetensors"])
-    else:
-        from ..demo import DEMO_NAME, demo_model_path
+    else:  # the demo is served as `dmem-demo`; its memories are per demo version
+        from ..demo import DEMO_MEMORY, DEMO_NAME, demo_model_path
 
-        path, model_id = demo_model_path(), DEMO_NAME
+        path, model_id, memory_id = demo_model_path(), DEMO_NAME, DEMO_MEMORY
     if not (Path(path) / "config.json").is_file() or not is_adapter_dir(Path(path)):
         raise UsageError(f"{path} is not a converted δ-mem model directory")
     if args.memories:
         memories = Path(args.memories).expanduser()
     else:  # next to dmem-chat's memory of this model: <data>/memories/<model>/<id>.safetensors
-        default = default_memory_path(model_id)
+        default = default_memory_path(memory_id)
         memories = default.with_name(default.name[:-len(".safetensors")])
+        if not args.model:
+            memories = demo_memories(memories, Path(path))
     if memories.exists() and not memories.is_dir():
         raise UsageError(f"--memories {memories}: not a directory")
     return Path(path), Path(model_id).name or model_id, memories
+
+
+def demo_memories(default: Path, model_path: Path) -> Path:
+    """The demo's memories directory — its version's own (`default`), or its directory under
+    an earlier name — logging once, when it is new while an earlier demo model's memories are
+    kept, where they are (dmem_mlx.demo.memory). Nothing is moved or written."""
+    from ..demo.memory import default_demo_memory, upgrade_notice
+
+    memory = default_demo_memory(default, model_path)
+    if notice := upgrade_notice(memory, plural=True):
+        logging.warning("%s; new memories go to %s", notice, memory.path)
+    return memory.path
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
