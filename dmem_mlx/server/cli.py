@@ -101,7 +101,7 @@ def demo_memories(default: Path, model_path: Path) -> Path:
 
     memory = default_demo_memory(default, model_path)
     if notice := upgrade_notice(memory, plural=True):
-        logging.warning("%s; new memories go to %s", notice, memory.path)
+        logging.warning("%s; new memories go to %s", notice[0].lower() + notice[1:], memory.path)
     return memory.path
 
 
