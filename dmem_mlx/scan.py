@@ -5,7 +5,8 @@ see tests/test_scan.py.
 - reference: the per-token loop of delta_mem.py as written (the oracle), never compiled;
 - chunked: the portable path. One token (decode) runs `delta_mem.decode_step` compiled by
   `mx.compile` (when this machine can compile); a few tokens run the per-token loop; longer
-  calls the chunked WY scan of chunked_scan.py;
+  calls the chunked WY scan of chunked_scan.py (a call's last few tokens past a whole number
+  of chunks by the loop; see `token_scan`);
 - metal: the Metal kernels of kernels/metal.py: the scan for a call's tokens (with the chunked
   scan's gradient), and for a decode token the whole δ part of the layer — projection, step,
   corrections — in one dispatch (`layer_step`, called by model.py);
@@ -36,6 +37,7 @@ ENVIRONMENT = "DMEM_BACKEND"
 # Up to this many tokens the per-token loop beats the chunked scan's fixed cost (measured on
 # the CPU backend: ~0.3 ms for a chunk vs ~0.07 ms per step).
 MAX_STEPS = 4
+HALF_CHUNK = DEFAULT_CHUNK // 2
 
 
 def default_backend() -> str:
@@ -105,9 +107,9 @@ def token_scan(
 ) -> tuple[mx.array, mx.array]:
     """`DeltaMemory.project` then `scan` for a call that writes every token (T > 1).
 
-    On the chunked path with `mx.compile` available, projection and chunked scan run as one
-    compiled function, the tokens padded to a multiple of the chunk (padding is the identity
-    map and reads 0, so results are unchanged) to bound the shapes it is traced for.
+    On the chunked path with `mx.compile` available, projection and scan run as one compiled
+    function (traced once per shape) of the tokens padded as `token_padding` says (padding is
+    the identity map and reads 0, so results are unchanged); `_plan` splits them into chunks.
     h: [B, T, D]; valid: [B, T] or None. Returns (reads [B, T, R], final state [B, H, r, r]).
     """
     w = memory.fused_weights() if weights is None else weights
@@ -115,7 +117,7 @@ def token_scan(
     if resolve(backend) != "chunked" or not can_compile():
         reads, new_state = scan(state, memory.project(h, w), valid, backend)
         return reads.reshape(B, T, -1), new_state
-    pad = -T % DEFAULT_CHUNK
+    pad = token_padding(T)
     if pad:
         valid = (_real_tokens(B, T, pad) if valid is None
                  else mx.pad(valid.astype(mx.float32), [(0, 0), (0, pad)]))
@@ -134,12 +136,52 @@ def _real_tokens(batch: int, tokens: int, pad: int) -> mx.array:
                     .astype(np.float32))
 
 
+def token_padding(tokens: int) -> int:
+    """Identity tokens added to a call of `tokens` before `token_scan`'s compiled function: none
+    when `_plan` needs none (a few tokens, or a few past a multiple of DEFAULT_CHUNK), else up
+    to a multiple of HALF_CHUNK. So the shapes traced stay few, and a call just past a chunk
+    boundary (17 tokens) is not padded to two whole chunks (32)."""
+    if tokens <= MAX_STEPS or tokens % DEFAULT_CHUNK <= MAX_STEPS:
+        return 0
+    return -tokens % HALF_CHUNK
+
+
+def _plan(tokens: int) -> tuple[int, int, int]:
+    """(chunked tokens, chunk size, tokens after them run by the per-token loop) for a call of
+    `tokens` padded by `token_padding`: a few tokens by the loop alone; a multiple of the chunk
+    in chunks; a few past one, the chunks and then the loop (17 tokens: 16 + 1 step, not a
+    second chunk of 15 padding steps); an odd multiple of HALF_CHUNK in chunks of that size
+    (21 → 24: three of 8, not two of 16; a chunk's cost grows faster than its length)."""
+    if tokens <= MAX_STEPS:
+        return 0, DEFAULT_CHUNK, tokens
+    tail = tokens % DEFAULT_CHUNK
+    if tail <= MAX_STEPS:
+        return tokens - tail, DEFAULT_CHUNK, tail
+    return tokens, HALF_CHUNK, 0
+
+
+def planned_scan(state: mx.array, inputs: MemoryInputs, valid: Optional[mx.array] = None
+                 ) -> tuple[mx.array, mx.array]:
+    """`scan_reference`'s result by `_plan`: chunked scan, then the per-token loop for the rest.
+    Shapes as `scan`."""
+    chunked, chunk, _ = _plan(inputs.q.shape[1])
+    if not chunked:
+        return scan_reference(state, inputs, valid)
+    head = MemoryInputs(*(x[:, :chunked] for x in inputs))
+    reads, state = chunked_scan(state, head, None if valid is None else valid[:, :chunked], chunk)
+    if chunked == inputs.q.shape[1]:
+        return reads, state
+    rest = MemoryInputs(*(x[:, chunked:] for x in inputs))
+    more, state = scan_reference(state, rest, None if valid is None else valid[:, chunked:])
+    return mx.concatenate([reads, more], axis=1), state
+
+
 @lru_cache(maxsize=64)
 def _compiled_token_scan(config: DeltaMemConfig, masked: bool, thread: int) -> Callable:
     """Per thread: MLX streams belong to a thread, and a compiled graph to the stream it was
     traced on."""
     def fn(h, state, w_in, gate_bias, valid=None):
-        reads, new_state = chunked_scan(state, project(config, h, w_in, gate_bias), valid)
+        reads, new_state = planned_scan(state, project(config, h, w_in, gate_bias), valid)
         return reads.reshape(*reads.shape[:2], -1), new_state
 
     return mx.compile(fn)

@@ -180,6 +180,43 @@ def test_dispatcher_matches_reference(T, backend):
         assert_close(new_state, want_state, 2e-6)
 
 
+# Lengths around the chunk boundaries, where `token_scan` switches between the per-token loop,
+# chunks of 16, chunks of 8 and chunks followed by a few steps of the loop.
+BOUNDARY_LENGTHS = [2, 4, 5, 7, 8, 9, 12, 15, 16, 17, 20, 21, 24, 25, 31, 32, 33, 36, 37, 40, 48,
+                    63, 64, 65]
+
+
+@pytest.mark.parametrize("T", BOUNDARY_LENGTHS)
+def test_token_scan_matches_reference_around_chunk_boundaries(T):
+    """The compiled prefill path (projection + planned scan, tokens padded by token_padding)
+    against the reference: the projection, then the per-token loop of delta_mem.py."""
+    if not scan_module.can_compile():
+        pytest.skip("mx.compile cannot run here: token_scan takes the uncompiled path")
+    for cfg in (CONFIGS[0], mode_config(MODES[4], num_state_heads=4),
+                mode_config(MODES[3], num_state_heads=2)):
+        memory = random_memory(cfg, seed=T)
+        rng = np.random.default_rng(T)
+        h = mx.array(rng.normal(size=(3, T, 64)).astype(np.float32))
+        state = mx.array(rng.normal(size=(3, cfg.num_state_heads, 8, 8)).astype(np.float32) * 0.3)
+        for valid in (None, holes(3, T, seed=T).astype(mx.float32)):
+            want_reads, want_state = scan_reference(state, memory.project(h), valid)
+            reads, new_state = scan_module.token_scan(memory, h, state, valid, "chunked")
+            assert reads.shape == (3, T, cfg.state_dim)
+            assert_close(reads, want_reads.reshape(3, T, -1), 1e-5)
+            assert_close(new_state, want_state, 1e-5)
+
+
+def test_token_scan_plan_covers_every_token():
+    """Every length is split into chunks and steps that add up to it once padded, padding stays
+    under half a chunk, and no padded length needs a second chunk for a few tokens."""
+    for T in range(1, 200):
+        pad = scan_module.token_padding(T)
+        chunked, chunk, steps = scan_module._plan(T + pad)
+        assert chunked + steps == T + pad and chunked % chunk == 0
+        assert pad < scan_module.HALF_CHUNK and steps <= scan_module.MAX_STEPS
+        assert chunk in (scan_module.HALF_CHUNK, scan_module.DEFAULT_CHUNK)
+
+
 def test_dispatcher_handles_an_empty_call():
     inputs = MemoryInputs(*(mx.zeros((2, 0, 1, 8)) for _ in range(6)))
     state = mx.ones((2, 1, 8, 8))
