@@ -672,6 +672,64 @@ def test_requests_starting_together_share_a_prefill_and_one_alone_uses_its_own(
             np.testing.assert_allclose(data.states[i], state, atol=1e-5)
 
 
+def test_held_arrivals_share_the_next_prefill(tiny, tmp_path, monkeypatch):
+    """With hold_arrivals, a request arriving while others decode waits one decode step and is
+    prefilled with what arrived meanwhile (one call for both); a request arriving with nothing
+    decoding starts at once. Replies and memories are still each user's alone. (The worker's
+    rounds are run here by hand, so what arrives when is exact.)"""
+    model, tokenizer = tiny
+    from dmem_mlx.server import engine as engine_module
+    from dmem_mlx.server.store import MemoryStore
+
+    calls = []
+    real = engine_module.prefill
+    monkeypatch.setattr(engine_module, "prefill",
+                        lambda m, caches, prompts: calls.append(len(prompts)) or
+                        real(m, caches, prompts))
+    store = MemoryStore(tmp_path, {}, lambda m: ChatSession(model, tokenizer, memory=m))
+    engine = Engine(model, tokenizer, store, max_concurrent=4, hold_arrivals=True)
+    texts = {"a": "Hello, my name is Ada.", "b": "I live in Paris.", "c": "Who am I?"}
+    events = {user: [] for user in texts}
+
+    def submit(user):
+        engine.submit(ChatJob(ChatRequest([], texts[user], "tiny", user, max_tokens=8),
+                              lambda kind, value: events[user].append((kind, value))))
+
+    def round_(step=True):
+        engine._round(block=False)
+        engine._start_ready()
+        if step and engine._batch.rows:
+            engine._step()
+
+    try:
+        submit("a")
+        round_(step=False)
+        assert len(engine._batch) == 1 and calls == []  # nothing decoding: started at once
+        submit("b")
+        round_(step=False)
+        assert len(engine._batch) == 1 and calls == []  # held: a decodes one step first
+        engine._step()
+        submit("c")
+        round_(step=False)
+        assert len(engine._batch) == 3 and calls == [2]  # b and c in one prefill
+        for _ in range(200):
+            if not (engine._batch.rows or engine._waiting):
+                break
+            round_()
+        engine._saver.close()
+    finally:
+        store.close()
+    for user, text in texts.items():
+        kind, reply = events[user][-1]
+        assert kind == "done"
+        replies, session = alone(tiny, [text], max_tokens=8)
+        assert reply.text == replies[0]
+        data = read_memory(tmp_path / f"{user}.safetensors")
+        assert data.transcript == session.messages
+        for i, state in states_of(session).items():
+            np.testing.assert_allclose(data.states[i], state, atol=1e-5)
+
+
 def test_a_full_queue_answers_429(tiny, tmp_path):
     model, tokenizer = tiny
     from dmem_mlx.server.store import MemoryStore

@@ -18,8 +18,11 @@ def build_app(model: Any, tokenizer: Any, memories: Path, model_id: str = "dmem"
               limits: Optional[Limits] = None, api_key: Optional[str] = None,
               max_kv_tokens: Optional[int] = None, max_concurrent: int = 8,
               max_queue: int = 64, max_open: int = 64, max_body_bytes: int = 1 << 20,
-              group: Any = None) -> Any:
+              group: Any = None, hold_arrivals: bool = True) -> Any:
     """The ASGI app serving a loaded δ-mem model; memory files live in `memories`.
+
+    hold_arrivals: a request arriving while others decode waits one decode step, to share its
+    prefill with what arrives meanwhile (see `Engine`).
 
     group: the `mx.distributed` group of a sharded model (rank 0 serves; the other ranks run
     `distributed.build_sharded(...)._run()`).
@@ -34,7 +37,7 @@ def build_app(model: Any, tokenizer: Any, memories: Path, model_id: str = "dmem"
 
         engine = build_sharded(model, tokenizer, memories, group, max_kv_tokens=max_kv_tokens,
                                max_concurrent=max_concurrent, max_queue=max_queue,
-                               max_open=max_open)
+                               max_open=max_open, hold_arrivals=hold_arrivals)
         return create_app(engine, model_id, limits or Limits(), api_key=api_key,
                           max_body_bytes=max_body_bytes)
     fingerprint = model_fingerprint(model, tokenizer)
@@ -44,7 +47,8 @@ def build_app(model: Any, tokenizer: Any, memories: Path, model_id: str = "dmem"
                            fingerprint=fingerprint)
 
     store = MemoryStore(Path(memories), fingerprint, session, max_open=max_open)
-    engine = Engine(model, tokenizer, store, max_concurrent=max_concurrent, max_queue=max_queue)
+    engine = Engine(model, tokenizer, store, max_concurrent=max_concurrent, max_queue=max_queue,
+                    hold_arrivals=hold_arrivals)
     return create_app(engine, model_id, limits or Limits(), api_key=api_key,
                       max_body_bytes=max_body_bytes)
 

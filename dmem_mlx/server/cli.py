@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting beyond those; more are answered 429 "
                         "(default: %(default)s)")
+    p.add_argument("--hold-arrivals", action=argparse.BooleanOptionalAction, default=True,
+                   help="a request arriving while others decode waits one decode step, so that "
+                        "what arrives meanwhile shares its prefill (default: %(default)s)")
     p.add_argument("--max-open", type=int, default=64,
                    help="memories kept open with their KV context (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20,
@@ -151,14 +154,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if world.rank() != 0:
             build_sharded(model, tokenizer, memories, world, max_kv_tokens=args.max_kv_tokens,
                           max_concurrent=args.max_concurrent, max_queue=args.max_queue,
-                          max_open=args.max_open)._run()
+                          max_open=args.max_open, hold_arrivals=args.hold_arrivals)._run()
             return 0
     limits = Limits(max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
                     temperature=args.temp, top_p=args.top_p)
     app = build_app(model, tokenizer, memories, model_id, limits, api_key=api_key,
                     max_kv_tokens=args.max_kv_tokens, max_concurrent=args.max_concurrent,
                     max_queue=args.max_queue, max_open=args.max_open,
-                    max_body_bytes=args.max_body_bytes, group=world)
+                    max_body_bytes=args.max_body_bytes, group=world,
+                    hold_arrivals=args.hold_arrivals)
     # The engine thread hands every token to the HTTP thread: switch between them promptly
     # (Python's default 5 ms switch interval would add up to 5 ms to each token).
     sys.setswitchinterval(0.0005)

@@ -128,7 +128,8 @@ class ShardedEngine(Engine):
 
 def build_sharded(model: Any, tokenizer: Any, memories: Path, group: Any,
                   max_kv_tokens: Optional[int] = None, max_concurrent: int = 8,
-                  max_queue: int = 64, max_open: int = 64) -> ShardedEngine:
+                  max_queue: int = 64, max_open: int = 64,
+                  hold_arrivals: bool = True) -> ShardedEngine:
     """The engine of one rank (rank 0 wraps it in the HTTP app; the others run `_run`)."""
     from ..runtime import model_fingerprint
 
@@ -141,4 +142,4 @@ def build_sharded(model: Any, tokenizer: Any, memories: Path, group: Any,
     store = ShardedMemoryStore(Path(memories), fingerprint, session, max_open=max_open,
                                group=group)
     return ShardedEngine(model, tokenizer, store, max_concurrent=max_concurrent,
-                         max_queue=max_queue, group=group)
+                         max_queue=max_queue, group=group, hold_arrivals=hold_arrivals)

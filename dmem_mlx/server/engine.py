@@ -54,6 +54,7 @@ class ChatJob:
     emit: Callable[[str, Any], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued: float = field(default_factory=time.perf_counter)
+    held: bool = False  # kept waiting one decode step for others to share its prefill
 
     @property
     def key(self) -> Any:
@@ -335,12 +336,16 @@ class Engine:
     max_concurrent: rows decoding at once; max_queue: jobs waiting beyond them (more: 429).
     write_behind: memory files are written by a writer thread (`Saver`), each reply answered
     once its turn is on disk; False: written on the worker before the reply is answered.
+    hold_arrivals: chat requests that could start while rows are decoding wait one decode step
+    first, and start with whatever arrived during it: fewer, fuller prefill calls (a prefill
+    call's cost grows less than its rows) for a step's delay to their first token.
     """
 
     def __init__(self, model: Any, tokenizer: Any, store: MemoryStore, max_concurrent: int = 8,
-                 max_queue: int = 64, write_behind: bool = True):
+                 max_queue: int = 64, write_behind: bool = True, hold_arrivals: bool = True):
         self.model, self.tokenizer, self.store = model, tokenizer, store
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
+        self.hold_arrivals = hold_arrivals
         self.batchable = model.delta_mem.config.memory_write_granularity == "token"
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque = deque()
@@ -425,26 +430,31 @@ class Engine:
         prefilled on its own cache: nothing to merge, pad or hand back)."""
         held = self._held()
         rows = len(self._batch)
+        capacity = self.max_concurrent if self.batchable else 1
         chats: list[ChatJob] = []
         self._started = False
         for job in list(self._waiting):
             key = job.key
             if key in held:
                 continue
-            if isinstance(job, ChatJob) and rows >= (
-                    self.max_concurrent if self.batchable else 1):
+            if isinstance(job, ChatJob) and rows >= capacity:
                 held.add(key)
                 continue
-            self._waiting.remove(job)
-            with self._lock:
-                self._pending -= 1
             held.add(key)
             self._started = True
-            if isinstance(job, CallJob):
-                self._run_call(job)
+            if isinstance(job, ChatJob):
+                chats.append(job)
+                rows += 1
                 continue
-            chats.append(job)
-            rows += 1
+            self._take(job)
+            self._run_call(job)
+        if (chats and self.hold_arrivals and self.batchable and self._batch.rows
+                and rows < capacity and not any(job.held for job in chats)):
+            for job in chats:  # they start after the next decode step, with what arrives by then
+                job.held = True
+            chats = []
+        for job in chats:
+            self._take(job)
         starting: list[tuple[ChatJob, ChatSession, Turn]] = []
         for job in chats:
             try:
@@ -459,6 +469,12 @@ class Engine:
         if starting:
             self._join(starting)
         self.store.trim(self._held())
+
+    def _take(self, job: Any) -> None:
+        """`job` leaves the waiting list: it starts now."""
+        self._waiting.remove(job)
+        with self._lock:
+            self._pending -= 1
 
     def _run_call(self, job: CallJob) -> None:
         try:
