@@ -34,12 +34,14 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
+from dmem_mlx.errors import MemorySaveError
+
 from .commands import (BY_NAME, COMMANDS, CommandError, export_target, help_markdown,
                        parse_command, transcript_json, transcript_markdown)
 from .screens import ConfirmScreen, HelpScreen, HistoryScreen
 from .widgets import (AssistantMessage, ChatInput, ChatView, MemoryPanel, ModeBar, Note,
                       ReplyFinished, ReplyStarted, UserMessage, memory_only_footer,
-                      reply_footer)
+                      reply_footer, unsaved_note)
 
 if TYPE_CHECKING:
     from dmem_mlx.runtime import ChatSession, MemoryFile, ReplyStats, SessionInfo
@@ -191,6 +193,7 @@ class DmemChatApp(App[int]):
         self.session: Optional["ChatSession"] = None
         self.snapshot_names: list[str] = []
         self.start_error: Optional[str] = None
+        self.unsaved_at_exit: Optional[str] = None  # a failed save that closing could not redo
         self.ready = False  # loaded, and the conversation and its notes are on screen
         self.replies_finished = 0  # count of replies done (finished, stopped or failed)
         self.commands_finished = 0  # count of slash commands done (run or failed)
@@ -458,18 +461,23 @@ class DmemChatApp(App[int]):
         self._stop.clear()
         self.generate(text, temp)
 
-    def _reply(self, text: str, buffer: ReplyBuffer,
-               temp: Optional[float]) -> tuple["ReplyStats", "SessionInfo"]:
-        """Engine thread: stream the reply into `buffer`; the runtime saves the memory after it."""
+    def _reply(self, text: str, buffer: ReplyBuffer, temp: Optional[float]
+               ) -> tuple["ReplyStats", "SessionInfo", Optional[str]]:
+        """Engine thread: stream the reply into `buffer`; the runtime saves the memory after it
+        → (stats, info, why the memory could not be saved or None: the turn is kept anyway)."""
         assert self.session is not None
         s = self.sampling
         seed = s.seed if temp is None else None
-        for chunk in self.session.reply(text, max_tokens=s.max_tokens,
-                                        temp=s.temp if temp is None else temp, top_p=s.top_p,
-                                        seed=seed, stop=self._stop):
-            buffer.append(chunk.text)
+        unsaved = None
+        try:
+            for chunk in self.session.reply(text, max_tokens=s.max_tokens,
+                                            temp=s.temp if temp is None else temp,
+                                            top_p=s.top_p, seed=seed, stop=self._stop):
+                buffer.append(chunk.text)
+        except MemorySaveError as exc:
+            unsaved = exc.reason or str(exc)
         assert self.session.last_reply is not None
-        return self.session.last_reply, self.session.info()
+        return self.session.last_reply, self.session.info(), unsaved
 
     @work(group="reply")
     async def generate(self, text: str, temp: Optional[float] = None) -> None:
@@ -484,11 +492,11 @@ class DmemChatApp(App[int]):
             await reply.write(buffer.take())
         await reply.write(buffer.take())
         try:
-            stats, info = future.result()
+            stats, info, unsaved = future.result()
         except Exception as exc:  # the runtime took the turn back; say what happened
             self.post_message(ReplyFinished(text, user, reply, None, None, exc))
             return
-        self.post_message(ReplyFinished(text, user, reply, stats, info))
+        self.post_message(ReplyFinished(text, user, reply, stats, info, unsaved=unsaved))
 
     @on(ReplyFinished)
     async def reply_finished(self, event: ReplyFinished) -> None:
@@ -501,7 +509,8 @@ class DmemChatApp(App[int]):
             self.last_reply = stats
             marks = [mark for mark, on in (("stopped", stats.stopped),
                                            ("cut: repeating", stats.finish_reason == "repetition"),
-                                           ("read-only", event.info.read_only)) if on]
+                                           ("read-only", event.info.read_only),
+                                           ("not saved", event.unsaved is not None)) if on]
             if event.reply.text != stats.text:  # a loop cut; text a detokenizer changed later
                 await event.reply.show_text(stats.text)  # the screen ends as the memory keeps it
             tokens = stats.tokens
@@ -523,6 +532,8 @@ class DmemChatApp(App[int]):
                 await self.add_note("The reply went round in circles: cut, and its repeats left "
                                     "out of the memory. /undo takes the exchange back; /retry "
                                     "tries again.", "yellow")
+            if event.unsaved is not None:
+                await self.add_note(unsaved_note(event.unsaved), "bold red")
             self.show_info(event.info)
         finally:
             self.replying = False
@@ -581,6 +592,11 @@ class DmemChatApp(App[int]):
     async def run_command(self, name: str, argument: str = "") -> None:
         try:
             await getattr(self, f"command_{name.replace('-', '_')}")(argument)
+        except MemorySaveError as exc:  # done in the session, not on disk: show it as it is
+            await self.show_transcript()
+            await self.add_note(unsaved_note(exc.reason or str(exc), f"/{name} is done, but "),
+                                "bold red")
+            await self.refresh_info()
         except Exception as exc:  # runtime errors (missing snapshot, locked file …) → notification
             self.notify(str(exc), title=f"/{name} failed", severity="error", timeout=10)
         finally:
@@ -858,9 +874,14 @@ class DmemChatApp(App[int]):
             os._exit(code)
 
     def _close_memory(self) -> None:
-        """Engine thread: release the memory (its lock file goes if nothing was written)."""
+        """Engine thread: release the memory (its lock file goes if nothing was written; a
+        failed save is tried once more, and if it fails again dmem-chat says so at exit)."""
         if self.session is not None:
             self.session.close()
+            if (error := self.session.save_error) is not None:
+                self.unsaved_at_exit = (f"{self.session.memory.path}: could not be saved at exit "
+                                        f"({error.reason or error}): what was said since its "
+                                        "last save is lost; the file holds the memory as it was")
         elif self.memory is not None and not isinstance(self.memory, (str, Path)):
             self.memory.close()
 

@@ -314,6 +314,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if app.start_error:
         print(f"{PROG}: error: {app.start_error}", file=sys.stderr)
         return 1
+    if app.unsaved_at_exit:  # the last turns could not be saved, even at the end
+        print(f"{PROG}: error: {app.unsaved_at_exit}", file=sys.stderr)
+        return app.return_code or 1
     return app.return_code or 0
 
 

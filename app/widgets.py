@@ -73,6 +73,15 @@ def memory_only_footer(chars: int) -> str:
     return f"first {chars:,} characters in memory only"
 
 
+def unsaved_note(reason: str, done: str = "") -> str:
+    """What to say when the memory file could not be written (`reason`: "No space left on
+    device" …) after a turn, or after a command (`done`: "/undo is done, but ")."""
+    head = f"{done}the memory could not be saved" if done else "The memory could not be saved"
+    return (f"{head}: {reason}. Nothing is lost yet: this session keeps it, and the next save "
+            "writes it (after your next message, or when you quit); until then the memory file "
+            "holds the memory as it was before.")
+
+
 class Note(Static):
     """A system note in the conversation (command results, loaded memory …)."""
 
@@ -158,14 +167,15 @@ class ReplyStarted(Message):
 
 class ReplyFinished(Message):
     """A reply ended: `stats` (finished, stopped, cut or taken back) and the session's `info`,
-    or the `error` that ended it (the runtime then took the turn back)."""
+    or the `error` that ended it (the runtime then took the turn back). `unsaved`: why the
+    memory file could not be written after the turn (the turn is kept all the same)."""
 
     def __init__(self, text: str, user: UserMessage, reply: AssistantMessage,
                  stats: Optional["ReplyStats"], info: Optional["SessionInfo"],
-                 error: Optional[BaseException] = None) -> None:
+                 error: Optional[BaseException] = None, unsaved: Optional[str] = None) -> None:
         super().__init__()
         self.text, self.user, self.reply = text, user, reply
-        self.stats, self.info, self.error = stats, info, error
+        self.stats, self.info, self.error, self.unsaved = stats, info, error, unsaved
 
 
 def binding_actions(bindings: list) -> dict[str, str]:

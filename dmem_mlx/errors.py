@@ -12,7 +12,8 @@
     ├── ModelError             a model directory mlx-lm cannot load (files, architecture)
     ├── DistributedError       a sharding or pipeline split that cannot run (mx.distributed)
     ├── MemoryFileError        a memory file that cannot be read or written
-    │   └── MemoryLockedError  ... because it is open for writing elsewhere
+    │   ├── MemoryLockedError  ... because it is open for writing elsewhere
+    │   └── MemorySaveError    a save that failed (disk full …): the file keeps its last version
     ├── SessionError           a chat session asked for something it cannot do
     │   ├── ContextTooLongError  a message longer than the whole KV budget (ValueError too)
     │   ├── SessionBusyError     an operation asked for while a reply streams (RuntimeError too)
@@ -37,9 +38,8 @@ import reprlib
 __all__ = [
     "DmemError", "ConfigError", "AdapterError", "CheckpointError", "UnsafeCheckpointError",
     "CorruptCheckpointError", "UnsupportedCheckpointError", "ConvertError", "HubError", "ModelError",
-    "DistributedError",
-    "MemoryFileError", "MemoryLockedError", "SessionError", "ContextTooLongError",
-    "SessionBusyError", "NothingToUndoError", "DataError", "TrainError", "UsageError",
+    "DistributedError", "MemoryFileError", "MemoryLockedError", "MemorySaveError", "SessionError",
+    "ContextTooLongError", "SessionBusyError", "NothingToUndoError", "DataError", "TrainError", "UsageError",
     "CommandError", "brief", "one_line", "user_message",
 ]
 
@@ -94,6 +94,16 @@ class MemoryFileError(DmemError):
 
 class MemoryLockedError(MemoryFileError):
     """The memory is open for writing elsewhere (another process, or this one)."""
+
+
+class MemorySaveError(MemoryFileError):
+    """A save failed (disk full, a file system gone read-only, the file made read-only): the
+    file keeps its previous version and what was to be saved stays where it was (a chat session
+    keeps it and writes it with its next save). `reason`: why, in the system's words."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class SessionError(DmemError):

@@ -462,6 +462,42 @@ async def test_a_failed_turn_is_reported_and_the_message_given_back(tiny_model, 
         assert app.session.messages[-1]["role"] == "system" and app.replies_finished == 1
 
 
+async def test_a_turn_whose_save_fails_stays_on_screen_and_is_saved_later(tiny_model, tmp_path,
+                                                                           disk):
+    """Disk full while saving: the reply stays as it was shown, marked, with a note saying why;
+    the turn is kept and goes into the file with the next save; a save that still fails at the
+    end is what dmem-chat says at exit."""
+    from dmem_mlx.runtime import read_memory
+
+    memory = tmp_path / "m.safetensors"
+
+    def users():
+        return [m["content"] for m in read_memory(memory).transcript if m["role"] == "user"]
+    app = make_app(tiny_model, memory)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await send(pilot, "My name is Ada.")
+        disk.full = True
+        await send(pilot, "I live in Paris.")
+        assert [u.text for u in app.query(UserMessage)] == ["My name is Ada.", "I live in Paris."]
+        assert footers(app)[-1].endswith(" · not saved") and "not saved" not in footers(app)[0]
+        assert "The memory could not be saved: No space left on device" in notes(app)
+        assert not notices(app, "error") and app.query_one(ChatInput).text == ""
+        assert app.last_info.turns == 2 and users() == ["My name is Ada."]
+        disk.full = False  # space freed
+        await send(pilot, "I like tea.")
+        assert users() == ["My name is Ada.", "I live in Paris.", "I like tea."]
+        assert "not saved" not in footers(app)[-1]
+        disk.full = True
+        await send(pilot, "/undo")
+        assert "/undo is done, but the memory could not be saved" in notes(app)
+        assert len(app.query(UserMessage)) == 2 and app.last_info.turns == 2
+        await send(pilot, "I have a cat.")
+        await pilot.press("ctrl+q")
+    assert "could not be saved at exit (No space left on device)" in app.unsaved_at_exit
+    assert users() == ["My name is Ada.", "I live in Paris.", "I like tea."]
+
+
 async def test_a_turn_stopped_before_the_reply_is_given_back(tiny_model, tmp_path):
     def stop_at_once(session, kwargs):  # Escape pressed while the message is still being read
         kwargs["stop"].set()

@@ -10,7 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from dmem_mlx.runtime import (ChatSession, MemoryFile, NothingToUndoError, read_memory)
+from dmem_mlx.runtime import (ChatSession, MemoryFile, MemorySaveError, NothingToUndoError,
+                              read_memory)
 from dmem_mlx.runtime.memory_file import (FORMAT_VERSION, PAST_CONVERSATIONS, UNDO_DEPTH, decode,
                                           encode)
 from dmem_mlx.runtime.session import loop_start, looping
@@ -115,6 +116,73 @@ def test_forget_leaves_no_previous_version(tiny, tmp_path):
     data = read_memory(path)
     assert not data.transcript and not data.undo and not data.past
     assert all(not s.any() for s in data.states.values())
+
+
+def users(path):
+    return [m["content"] for m in read_memory(path).transcript if m["role"] == "user"]
+
+
+def test_a_turn_whose_save_fails_is_kept_and_saved_by_the_next_save(tiny, tmp_path, disk):
+    model, tok = tiny
+    path = tmp_path / "m.safetensors"
+    session = ChatSession(model, tok, memory=MemoryFile.open(path))
+    say(session, "My name is Ada.")
+    disk.full = True
+    chunks = []
+    with pytest.raises(MemorySaveError, match="No space left on device"):
+        for chunk in session.reply("I live in Paris.", max_tokens=6):
+            chunks.append(chunk.text)
+    reply = session.last_reply
+    assert reply is not None and not reply.taken_back and "".join(chunks) == reply.text
+    assert [m["content"] for m in session.messages] == [
+        "My name is Ada.", session.messages[1]["content"], "I live in Paris.", reply.text]
+    assert session.save_error is not None and session.info().turns == 2
+    assert users(path) == ["My name is Ada."]  # the file is the last good one
+    disk.full = False  # space freed: the next turn saves both
+    say(session, "I like tea.")
+    assert session.save_error is None
+    assert users(path) == ["My name is Ada.", "I live in Paris.", "I like tea."]
+    assert read_memory(path).turns == 3
+    disk.full = True
+    with pytest.raises(MemorySaveError):
+        session.undo()
+    assert session.save_error is not None and len(session.messages) == 4
+    disk.full = False
+    session.close()  # closing saves what the failed save left behind
+    assert session.save_error is None and users(path) == ["My name is Ada.", "I live in Paris."]
+    MemoryFile.open(path).close()  # the lock was released
+
+
+def test_a_failed_save_at_close_is_told_and_the_file_kept(tiny, tmp_path, disk):
+    model, tok = tiny
+    path = tmp_path / "m.safetensors"
+    session = ChatSession(model, tok, memory=MemoryFile.open(path))
+    say(session, "My name is Ada.")
+    disk.full = True
+    with pytest.raises(MemorySaveError):
+        say(session, "I live in Paris.")
+    session.close()
+    assert "No space left on device" in str(session.save_error)
+    assert users(path) == ["My name is Ada."]
+    MemoryFile.open(path).close()
+
+
+def test_a_forget_whose_save_failed_leaves_no_previous_version_later(tiny, tmp_path, disk):
+    model, tok = tiny
+    path = tmp_path / "m.safetensors"
+    bak = path.with_name(path.name + ".bak")
+    with ChatSession(model, tok, memory=MemoryFile.open(path)) as session:
+        say(session, "My secret is 4711.")
+        say(session, "And 1234.")
+        disk.full = True
+        with pytest.raises(MemorySaveError):
+            session.forget()
+        disk.full = False
+        say(session, "Hello again.")  # the save that writes the forget keeps no backup
+        assert not bak.exists()
+        say(session, "And again.")  # later saves keep one again
+        assert bak.exists() and b"4711" not in bak.read_bytes()
+    assert b"4711" not in path.read_bytes()
 
 
 def test_a_message_longer_than_the_context_goes_into_memory_in_parts(tiny):

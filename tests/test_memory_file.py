@@ -12,7 +12,8 @@ import safetensors.numpy
 
 import dmem_mlx
 from dmem_mlx.runtime import (ChatSession, MemoryData, MemoryFile, MemoryFileError,
-                              MemoryLockedError, default_memory_path, read_memory)
+                              MemoryLockedError, MemorySaveError, default_memory_path,
+                              read_memory)
 from dmem_mlx.runtime.memory_file import FORMAT_NAME, FORMAT_VERSION, _checksum, encode
 from dmem_mlx.tiny import make_tiny_dmem
 from repo_scripts import load_script
@@ -455,6 +456,35 @@ def test_a_full_disk_during_a_snapshot_is_a_memory_file_error(tmp_path, monkeypa
     monkeypatch.undo()
     assert not mem.snapshot_dir.exists()  # no empty directory left behind
     assert read_memory(path).turns == sample().turns
+    mem.close()
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_version(tmp_path, disk):
+    path = tmp_path / "m.safetensors"
+    mem = MemoryFile.open(path, fingerprint=FP)
+    mem.save(sample(1))
+    before = path.read_bytes()
+    disk.full = True
+    with pytest.raises(MemorySaveError, match="cannot save \\(No space left on device\\)") as info:
+        mem.save(sample(2))
+    assert info.value.reason == "No space left on device" and "\n" not in str(info.value)
+    assert isinstance(info.value, MemoryFileError)  # callers that caught that still do
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "m.safetensors.lock"]
+    disk.full = False  # space freed: the next save goes through
+    mem.save(sample(3))
+    assert np.array_equal(read_memory(path).states[0], sample(3).states[0])
+    mem.close()
+
+
+def test_a_memory_made_read_only_while_open_is_a_save_error(tmp_path):
+    path = tmp_path / "m.safetensors"
+    mem = MemoryFile.open(path, fingerprint=FP)
+    mem.save(sample(1))
+    path.chmod(0o444)
+    with pytest.raises(MemorySaveError, match="read-only") as info:
+        mem.save(sample(2))
+    assert info.value.reason.startswith("the file is read-only")
     mem.close()
 
 

@@ -46,7 +46,7 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-from ..errors import MemoryFileError, MemoryLockedError, one_line
+from ..errors import MemoryFileError, MemoryLockedError, MemorySaveError, one_line
 from ..files import read_regular
 from .memory_header import MAX_FILE, prefix_problem
 
@@ -620,9 +620,14 @@ class MemoryFile:
     def save(self, data: MemoryData, backup: bool = True) -> datetime:
         """Write `data` atomically, the previous version kept as `.bak` (backup=False: no
         previous version is left anywhere, e.g. after the memory was erased); returns the save
-        time."""
+        time. Raises MemorySaveError (the file keeps its previous version) if it cannot be
+        written: disk full, a read-only file system or file."""
         self._writable()
-        _check_kind(self.path, writing=True)
+        try:
+            _check_kind(self.path, writing=True)  # e.g. made read-only since it was opened
+        except MemoryFileError as exc:
+            raise MemorySaveError(str(exc), reason=str(exc).removeprefix(f"{self.path}: ")) \
+                from None
         saved = datetime.now(timezone.utc)
         data.saved = saved.isoformat(timespec="milliseconds")
         try:
@@ -631,8 +636,9 @@ class MemoryFile:
                 self.path.with_name(self.path.name + ".bak").unlink(missing_ok=True)
                 _fsync_dir(self.path.parent)
         except OSError as exc:
-            raise MemoryFileError(f"{self.path}: cannot save ({exc.strerror or exc}); "
-                                  "the previous version is untouched") from None
+            reason = exc.strerror or str(exc)
+            raise MemorySaveError(f"{self.path}: cannot save ({reason}); the previous version "
+                                  "is untouched", reason=reason) from None
         self.data, self.last_saved, self._saved = data, saved, True
         return saved
 

@@ -43,7 +43,7 @@ import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
 from ..cache import state_of, with_state
-from ..errors import ContextTooLongError, NothingToUndoError, SessionBusyError
+from ..errors import ContextTooLongError, MemorySaveError, NothingToUndoError, SessionBusyError
 from .context import Context, Stopped
 from .fingerprint import model_fingerprint
 from .memory_file import (UNDO_DEPTH, MemoryData, MemoryFile, MemoryFileError, PastConversation,
@@ -199,6 +199,8 @@ class ChatSession:
         # None: the memory file is written before a change returns; else each write is handed
         # to this callable, to be run later in the order given (a server's writer thread)
         self.write_behind: Optional[Callable[[Callable[[], Any]], None]] = None
+        self._save_error: Optional[MemorySaveError] = None  # the memory file is behind
+        self._keep_no_backup = False  # a save without backup (forget) is still to be done
         if memory is not None and memory.data is not None:
             self._apply(memory.data)
         else:
@@ -230,7 +232,9 @@ class ChatSession:
         stop: an Event checked between tokens and between prefill chunks. A turn stopped before
         its first token is taken back entirely (`last_reply.taken_back`: no empty reply is
         written). Stopping later, closing the stream or Ctrl-C keeps the partial reply,
-        consistently in transcript, KV context and δ memory.
+        consistently in transcript, KV context and δ memory. If the memory file cannot be
+        written (disk full …) the stream raises MemorySaveError after the turn: the turn is kept
+        (`last_reply`, `save_error`) and written by the next save.
         """
         if not isinstance(user_text, str):
             raise TypeError("user_text must be a str")
@@ -482,7 +486,14 @@ class ChatSession:
             undo_depth=len(self._undo_steps), past_conversations=len(self._past))
 
     def close(self) -> None:
-        """Release the memory file's lock (idempotent; the memory was saved after every turn)."""
+        """Release the memory file's lock (idempotent; the memory was saved after every turn).
+        If the last save failed, it is tried once more first; `save_error` says if it failed
+        again (what it held is then lost)."""
+        if self._save_error is not None and not self._closed and not self.memory.closed:
+            try:
+                self._write(self._data(), backup=True)
+            except MemorySaveError:
+                pass
         if self.memory is not None:
             self.memory.close()
         self._closed = True
@@ -601,12 +612,25 @@ class ChatSession:
 
     def _write(self, data: MemoryData, backup: bool) -> None:
         """Write `data` to the memory file now, or hand the write to `write_behind` (the data
-        is taken now: later changes are not in it)."""
+        is taken now: later changes are not in it). A write that fails now leaves the change
+        in the session (`save_error`); the next save writes it."""
         memory = self.memory
-        if self.write_behind is None:
-            memory.save(data, backup=backup)
-        else:
+        if self.write_behind is not None:
             self.write_behind(lambda: memory.save(data, backup=backup))
+            return
+        backup = backup and not self._keep_no_backup  # a failed forget leaves no .bak later
+        try:
+            memory.save(data, backup=backup)
+        except MemorySaveError as exc:
+            self._save_error, self._keep_no_backup = exc, not backup
+            raise
+        self._save_error, self._keep_no_backup = None, False
+
+    @property
+    def save_error(self) -> Optional[MemorySaveError]:
+        """Why the memory file is behind this session (its last save failed: disk full …), or
+        None. What was not saved stays in the session; the next save (or `close`) writes it."""
+        return self._save_error
 
     def _check_idle(self) -> None:
         if self._closed:
@@ -952,11 +976,17 @@ class ChatSession:
             for token in turn.tokens[:loop_start(turn.tokens)]:
                 detok.add_token(token)
             text, tail = final_text(detok), ""
-        self.end_reply(turn, finish, text)
+        unsaved = None
+        try:
+            self.end_reply(turn, finish, text)
+        except MemorySaveError as exc:  # the turn is kept all the same: said after its text
+            unsaved = exc
         if error is not None:
             raise error
         if tail:
             yield ReplyChunk(tail, -1)
+        if unsaved is not None:
+            raise unsaved
 
     def _parts(self, text: str, max_tokens: int) -> list[str]:
         """`text` cut into parts that each fit the context budget with room for a reply (at
