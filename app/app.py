@@ -501,6 +501,8 @@ class DmemChatApp(App[int]):
     @on(ReplyFinished)
     async def reply_finished(self, event: ReplyFinished) -> None:
         try:
+            if self._session_closed:  # quitting: the runtime kept (and saved) what it keeps
+                return
             if event.error is not None or (event.stats is not None and event.stats.taken_back):
                 await self.take_back_turn(event)
                 return

@@ -977,6 +977,39 @@ async def test_sigterm_stops_the_reply_saves_and_releases_the_memory(tiny_model,
     MemoryFile.open(memory).close()  # the lock was released
 
 
+async def test_sigterm_before_the_first_token_quits_cleanly(tiny_model, tmp_path):
+    """SIGTERM right after Enter, before the reply's first token: the turn is taken back (the
+    runtime keeps nothing of it) while the app closes — no error, exit code 128 + 15."""
+    import os
+    import signal
+
+    from dmem_mlx.runtime import MemoryFile, read_memory
+
+    memory = tmp_path / "m"
+    caught = []
+
+    def term_first(session, kwargs):  # the signal arrives before the first token is sampled
+        os.kill(os.getpid(), signal.SIGTERM)
+        kwargs["stop"].wait(10)
+        time.sleep(0.2)  # the app's quit gets under way meanwhile
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    try:
+        app = make_app(tiny_model, None, open_session=wrapped_session(
+            tiny_model, memory, before_reply=term_first))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_loaded(pilot)
+            app.query_one(ChatInput).text = "hi"
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: not app.is_running)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not caught and app.return_code == 128 + signal.SIGTERM
+    assert app.session.last_reply.taken_back
+    assert not memory.exists() or not read_memory(memory).transcript
+    MemoryFile.open(memory).close()  # the lock was released
+
+
 def assert_apart(*widgets) -> None:
     """No two of `widgets` share a cell of the screen."""
     for i, a in enumerate(widgets):
