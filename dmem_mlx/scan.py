@@ -37,6 +37,9 @@ ENVIRONMENT = "DMEM_BACKEND"
 # Up to this many tokens the per-token loop beats the chunked scan's fixed cost (measured on
 # the CPU backend: ~0.3 ms for a chunk vs ~0.07 ms per step).
 MAX_STEPS = 4
+# After whole chunks, this many more tokens run as steps rather than in a padded chunk: the loop
+# wins there once a chunk is costly (batched rows, many state heads) and loses little on one row.
+TAIL_STEPS = 2
 HALF_CHUNK = DEFAULT_CHUNK // 2
 
 
@@ -138,10 +141,10 @@ def _real_tokens(batch: int, tokens: int, pad: int) -> mx.array:
 
 def token_padding(tokens: int) -> int:
     """Identity tokens added to a call of `tokens` before `token_scan`'s compiled function: none
-    when `_plan` needs none (a few tokens, or a few past a multiple of DEFAULT_CHUNK), else up
+    when `_plan` needs none (a few tokens, or TAIL_STEPS past a multiple of DEFAULT_CHUNK), else up
     to a multiple of HALF_CHUNK. So the shapes traced stay few, and a call just past a chunk
     boundary (17 tokens) is not padded to two whole chunks (32)."""
-    if tokens <= MAX_STEPS or tokens % DEFAULT_CHUNK <= MAX_STEPS:
+    if tokens <= MAX_STEPS or tokens % DEFAULT_CHUNK <= TAIL_STEPS:
         return 0
     return -tokens % HALF_CHUNK
 
@@ -155,7 +158,7 @@ def _plan(tokens: int) -> tuple[int, int, int]:
     if tokens <= MAX_STEPS:
         return 0, DEFAULT_CHUNK, tokens
     tail = tokens % DEFAULT_CHUNK
-    if tail <= MAX_STEPS:
+    if tail <= TAIL_STEPS:
         return tokens - tail, DEFAULT_CHUNK, tail
     return tokens, HALF_CHUNK, 0
 

@@ -213,7 +213,9 @@ def test_token_scan_plan_covers_every_token():
         pad = scan_module.token_padding(T)
         chunked, chunk, steps = scan_module._plan(T + pad)
         assert chunked + steps == T + pad and chunked % chunk == 0
-        assert pad < scan_module.HALF_CHUNK and steps <= scan_module.MAX_STEPS
+        assert pad < scan_module.HALF_CHUNK
+        assert steps <= (scan_module.MAX_STEPS if T <= scan_module.MAX_STEPS
+                         else scan_module.TAIL_STEPS)
         assert chunk in (scan_module.HALF_CHUNK, scan_module.DEFAULT_CHUNK)
 
 
