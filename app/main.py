@@ -9,6 +9,7 @@ app, which is usable (you can type) while it does.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import signal
@@ -143,6 +144,20 @@ def check_memory_path(path: Path) -> None:
                          f"--memory NAME without '/' lives in {memory_directory()})")
 
 
+def check_writable(path: Path) -> None:
+    """Refuse a memory whose directory cannot be written (a read-only file system, no
+    permission): no save could go through (each writes a new file next to it, then renames)."""
+    try:
+        target = path.resolve() if path.is_symlink() else path  # saves go through a link
+    except (RuntimeError, OSError):  # a symlink loop: opening the memory refuses it
+        return
+    if target.parent.is_dir() and not os.access(target.parent, os.W_OK):
+        way = "open it with --read-only to use it without saving" if target.exists() else \
+            "give --memory a path in a directory you can write"
+        raise UsageError(f"{target.parent}: not writable (a read-only file system, or no "
+                         f"permission): {target.name} cannot be saved there; {way}")
+
+
 def check_memory_contents(path: Path, model_path: Path) -> None:
     """Refuse an existing memory file that is damaged, not a memory, or another model's —
     before it is locked (no lock file appears next to a refused file). The file is read first
@@ -170,7 +185,7 @@ def open_memory(path: Path | str, read_only: bool = False) -> "MemoryFile":
 
     Raises MemoryLockedError if another process holds it. Whether it belongs to this model is
     checked again when the session starts (with the loaded weights)."""
-    from dmem_mlx.runtime.memory_file import MemoryFile, MemoryLockedError
+    from dmem_mlx.runtime.memory_file import MemoryFile, MemoryFileError, MemoryLockedError
 
     path = Path(path).expanduser()
     try:
@@ -178,6 +193,11 @@ def open_memory(path: Path | str, read_only: bool = False) -> "MemoryFile":
     except MemoryLockedError as exc:
         raise MemoryLockedError(f"{str(exc).split(' (')[0]}: close the dmem-chat (or program) "
                                 "using it, or chat without saving: --read-only") from None
+    except MemoryFileError as exc:  # a read-only file or file system: say how to open it
+        if "open it read-only" not in str(exc):
+            raise
+        raise MemoryFileError(str(exc).replace("open it read-only",
+                                               "open it with --read-only")) from None
 
 
 def blas_description() -> str:
@@ -287,6 +307,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             memory_path = memory_location(args.memory, model_id)
         check_memory_path(memory_path)
         check_memory_contents(memory_path, model_path)
+        if not args.read_only:
+            check_writable(memory_path)
         check_terminal()  # last of the refusals: a bad path or file is named first
         from dmem_mlx.blas import openblas_hint
 

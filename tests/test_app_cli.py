@@ -178,6 +178,56 @@ def test_memory_of_another_model_is_refused_before_the_ui(tiny_model, tmp_path, 
     assert no_ui.started == 1
 
 
+def test_a_memory_on_a_read_only_file_system_is_refused_and_opens_read_only(
+        tiny_model, tmp_path, capsys, monkeypatch, no_ui):
+    import errno
+    import os
+
+    import dmem_mlx
+    from dmem_mlx.runtime import ChatSession, MemoryFile
+
+    path = tmp_path / "chat.safetensors"
+    with ChatSession(*dmem_mlx.load(str(tiny_model)), memory=MemoryFile.open(path)) as session:
+        for _ in session.reply("I like tea.", max_tokens=3):
+            pass
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    real_open, real_access = os.open, os.access
+
+    def read_only_fs(name, flags, *args, **kwargs):  # as a read-only mount answers (root too)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(name))
+        return real_open(name, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only_fs)
+    monkeypatch.setattr(os, "access", lambda name, mode, **kw: not mode & os.W_OK
+                        and real_access(name, mode, **kw))
+    assert main(["--model", str(tiny_model), "--memory", str(path)]) == 1
+    error = one_line_error(capsys.readouterr())
+    assert "not writable (a read-only file system" in error and "open it with --read-only" in error
+    assert main(["--model", str(tiny_model), "--memory", str(tmp_path / "new.safetensors")]) == 1
+    assert "give --memory a path in a directory you can write" in one_line_error(
+        capsys.readouterr())
+    assert no_ui.started == 0
+    assert main(["--model", str(tiny_model), "--memory", str(path), "--read-only"]) == 0
+    assert no_ui.started == 1 and no_ui.app.memory.data.turns == 1
+    no_ui.app.memory.close()
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_read_only_memory_file_names_the_flag_that_opens_it(tiny_model, tmp_path, capsys,
+                                                              terminal):
+    import dmem_mlx
+    from dmem_mlx.runtime import ChatSession, MemoryFile
+
+    path = tmp_path / "chat.safetensors"
+    with ChatSession(*dmem_mlx.load(str(tiny_model)), memory=MemoryFile.open(path)) as session:
+        for _ in session.reply("I like tea.", max_tokens=3):
+            pass
+    path.chmod(0o444)
+    assert main(["--model", str(tiny_model), "--memory", str(path)]) == 1
+    assert "read-only (mode 444); open it with --read-only" in one_line_error(capsys.readouterr())
+
+
 def test_the_demo_starts_on_its_versions_own_memory(data_home, no_ui):
     from dmem_mlx.demo import DEMO_VERSION
 
