@@ -744,6 +744,33 @@ def test_a_full_queue_answers_429(tiny, tmp_path):
     assert caught.value.status == 429 and caught.value.body()["error"]["type"]
 
 
+def test_a_turn_that_cannot_be_saved_is_a_clean_500_and_the_file_kept(served, disk):
+    server, memories = served
+    path = memories / "full-disk.safetensors"
+    messages = [{"role": "user", "content": "My name is Ada."}]
+    r = chat(server, {"messages": messages, "user": "full-disk"})
+    assert r.status_code == 200, r.text
+    before = path.read_bytes()
+    messages += [r.json()["choices"][0]["message"], {"role": "user", "content": "I live in Paris."}]
+    disk.full = True
+    for stream in (False, True):
+        r = chat(server, {"messages": messages, "user": "full-disk", "stream": stream})
+        if stream:  # the reply streamed, then the error event (after a 200)
+            assert r.status_code == 200 and "Traceback" not in r.text
+            [error] = [json.loads(line[6:])["error"] for line in r.text.splitlines()
+                       if line.startswith("data: {\"error\"")]
+        else:
+            error = check_error(r, 500)
+        assert error["code"] == "save_failed" and "No space left on device" in error["message"]
+        assert str(memories) not in error["message"]
+        assert path.read_bytes() == before
+    disk.full = False  # space freed: the client sends again, and it is saved
+    r = chat(server, {"messages": messages, "user": "full-disk"})
+    assert r.status_code == 200, r.text
+    assert [m["content"] for m in read_memory(path).transcript if m["role"] == "user"] == [
+        "My name is Ada.", "I live in Paris."]
+
+
 def test_a_memory_open_elsewhere_is_a_clean_409(served, client):
     server, memories = served
     with MemoryFile.open(memories / "taken.safetensors"):  # e.g. a dmem-chat on it

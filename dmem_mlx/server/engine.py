@@ -645,10 +645,11 @@ class Engine:
         def answer(error: Optional[Exception]) -> None:  # once the turn is on disk
             if error is None:
                 row.job.emit("done", reply)
-            else:
-                row.job.emit("error", APIError(500, "the turn could not be saved (the memory "
-                                                    "file keeps the previous one; see the server "
-                                                    "log)", None, "save_failed"))
+            else:  # why in the system's words (disk full …), never the server's paths
+                why = getattr(error, "reason", "") or "see the server log"
+                row.job.emit("error", APIError(500, f"the turn could not be saved ({why}); the "
+                                                    "memory file keeps the previous one",
+                                               None, "save_failed"))
 
         self._saver.after(row.job.key, answer)
 
