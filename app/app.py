@@ -67,6 +67,9 @@ def terminal_present() -> bool:
     return True
 
 
+NOT_SAVED = "not saved"  # the mark under a reply whose save failed
+
+
 def plural(n: int, word: str) -> str:
     """"1 part", "2 parts"."""
     return f"{n:,} {word}" + ("" if n == 1 else "s")
@@ -194,6 +197,7 @@ class DmemChatApp(App[int]):
         self.snapshot_names: list[str] = []
         self.start_error: Optional[str] = None
         self.unsaved_at_exit: Optional[str] = None  # a failed save that closing could not redo
+        self.marked_unsaved = False  # replies on screen are marked NOT_SAVED
         self.ready = False  # loaded, and the conversation and its notes are on screen
         self.replies_finished = 0  # count of replies done (finished, stopped or failed)
         self.commands_finished = 0  # count of slash commands done (run or failed)
@@ -398,12 +402,25 @@ class DmemChatApp(App[int]):
 
     def show_info(self, info: "SessionInfo") -> None:
         self.last_info = info
+        if self.marked_unsaved and self.session is not None and self.session.save_error is None:
+            self.saved_again()
         self.query_one(MemoryPanel).show(info)
         file = self.session.memory if self.session is not None else None
         self.query_one(ModeBar).show_mode(info.read_only, file is not None and file.read_only)
         memory = Path(info.memory_path).name if info.memory_path else "no memory file"
         self.sub_title = " · ".join([self.model_name, memory] +
                                     (["read-only"] if info.read_only else []))
+
+    def saved_again(self) -> None:
+        """A save went through after one failed: the replies marked "not saved" are in the
+        file now; their mark goes."""
+        self.marked_unsaved = False
+        for reply in self.query(AssistantMessage):
+            footer = str(reply.border_subtitle or "")
+            if footer.endswith(NOT_SAVED):
+                reply.border_subtitle = footer[:-len(NOT_SAVED)].removesuffix(" · ")
+        self.notify("the memory is saved again, with the turns the failed save had left",
+                    title="Saved", timeout=8)
 
     async def refresh_info(self) -> None:
         assert self.session is not None
@@ -512,7 +529,7 @@ class DmemChatApp(App[int]):
             marks = [mark for mark, on in (("stopped", stats.stopped),
                                            ("cut: repeating", stats.finish_reason == "repetition"),
                                            ("read-only", event.info.read_only),
-                                           ("not saved", event.unsaved is not None)) if on]
+                                           (NOT_SAVED, event.unsaved is not None)) if on]
             if event.reply.text != stats.text:  # a loop cut; text a detokenizer changed later
                 await event.reply.show_text(stats.text)  # the screen ends as the memory keeps it
             tokens = stats.tokens
@@ -535,6 +552,7 @@ class DmemChatApp(App[int]):
                                     "out of the memory. /undo takes the exchange back; /retry "
                                     "tries again.", "yellow")
             if event.unsaved is not None:
+                self.marked_unsaved = True
                 await self.add_note(unsaved_note(event.unsaved), "bold red")
             self.show_info(event.info)
         finally:

@@ -487,7 +487,8 @@ async def test_a_turn_whose_save_fails_stays_on_screen_and_is_saved_later(tiny_m
         disk.full = False  # space freed
         await send(pilot, "I like tea.")
         assert users() == ["My name is Ada.", "I live in Paris.", "I like tea."]
-        assert "not saved" not in footers(app)[-1]
+        assert not any("not saved" in footer for footer in footers(app))  # in the file now
+        assert [n.title for n in notices(app)] == ["Saved"]
         disk.full = True
         await send(pilot, "/undo")
         assert "/undo is done, but the memory could not be saved" in notes(app)
