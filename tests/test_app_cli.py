@@ -17,6 +17,17 @@ def tiny_model(tmp_path_factory):
     return make_tiny_dmem(tmp_path_factory.mktemp("tiny"))
 
 
+def memory_with_one_turn(model_dir, path):
+    """`path`, a memory of the model in `model_dir` holding one short turn (its lock released)."""
+    import dmem_mlx
+    from dmem_mlx.runtime import ChatSession, MemoryFile
+
+    with ChatSession(*dmem_mlx.load(str(model_dir)), memory=MemoryFile.open(path)) as session:
+        for _ in session.reply("I like tea.", max_tokens=3):
+            pass
+    return path
+
+
 def one_line_error(captured) -> str:
     err = captured.err.strip()
     assert "Traceback" not in captured.err and "Traceback" not in captured.out
@@ -160,14 +171,9 @@ def test_a_bare_name_is_created_in_the_data_directory(tiny_model, tmp_path, data
 
 def test_memory_of_another_model_is_refused_before_the_ui(tiny_model, tmp_path, capsys,
                                                          no_ui):
-    import dmem_mlx
-    from dmem_mlx.runtime import ChatSession, MemoryFile
     from dmem_mlx.tiny import make_tiny_dmem
 
-    path = tmp_path / "chat.safetensors"
-    with ChatSession(*dmem_mlx.load(str(tiny_model)), memory=MemoryFile.open(path)) as session:
-        for _ in session.reply("I like tea.", max_tokens=3):
-            pass
+    path = memory_with_one_turn(tiny_model, tmp_path / "chat.safetensors")
     other = make_tiny_dmem(tmp_path / "other", seed=7)
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(["--model", str(other), "--memory", str(path)]) == 1
@@ -183,13 +189,7 @@ def test_a_memory_on_a_read_only_file_system_is_refused_and_opens_read_only(
     import errno
     import os
 
-    import dmem_mlx
-    from dmem_mlx.runtime import ChatSession, MemoryFile
-
-    path = tmp_path / "chat.safetensors"
-    with ChatSession(*dmem_mlx.load(str(tiny_model)), memory=MemoryFile.open(path)) as session:
-        for _ in session.reply("I like tea.", max_tokens=3):
-            pass
+    path = memory_with_one_turn(tiny_model, tmp_path / "chat.safetensors")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     real_open, real_access = os.open, os.access
 
@@ -216,13 +216,7 @@ def test_a_memory_on_a_read_only_file_system_is_refused_and_opens_read_only(
 
 def test_a_read_only_memory_file_names_the_flag_that_opens_it(tiny_model, tmp_path, capsys,
                                                               terminal):
-    import dmem_mlx
-    from dmem_mlx.runtime import ChatSession, MemoryFile
-
-    path = tmp_path / "chat.safetensors"
-    with ChatSession(*dmem_mlx.load(str(tiny_model)), memory=MemoryFile.open(path)) as session:
-        for _ in session.reply("I like tea.", max_tokens=3):
-            pass
+    path = memory_with_one_turn(tiny_model, tmp_path / "chat.safetensors")
     path.chmod(0o444)
     assert main(["--model", str(tiny_model), "--memory", str(path)]) == 1
     assert "read-only (mode 444); open it with --read-only" in one_line_error(capsys.readouterr())

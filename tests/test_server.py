@@ -78,6 +78,18 @@ def alone(tiny, turns, max_tokens=6):
     return replies, session
 
 
+def count_prefills(monkeypatch) -> list:
+    """The number of rows of each batched prefill call the engine makes from now on."""
+    from dmem_mlx.server import engine as engine_module
+
+    calls = []
+    real = engine_module.prefill
+    monkeypatch.setattr(engine_module, "prefill",
+                        lambda m, caches, prompts: calls.append(len(prompts)) or
+                        real(m, caches, prompts))
+    return calls
+
+
 def states_of(session):
     return {i: np.array(s[0]) for i, s in session._ctx.states().items() if s is not None}
 
@@ -626,14 +638,9 @@ def test_requests_starting_together_share_a_prefill_and_one_alone_uses_its_own(
     starting alone is fed on its own cache (no call of `prefill`). Either way each reply and
     memory is the one the user gets alone, streamed text included."""
     model, tokenizer = tiny
-    from dmem_mlx.server import engine as engine_module
     from dmem_mlx.server.store import MemoryStore
 
-    calls = []
-    real = engine_module.prefill
-    monkeypatch.setattr(engine_module, "prefill",
-                        lambda m, caches, prompts: calls.append(len(prompts)) or
-                        real(m, caches, prompts))
+    calls = count_prefills(monkeypatch)
     store = MemoryStore(tmp_path, {}, lambda m: ChatSession(model, tokenizer, memory=m))
     engine = Engine(model, tokenizer, store, max_concurrent=4)
     texts = {"a": "Hello, my name is Ada.", "b": "I live in Paris.", "c": "Who am I?"}
@@ -678,14 +685,9 @@ def test_held_arrivals_share_the_next_prefill(tiny, tmp_path, monkeypatch):
     decoding starts at once. Replies and memories are still each user's alone. (The worker's
     rounds are run here by hand, so what arrives when is exact.)"""
     model, tokenizer = tiny
-    from dmem_mlx.server import engine as engine_module
     from dmem_mlx.server.store import MemoryStore
 
-    calls = []
-    real = engine_module.prefill
-    monkeypatch.setattr(engine_module, "prefill",
-                        lambda m, caches, prompts: calls.append(len(prompts)) or
-                        real(m, caches, prompts))
+    calls = count_prefills(monkeypatch)
     store = MemoryStore(tmp_path, {}, lambda m: ChatSession(model, tokenizer, memory=m))
     engine = Engine(model, tokenizer, store, max_concurrent=4, hold_arrivals=True)
     texts = {"a": "Hello, my name is Ada.", "b": "I live in Paris.", "c": "Who am I?"}
