@@ -41,6 +41,13 @@ MAX_STEPS = 4
 # wins there once a chunk is costly (batched rows, many state heads) and loses little on one row.
 TAIL_STEPS = 2
 HALF_CHUNK = DEFAULT_CHUNK // 2
+# From this many batch rows (users' prompts prefilled together), a call of up to LOOP_TOKENS
+# tokens runs the per-token loop: the chunked scan's batched 16×16 matmuls are one BLAS call per
+# state row of every head and chunk (512 a layer at 8 rows of the demo's 8×8 heads), so its cost
+# grows with the rows, the loop's mostly with the tokens (demo, 2-core CPU, per layer: 8 rows ×
+# 14 tokens 2.6 → 1.8 ms, × 32 tokens 5.9 → 4.8 ms; 4 rows break even at 14 tokens).
+LOOP_ROWS = 4
+LOOP_TOKENS = 32
 
 
 def default_backend() -> str:
@@ -120,7 +127,7 @@ def token_scan(
     if resolve(backend) != "chunked" or not can_compile():
         reads, new_state = scan(state, memory.project(h, w), valid, backend)
         return reads.reshape(B, T, -1), new_state
-    pad = token_padding(T)
+    pad = token_padding(T, B)
     if pad:
         valid = (_real_tokens(B, T, pad) if valid is None
                  else mx.pad(valid.astype(mx.float32), [(0, 0), (0, pad)]))
@@ -139,23 +146,31 @@ def _real_tokens(batch: int, tokens: int, pad: int) -> mx.array:
                     .astype(np.float32))
 
 
-def token_padding(tokens: int) -> int:
-    """Identity tokens added to a call of `tokens` before `token_scan`'s compiled function: none
-    when `_plan` needs none (a few tokens, or TAIL_STEPS past a multiple of DEFAULT_CHUNK), else up
-    to a multiple of HALF_CHUNK. So the shapes traced stay few, and a call just past a chunk
-    boundary (17 tokens) is not padded to two whole chunks (32)."""
-    if tokens <= MAX_STEPS or tokens % DEFAULT_CHUNK <= TAIL_STEPS:
+def token_padding(tokens: int, rows: int = 1) -> int:
+    """Identity tokens added to a call of `tokens` (in `rows` batch rows) before `token_scan`'s
+    compiled function: none when `_plan` needs none (the loop alone, or TAIL_STEPS past a
+    multiple of DEFAULT_CHUNK), else up to a multiple of HALF_CHUNK. So the shapes traced stay
+    few, and a call just past a chunk boundary (17 tokens) is not padded to two whole chunks
+    (32)."""
+    if steps_only(tokens, rows) or tokens % DEFAULT_CHUNK <= TAIL_STEPS:
         return 0
     return -tokens % HALF_CHUNK
 
 
-def _plan(tokens: int) -> tuple[int, int, int]:
+def steps_only(tokens: int, rows: int = 1) -> bool:
+    """Whether a call of `tokens` in `rows` batch rows runs by the per-token loop alone: a few
+    tokens, or up to LOOP_TOKENS in a batch of LOOP_ROWS or more."""
+    return tokens <= MAX_STEPS or (rows >= LOOP_ROWS and tokens <= LOOP_TOKENS)
+
+
+def _plan(tokens: int, rows: int = 1) -> tuple[int, int, int]:
     """(chunked tokens, chunk size, tokens after them run by the per-token loop) for a call of
-    `tokens` padded by `token_padding`: a few tokens by the loop alone; a multiple of the chunk
-    in chunks; a few past one, the chunks and then the loop (17 tokens: 16 + 1 step, not a
-    second chunk of 15 padding steps); an odd multiple of HALF_CHUNK in chunks of that size
-    (21 → 24: three of 8, not two of 16; a chunk's cost grows faster than its length)."""
-    if tokens <= MAX_STEPS:
+    `tokens` in `rows` batch rows, padded by `token_padding`: the loop alone where `steps_only`
+    says so; a multiple of the chunk in chunks; a few past one, the chunks and then the loop
+    (17 tokens: 16 + 1 step, not a second chunk of 15 padding steps); an odd multiple of
+    HALF_CHUNK in chunks of that size (21 → 24: three of 8, not two of 16; a chunk's cost grows
+    faster than its length)."""
+    if steps_only(tokens, rows):
         return 0, DEFAULT_CHUNK, tokens
     tail = tokens % DEFAULT_CHUNK
     if tail <= TAIL_STEPS:
@@ -167,7 +182,7 @@ def planned_scan(state: mx.array, inputs: MemoryInputs, valid: Optional[mx.array
                  ) -> tuple[mx.array, mx.array]:
     """`scan_reference`'s result by `_plan`: chunked scan, then the per-token loop for the rest.
     Shapes as `scan`."""
-    chunked, chunk, _ = _plan(inputs.q.shape[1])
+    chunked, chunk, _ = _plan(inputs.q.shape[1], inputs.q.shape[0])
     if not chunked:
         return scan_reference(state, inputs, valid)
     head = MemoryInputs(*(x[:, :chunked] for x in inputs))

@@ -208,15 +208,40 @@ def test_token_scan_matches_reference_around_chunk_boundaries(T):
 
 def test_token_scan_plan_covers_every_token():
     """Every length is split into chunks and steps that add up to it once padded, padding stays
-    under half a chunk, and no padded length needs a second chunk for a few tokens."""
-    for T in range(1, 200):
-        pad = scan_module.token_padding(T)
-        chunked, chunk, steps = scan_module._plan(T + pad)
-        assert chunked + steps == T + pad and chunked % chunk == 0
-        assert pad < scan_module.HALF_CHUNK
-        assert steps <= (scan_module.MAX_STEPS if T <= scan_module.MAX_STEPS
-                         else scan_module.TAIL_STEPS)
-        assert chunk in (scan_module.HALF_CHUNK, scan_module.DEFAULT_CHUNK)
+    under half a chunk, and no padded length needs a second chunk for a few tokens; a batch of
+    LOOP_ROWS rows or more runs up to LOOP_TOKENS tokens by the loop alone, unpadded."""
+    for rows in (1, scan_module.LOOP_ROWS - 1, scan_module.LOOP_ROWS, 8):
+        batched = rows >= scan_module.LOOP_ROWS
+        for T in range(1, 200):
+            pad = scan_module.token_padding(T, rows)
+            chunked, chunk, steps = scan_module._plan(T + pad, rows)
+            assert chunked + steps == T + pad and chunked % chunk == 0
+            assert pad < scan_module.HALF_CHUNK
+            loop_only = T <= (scan_module.LOOP_TOKENS if batched else scan_module.MAX_STEPS)
+            assert steps <= (T if loop_only else scan_module.TAIL_STEPS)
+            assert (chunked == 0 and pad == 0) if loop_only else chunked > 0
+            assert chunk in (scan_module.HALF_CHUNK, scan_module.DEFAULT_CHUNK)
+
+
+@pytest.mark.parametrize("T", [5, 14, 17, 32, 33])
+def test_token_scan_of_a_batch_matches_reference(T):
+    """A batch of LOOP_ROWS rows (several users' prompts prefilled at once) takes the per-token
+    loop up to LOOP_TOKENS tokens and the chunked scan past it: both equal the reference, with
+    rows of padding that is never written."""
+    if not scan_module.can_compile():
+        pytest.skip("mx.compile cannot run here: token_scan takes the uncompiled path")
+    B = scan_module.LOOP_ROWS
+    for cfg in (CONFIGS[0], mode_config(MODES[4], num_state_heads=4)):
+        memory = random_memory(cfg, seed=T)
+        rng = np.random.default_rng(T)
+        h = mx.array(rng.normal(size=(B, T, 64)).astype(np.float32))
+        state = mx.array(rng.normal(size=(B, cfg.num_state_heads, 8, 8)).astype(np.float32) * 0.3)
+        for valid in (None, holes(B, T, seed=T).astype(mx.float32)):
+            want_reads, want_state = scan_reference(state, memory.project(h), valid)
+            reads, new_state = scan_module.token_scan(memory, h, state, valid, "chunked")
+            assert reads.shape == (B, T, cfg.state_dim)
+            assert_close(reads, want_reads.reshape(B, T, -1), 1e-5)
+            assert_close(new_state, want_state, 1e-5)
 
 
 def test_dispatcher_handles_an_empty_call():
@@ -636,3 +661,23 @@ def test_candidates_cover_debian_layouts():
     paths = [str(p) for p in blas.openblas_candidates("x86_64")]
     assert paths[0] == X86 and all(Path(p).name == "libblas.so.3" for p in paths)
     assert blas.openblas_candidates("sparc") == []
+
+
+def test_blas_threads_follow_use_under_openblas():
+    """Under an OpenBLAS (preloaded in a child process) `use(1)` sets one thread and `use(None)`
+    puts back the count it started with; without one, `use` changes nothing."""
+    import subprocess
+    import sys
+
+    code = ("from dmem_mlx.blas import BlasThreads; import ctypes; b = BlasThreads(); "
+            "get = (lambda: ctypes.CDLL(None).openblas_get_num_threads()) if b.default else "
+            "(lambda: None); seen = [get()]; b.use(1); seen.append(get()); b.use(None); "
+            "seen.append(get()); print(b.default, *seen)")
+    root = str(Path(__file__).resolve().parents[1])
+    for preload in ([X86] if Path(X86).is_file() else []) + [""]:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": root, "LD_PRELOAD": preload,
+               "OPENBLAS_NUM_THREADS": "2"}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-500:]
+        assert out.stdout.split() == (["2", "2", "1", "2"] if preload else ["None"] * 4)

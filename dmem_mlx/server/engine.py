@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_top_p
 
+from ..blas import BlasThreads
 from ..cache import state_of, with_state
 from ..runtime import ChatSession, ContextTooLongError, MemoryFileError, Turn
 from ..runtime.context import last_position_only
@@ -354,6 +355,7 @@ class Engine:
         self._busy: set = set()  # keys with a row decoding
         self._batch = Batch(model)
         self._started = False  # whether the last round started a job
+        self._blas = BlasThreads()  # decode steps on one BLAS thread, prompts on all
         self._saver = Saver(lambda: self._inbox.put(None), threads=min(max_concurrent, 8)) \
             if write_behind else None
         if self._saver is not None:
@@ -453,6 +455,8 @@ class Engine:
             for job in chats:  # they start after the next decode step, with what arrives by then
                 job.held = True
             chats = []
+        if chats:
+            self._blas.use(None)
         for job in chats:
             self._take(job)
         starting: list[tuple[ChatJob, ChatSession, Turn]] = []
@@ -573,6 +577,7 @@ class Engine:
         the next of the template's closing tokens (fed here, in the batch, so that ending the
         turn has nothing left to ingest); rows with nothing left to feed leave, together.
         A reply token's text is streamed as soon as it is accepted, before it is fed."""
+        self._blas.use(1)
         rows = list(self._batch.rows)
         mx.eval([r.y for r in rows if r.finish is None])
         feed, leaving = [], []
