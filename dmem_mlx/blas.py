@@ -161,10 +161,12 @@ class BlasThreads:
 
     A batched decode step's GEMMs are a few rows by a weight (8 × 256 × 768 on the demo): past
     OpenBLAS's size threshold it splits them over two threads, whose hand-off costs more than
-    the arithmetic, and far more while another process keeps the second core busy (demo, 8 rows,
-    a whole step: 8.5 → 8.2 ms on a quiet machine, 18.6 → 10.7 ms beside a busy core). A long
-    prefill is another matter: there the threads pay. So the server decodes on `use(1)` and
-    reads prompts on `use(None)`, the count OpenBLAS started with.
+    the arithmetic whenever the other core is busy (the server's HTTP thread, its clients,
+    another job). Demo, 2-core CPU beside a training job, 11 decode steps of 8 rows: 166 → 92
+    ms on one thread (1 row: 82 → 50 ms, the LM head's GEMV is threaded too); prompts of 13
+    tokens in 8 rows 63 → 36 ms, of ~200 tokens 315 → 302 ms. On an idle machine a long
+    prompt's GEMMs gain from the threads, so the server reads long prompts on `use(None)`, the
+    count OpenBLAS started with, and everything else on `use(1)`.
     """
 
     def __init__(self) -> None:

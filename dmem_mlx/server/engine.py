@@ -33,6 +33,9 @@ from .schemas import APIError, ChatRequest
 from .store import MemoryStore
 
 log = logging.getLogger("dmem_mlx.server")
+# New user text (characters, all requests starting together) from which their prompts are read
+# on every BLAS thread rather than one: about 256 tokens, where a GEMM is large enough to share.
+LONG_PROMPT_CHARS = 1024
 
 
 @dataclass
@@ -355,7 +358,7 @@ class Engine:
         self._busy: set = set()  # keys with a row decoding
         self._batch = Batch(model)
         self._started = False  # whether the last round started a job
-        self._blas = BlasThreads()  # decode steps on one BLAS thread, prompts on all
+        self._blas = BlasThreads()  # decode steps and short prompts on one BLAS thread
         self._saver = Saver(lambda: self._inbox.put(None), threads=min(max_concurrent, 8)) \
             if write_behind else None
         if self._saver is not None:
@@ -455,8 +458,9 @@ class Engine:
             for job in chats:  # they start after the next decode step, with what arrives by then
                 job.held = True
             chats = []
-        if chats:
-            self._blas.use(None)
+        if chats:  # short prompts on one BLAS thread too; long ones on all (see BlasThreads)
+            text = sum(len(job.request.user_text) for job in chats)
+            self._blas.use(None if text >= LONG_PROMPT_CHARS else 1)
         for job in chats:
             self._take(job)
         starting: list[tuple[ChatJob, ChatSession, Turn]] = []
