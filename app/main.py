@@ -183,21 +183,29 @@ def check_memory_contents(path: Path, model_path: Path) -> None:
 def open_memory(path: Path | str, read_only: bool = False) -> "MemoryFile":
     """Open (and lock, unless read-only) a memory file, checking its format and contents.
 
-    Raises MemoryLockedError if another process holds it. Whether it belongs to this model is
-    checked again when the session starts (with the loaded weights)."""
-    from dmem_mlx.runtime.memory_file import MemoryFile, MemoryFileError, MemoryLockedError
+    A memory that can only be read (locked by another process, a read-only file) is refused
+    with dmem-chat's way on (`--read-only`). Whether it belongs to this model is checked again
+    when the session starts (with the loaded weights)."""
+    from dmem_mlx.runtime.memory_file import MemoryFile
 
-    path = Path(path).expanduser()
+    with read_only_way_on():
+        return MemoryFile.open(Path(path).expanduser(), read_only=read_only)
+
+
+@contextmanager
+def read_only_way_on() -> Iterator[None]:
+    """A MemoryNotWritableError raised inside, said as dmem-chat's refusal (UsageError) with
+    the way on: `--read-only` opens what cannot be written here."""
+    from dmem_mlx.runtime.memory_file import MemoryLockedError, MemoryNotWritableError
+
     try:
-        return MemoryFile.open(path, read_only=read_only)
+        yield
     except MemoryLockedError as exc:
-        raise MemoryLockedError(f"{str(exc).split(' (')[0]}: close the dmem-chat (or program) "
-                                "using it, or chat without saving: --read-only") from None
-    except MemoryFileError as exc:  # a read-only file or file system: say how to open it
-        if "open it read-only" not in str(exc):
-            raise
-        raise MemoryFileError(str(exc).replace("open it read-only",
-                                               "open it with --read-only")) from None
+        raise UsageError(f"{exc}: close the dmem-chat (or program) using it, or chat without "
+                         "saving: --read-only") from None
+    except MemoryNotWritableError as exc:
+        raise UsageError(f"{exc}; open it with --read-only to use it without saving, or make "
+                         "it writable") from None
 
 
 def blas_description() -> str:

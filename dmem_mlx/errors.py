@@ -12,7 +12,8 @@
     ├── ModelError             a model directory mlx-lm cannot load (files, architecture)
     ├── DistributedError       a sharding or pipeline split that cannot run (mx.distributed)
     ├── MemoryFileError        a memory file that cannot be read or written
-    │   ├── MemoryLockedError  ... because it is open for writing elsewhere
+    │   ├── MemoryNotWritableError  one that can be read, not written here (opens read-only)
+    │   │   └── MemoryLockedError   ... because it is open for writing elsewhere
     │   └── MemorySaveError    a save that failed (disk full …): the file keeps its last version
     ├── SessionError           a chat session asked for something it cannot do
     │   ├── ContextTooLongError  a message longer than the whole KV budget (ValueError too)
@@ -38,7 +39,8 @@ import reprlib
 __all__ = [
     "DmemError", "ConfigError", "AdapterError", "CheckpointError", "UnsafeCheckpointError",
     "CorruptCheckpointError", "UnsupportedCheckpointError", "ConvertError", "HubError", "ModelError",
-    "DistributedError", "MemoryFileError", "MemoryLockedError", "MemorySaveError", "SessionError",
+    "DistributedError", "MemoryFileError", "MemoryNotWritableError", "MemoryLockedError",
+    "MemorySaveError", "SessionError",
     "ContextTooLongError", "SessionBusyError", "NothingToUndoError", "DataError", "TrainError", "UsageError",
     "CommandError", "brief", "one_line", "user_message",
 ]
@@ -92,7 +94,18 @@ class MemoryFileError(DmemError):
     """A memory file that cannot be used (message: one line naming the file and the reason)."""
 
 
-class MemoryLockedError(MemoryFileError):
+class MemoryNotWritableError(MemoryFileError):
+    """A memory that can be read but not written here (a read-only file, a directory that
+    cannot be written): opened read-only it can be used. The message states the situation; each
+    front end words the way on (dmem-chat: its --read-only flag). `path`: the memory; `reason`:
+    why it cannot be written, without the path."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+class MemoryLockedError(MemoryNotWritableError):
     """The memory is open for writing elsewhere (another process, or this one)."""
 
 

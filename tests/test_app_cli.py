@@ -219,7 +219,23 @@ def test_a_read_only_memory_file_names_the_flag_that_opens_it(tiny_model, tmp_pa
     path = memory_with_one_turn(tiny_model, tmp_path / "chat.safetensors")
     path.chmod(0o444)
     assert main(["--model", str(tiny_model), "--memory", str(path)]) == 1
-    assert "read-only (mode 444); open it with --read-only" in one_line_error(capsys.readouterr())
+    assert one_line_error(capsys.readouterr()) == (
+        f"dmem-chat: error: {path}: the file is read-only (mode 444); open it with --read-only "
+        "to use it without saving, or make it writable")
+
+
+def test_a_memory_open_elsewhere_names_the_flag_that_opens_it(tiny_model, tmp_path, capsys,
+                                                              no_ui):
+    from dmem_mlx.runtime import MemoryFile
+
+    path = memory_with_one_turn(tiny_model, tmp_path / "chat.safetensors")
+    with MemoryFile.open(path):  # as another dmem-chat would hold it
+        assert main(["--model", str(tiny_model), "--memory", str(path)]) == 1
+        assert one_line_error(capsys.readouterr()) == (
+            f"dmem-chat: error: {path}: this memory is already open in this process: close the "
+            "dmem-chat (or program) using it, or chat without saving: --read-only")
+        assert main(["--model", str(tiny_model), "--memory", str(path), "--read-only"]) == 0
+    assert no_ui.started == 1
 
 
 def test_the_demo_starts_on_its_versions_own_memory(data_home, no_ui):

@@ -32,6 +32,7 @@ def make_tiny_model():
 PUBLISHED = [
     (dmem_mlx.config, "ConfigError"), (dmem_mlx.hub, "HubError"),
     (dmem_mlx.runtime, "MemoryFileError"), (dmem_mlx.runtime, "MemoryLockedError"),
+    (dmem_mlx.runtime, "MemoryNotWritableError"),
     (dmem_mlx.runtime, "ContextTooLongError"), (dmem_mlx.runtime, "SessionBusyError"),
     (dmem_mlx.training.data, "DataError"), (dmem_mlx.train, "TrainError"),
     (convert.adapter, "AdapterError"), (convert.convert, "ConvertError"),

@@ -12,8 +12,8 @@ import safetensors.numpy
 
 import dmem_mlx
 from dmem_mlx.runtime import (ChatSession, MemoryData, MemoryFile, MemoryFileError,
-                              MemoryLockedError, MemorySaveError, default_memory_path,
-                              read_memory)
+                              MemoryLockedError, MemoryNotWritableError, MemorySaveError,
+                              default_memory_path, read_memory)
 from dmem_mlx.runtime.memory_file import FORMAT_NAME, FORMAT_VERSION, _checksum, encode
 from dmem_mlx.tiny import make_tiny_dmem
 from repo_scripts import load_script
@@ -271,8 +271,11 @@ def test_second_process_is_refused_and_may_open_read_only(tmp_path):
     out = probe(path, "rw")
     assert out.startswith("locked:") and "another process" in out
     assert probe(path, "ro") == "opened"
-    with pytest.raises(MemoryLockedError, match="already open in this process"):
+    with pytest.raises(MemoryLockedError) as info:
         MemoryFile.open(path, fingerprint=FP)  # a second opener in this process too
+    assert isinstance(info.value, MemoryNotWritableError)  # it opens read-only
+    assert (info.value.path, info.value.reason) == (path, "this memory is already open in this "
+                                                          "process")
     assert path.read_bytes() == before
     mem.close()
     assert probe(path, "rw") == "opened"
@@ -433,9 +436,11 @@ def test_a_read_only_file_is_refused_for_writing_and_opens_read_only(tmp_path):
         mem.save(sample())
     path.chmod(0o444)
     before = path.read_bytes()
-    with pytest.raises(MemoryFileError, match="read-only") as info:
+    with pytest.raises(MemoryNotWritableError) as info:
         MemoryFile.open(path, fingerprint=FP)
-    assert "\n" not in str(info.value)
+    # the situation, as fields; the way on is each front end's to say (no flag, no "open it")
+    assert (info.value.path, info.value.reason) == (path, "the file is read-only (mode 444)")
+    assert str(info.value) == f"{path}: the file is read-only (mode 444)"
     assert MemoryFile.open(path, fingerprint=FP, read_only=True).data is not None
     assert path.read_bytes() == before
 

@@ -781,6 +781,23 @@ def test_a_memory_open_elsewhere_is_a_clean_409(served, client):
     assert error["code"] == "memory_locked"
 
 
+def test_a_read_only_memory_file_is_a_clean_409_without_dmem_chats_way_on(tiny, served):
+    """The runtime says the file cannot be written; the server words it for an HTTP client (no
+    "open it read-only", no flag) and leaves the file as it is."""
+    server, memories = served
+    path = memories / "frozen.safetensors"
+    with ChatSession(*tiny, memory=MemoryFile.open(path)) as session:
+        list(session.reply("I like tea.", max_tokens=2))
+    path.chmod(0o444)
+    before = path.read_bytes()
+    error = check_error(chat(server, {"messages": [{"role": "user", "content": "x"}],
+                                      "user": "frozen"}), 409)
+    assert error["code"] == "memory_unusable"
+    assert error["message"] == ("memory 'frozen' cannot be used: the server cannot save it (the "
+                                "file is read-only (mode 444))")
+    assert path.read_bytes() == before
+
+
 def test_cli_binds_to_localhost_and_refuses_bad_flags(tmp_path):
     args = build_parser().parse_args([])
     assert args.host == "127.0.0.1"

@@ -19,9 +19,10 @@ _EXPORTS = {
     **dict.fromkeys(("ChatSession", "ContextTooLongError", "SessionBusyError", "ReplyChunk",
                      "ReplyStats", "SessionInfo", "Turn", "default_kv_budget",
                      "NothingToUndoError"), "session"),
-    **dict.fromkeys(("MemoryFile", "MemoryFileError", "MemoryLockedError", "MemorySaveError",
-                     "MemoryData", "read_memory", "default_memory_path", "FORMAT_VERSION",
-                     "UndoStep", "PastConversation"), "memory_file"),
+    **dict.fromkeys(("MemoryFile", "MemoryFileError", "MemoryNotWritableError",
+                     "MemoryLockedError", "MemorySaveError", "MemoryData", "read_memory",
+                     "default_memory_path", "FORMAT_VERSION", "UndoStep",
+                     "PastConversation"), "memory_file"),
     **dict.fromkeys(("model_fingerprint", "fingerprint_from_files"), "fingerprint"),
     **dict.fromkeys(("Rendered", "render", "closing_tokens", "sentence_spans"), "template"),
 }

@@ -46,7 +46,8 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
-from ..errors import MemoryFileError, MemoryLockedError, MemorySaveError, one_line
+from ..errors import (MemoryFileError, MemoryLockedError, MemoryNotWritableError, MemorySaveError,
+                      one_line)
 from ..files import read_regular
 from .memory_header import MAX_FILE, prefix_problem
 
@@ -452,8 +453,7 @@ def _check_kind(path: Path, writing: bool) -> None:
         raise MemoryFileError(f"{path}: is not a regular file (a FIFO, socket or device), "
                               "not a memory file")
     if writing and not info.st_mode & 0o222:
-        raise MemoryFileError(f"{path}: the file is read-only (mode {info.st_mode & 0o777:o}); "
-                              "open it read-only, or make it writable to save into it")
+        raise MemoryNotWritableError(path, f"the file is read-only (mode {info.st_mode & 0o777:o})")
 
 
 def _remove_temporaries(directory: Path, pattern: str, dead_only: bool = False) -> None:
@@ -514,16 +514,15 @@ def _acquire(path: Path) -> tuple[Any, bool]:
         except Timeout:
             where = "already open in this process" if lock_path in _LOCKED_HERE else \
                 "open in another process"
-            raise MemoryLockedError(f"{path}: this memory is {where} (close it there, or "
-                                    "open it read-only)") from None
+            raise MemoryLockedError(path, f"this memory is {where}") from None
         except OSError as exc:
             raise MemoryFileError(f"{path}: cannot lock ({exc.strerror or exc})") from None
         if os.path.exists(lock_path):
             _LOCKED_HERE.add(lock_path)
             return lock, created
         lock.release()  # its holder removed the file as we took it: take the new one
-    raise MemoryLockedError(f"{path}: this memory is being opened and closed by another process "
-                            "(try again)")
+    raise MemoryLockedError(path, "this memory is being opened and closed by another process "
+                                  "(try again)")
 
 
 def _slug(text: str) -> str:
@@ -576,7 +575,8 @@ class MemoryFile:
 
         fingerprint: the model's (see `model_fingerprint`); a file of another model is refused.
         None defers the check to `ChatSession`. read_only: take no lock and never write.
-        Raises MemoryLockedError if another process holds it, MemoryFileError if it is unusable.
+        Raises MemoryNotWritableError (MemoryLockedError: another process holds it) if it can
+        only be opened read-only, MemoryFileError if it is unusable.
         """
         path = Path(path).expanduser()
         _check_kind(path, writing=not read_only)

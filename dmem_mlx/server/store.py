@@ -20,7 +20,8 @@ from typing import Any, Callable, Optional
 
 from filelock import FileLock, Timeout
 
-from ..runtime import ChatSession, MemoryFile, MemoryFileError, MemoryLockedError, read_memory
+from ..runtime import (ChatSession, MemoryFile, MemoryFileError, MemoryLockedError,
+                       MemoryNotWritableError, read_memory)
 from ..runtime.memory_file import SUFFIX
 from .schemas import APIError
 
@@ -82,6 +83,9 @@ class MemoryStore:
         except MemoryLockedError:
             raise APIError(409, f"memory {memory!r} is open in another process",
                            code="memory_locked") from None
+        except MemoryNotWritableError as exc:  # the server saves every turn: it cannot use it
+            raise APIError(409, f"memory {memory!r} cannot be used: the server cannot save it "
+                                f"({exc.reason})", code="memory_unusable") from None
         except MemoryFileError as exc:
             raise APIError(409, f"memory {memory!r} cannot be used: "
                                 f"{_tail(str(exc), self.path(memory))}",
