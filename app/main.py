@@ -9,7 +9,6 @@ app, which is usable (you can type) while it does.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import re
 import signal
@@ -145,17 +144,12 @@ def check_memory_path(path: Path) -> None:
 
 
 def check_writable(path: Path) -> None:
-    """Refuse a memory whose directory cannot be written (a read-only file system, no
-    permission): no save could go through (each writes a new file next to it, then renames)."""
-    try:
-        target = path.resolve() if path.is_symlink() else path  # saves go through a link
-    except (RuntimeError, OSError):  # a symlink loop: opening the memory refuses it
-        return
-    if target.parent.is_dir() and not os.access(target.parent, os.W_OK):
-        way = "open it with --read-only to use it without saving" if target.exists() else \
-            "give --memory a path in a directory you can write"
-        raise UsageError(f"{target.parent}: not writable (a read-only file system, or no "
-                         f"permission): {target.name} cannot be saved there; {way}")
+    """Refuse, with the way on, a memory that could not be saved: a read-only file, or a
+    directory that cannot be written or created (a read-only file system, no permission)."""
+    from dmem_mlx.runtime import memory_file
+
+    with read_only_way_on():
+        memory_file.check_writable(path)
 
 
 def check_memory_contents(path: Path, model_path: Path) -> None:
@@ -204,8 +198,10 @@ def read_only_way_on() -> Iterator[None]:
         raise UsageError(f"{exc}: close the dmem-chat (or program) using it, or chat without "
                          "saving: --read-only") from None
     except MemoryNotWritableError as exc:
-        raise UsageError(f"{exc}; open it with --read-only to use it without saving, or make "
-                         "it writable") from None
+        way = "open it with --read-only to use it without saving" if Path(exc.path).exists() \
+            else "chat without saving with --read-only, or give --memory a path in a directory " \
+            "you can write"
+        raise UsageError(f"{exc}; {way}") from None
 
 
 def blas_description() -> str:

@@ -44,3 +44,32 @@ class Disk:
 def disk(monkeypatch):
     """A `Disk` that can be made full (no mount: the memory file's writes are wrapped)."""
     return Disk(monkeypatch)
+
+
+
+class Mount:
+    """The file systems; while `read_only`, as a read-only mount answers (root too, unlike
+    chmod): opening a file for writing fails with EROFS and os.access finds nothing writable."""
+
+    def __init__(self, monkeypatch):
+        import errno
+        import os
+
+        self.read_only = False
+        real_open, real_access = os.open, os.access
+
+        def open_(name, flags, *args, **kwargs):
+            if self.read_only and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(name))
+            return real_open(name, flags, *args, **kwargs)
+
+        def access(name, mode, **kwargs):
+            return not (self.read_only and mode & os.W_OK) and real_access(name, mode, **kwargs)
+        monkeypatch.setattr(os, "open", open_)
+        monkeypatch.setattr(os, "access", access)
+
+
+@pytest.fixture
+def mount(monkeypatch):
+    """A `Mount` that can be made read-only (no real mount: os.open and os.access are wrapped)."""
+    return Mount(monkeypatch)

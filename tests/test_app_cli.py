@@ -185,33 +185,44 @@ def test_memory_of_another_model_is_refused_before_the_ui(tiny_model, tmp_path, 
 
 
 def test_a_memory_on_a_read_only_file_system_is_refused_and_opens_read_only(
-        tiny_model, tmp_path, capsys, monkeypatch, no_ui):
-    import errno
-    import os
-
+        tiny_model, tmp_path, capsys, mount, no_ui):
     path = memory_with_one_turn(tiny_model, tmp_path / "chat.safetensors")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    real_open, real_access = os.open, os.access
-
-    def read_only_fs(name, flags, *args, **kwargs):  # as a read-only mount answers (root too)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(name))
-        return real_open(name, flags, *args, **kwargs)
-    monkeypatch.setattr(os, "open", read_only_fs)
-    monkeypatch.setattr(os, "access", lambda name, mode, **kw: not mode & os.W_OK
-                        and real_access(name, mode, **kw))
+    mount.read_only = True
     assert main(["--model", str(tiny_model), "--memory", str(path)]) == 1
-    error = one_line_error(capsys.readouterr())
-    assert "not writable (a read-only file system" in error and "open it with --read-only" in error
-    assert main(["--model", str(tiny_model), "--memory", str(tmp_path / "new.safetensors")]) == 1
-    assert "give --memory a path in a directory you can write" in one_line_error(
-        capsys.readouterr())
+    assert one_line_error(capsys.readouterr()) == (
+        f"dmem-chat: error: {path}: its directory is not writable (a read-only file system, or "
+        "no permission); open it with --read-only to use it without saving")
+    new = tmp_path / "new.safetensors"
+    assert main(["--model", str(tiny_model), "--memory", str(new)]) == 1
+    assert one_line_error(capsys.readouterr()) == (
+        f"dmem-chat: error: {new}: its directory is not writable (a read-only file system, or "
+        "no permission); chat without saving with --read-only, or give --memory a path in a "
+        "directory you can write")
     assert no_ui.started == 0
     assert main(["--model", str(tiny_model), "--memory", str(path), "--read-only"]) == 0
     assert no_ui.started == 1 and no_ui.app.memory.data.turns == 1
     no_ui.app.memory.close()
-    monkeypatch.undo()
+    mount.read_only = False
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_data_directory_on_a_read_only_file_system_names_the_way_on(data_home, capsys, mount,
+                                                                      no_ui):
+    """The demo's default memory, its directory not yet made and the data directory read-only:
+    refused with the way on (--read-only chats without saving), nothing created."""
+    from dmem_mlx.demo import DEMO_VERSION
+
+    mount.read_only = True
+    memory = data_home / "dmem-mlx" / "memories" / f"dmem-demo-v{DEMO_VERSION}.safetensors"
+    assert main([]) == 1
+    assert one_line_error(capsys.readouterr()) == (
+        f"dmem-chat: error: {memory}: its directory cannot be created (a read-only file system, "
+        "or no permission); chat without saving with --read-only, or give --memory a path in a "
+        "directory you can write")
+    assert main(["--read-only"]) == 0 and no_ui.started == 1
+    assert no_ui.app.memory.read_only and no_ui.app.memory.data is None
+    assert not data_home.exists()
 
 
 def test_a_read_only_memory_file_names_the_flag_that_opens_it(tiny_model, tmp_path, capsys,
@@ -221,7 +232,7 @@ def test_a_read_only_memory_file_names_the_flag_that_opens_it(tiny_model, tmp_pa
     assert main(["--model", str(tiny_model), "--memory", str(path)]) == 1
     assert one_line_error(capsys.readouterr()) == (
         f"dmem-chat: error: {path}: the file is read-only (mode 444); open it with --read-only "
-        "to use it without saving, or make it writable")
+        "to use it without saving")
 
 
 def test_a_memory_open_elsewhere_names_the_flag_that_opens_it(tiny_model, tmp_path, capsys,

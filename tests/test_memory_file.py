@@ -445,6 +445,22 @@ def test_a_read_only_file_is_refused_for_writing_and_opens_read_only(tmp_path):
     assert path.read_bytes() == before
 
 
+def test_a_memory_whose_directory_cannot_be_written_is_refused_for_writing(tmp_path, mount):
+    path = tmp_path / "m.safetensors"
+    with MemoryFile.open(path, fingerprint=FP) as mem:
+        mem.save(sample())
+    mount.read_only = True
+    with pytest.raises(MemoryNotWritableError) as info:
+        MemoryFile.open(path, fingerprint=FP)
+    assert info.value.reason == ("its directory is not writable (a read-only file system, or no "
+                                 "permission)")
+    deeper = tmp_path / "new" / "m.safetensors"
+    with pytest.raises(MemoryNotWritableError, match="its directory cannot be created"):
+        MemoryFile.open(deeper, fingerprint=FP)
+    assert not deeper.parent.exists()
+    assert MemoryFile.open(path, fingerprint=FP, read_only=True).data is not None
+
+
 def test_a_full_disk_during_a_snapshot_is_a_memory_file_error(tmp_path, monkeypatch):
     import errno
     import os

@@ -21,7 +21,7 @@ _EXPORTS = {
                      "NothingToUndoError"), "session"),
     **dict.fromkeys(("MemoryFile", "MemoryFileError", "MemoryNotWritableError",
                      "MemoryLockedError", "MemorySaveError", "MemoryData", "read_memory",
-                     "default_memory_path", "FORMAT_VERSION", "UndoStep",
+                     "check_writable", "default_memory_path", "FORMAT_VERSION", "UndoStep",
                      "PastConversation"), "memory_file"),
     **dict.fromkeys(("model_fingerprint", "fingerprint_from_files"), "fingerprint"),
     **dict.fromkeys(("Rendered", "render", "closing_tokens", "sentence_spans"), "template"),

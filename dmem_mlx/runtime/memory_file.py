@@ -456,6 +456,23 @@ def _check_kind(path: Path, writing: bool) -> None:
         raise MemoryNotWritableError(path, f"the file is read-only (mode {info.st_mode & 0o777:o})")
 
 
+def check_writable(path: PathLike) -> None:
+    """Refuse (MemoryNotWritableError), creating nothing, a memory at `path` that could be read
+    but never saved: a read-only file, or a directory that cannot be written or created (a
+    read-only file system, no permission) — a save writes a new file beside it, then renames.
+    Also refuses what cannot be a memory file at all (MemoryFileError)."""
+    path = Path(path).expanduser()
+    _check_kind(path, writing=True)
+    path = _through_links(path)
+    directory = path.parent
+    while not directory.is_dir() and directory != directory.parent:
+        directory = directory.parent
+    if not os.access(directory, os.W_OK):
+        what = "is not writable" if directory == path.parent else "cannot be created"
+        raise MemoryNotWritableError(path, f"its directory {what} (a read-only file system, or "
+                                           "no permission)")
+
+
 def _remove_temporaries(directory: Path, pattern: str, dead_only: bool = False) -> None:
     """Remove temporary files `pattern` in `directory` (left by killed writes); dead_only:
     only those whose writer process is gone (their name holds its pid)."""
@@ -579,7 +596,10 @@ class MemoryFile:
         only be opened read-only, MemoryFileError if it is unusable.
         """
         path = Path(path).expanduser()
-        _check_kind(path, writing=not read_only)
+        if read_only:
+            _check_kind(path, writing=False)
+        else:
+            check_writable(path)
         path = _through_links(path)
         lock, created = None, False
         if not read_only:
