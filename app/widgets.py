@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import TYPE_CHECKING, Optional, Union
 
 from rich.text import Text
@@ -259,10 +258,14 @@ class ChatInput(TextArea):
         self.call_after_refresh(self.scroll_cursor_visible)  # once the input has grown
 
 
-def saved_when(when: Optional[datetime]) -> str:
-    if when is None:
-        return "not saved yet"
-    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+def last_save(info: "SessionInfo") -> Text:
+    """The memory file's last save ("not saved yet" for a new file); in red while the file is
+    behind (a save failed): since when, and why."""
+    when = info.last_saved.astimezone().strftime("%Y-%m-%d %H:%M:%S") if info.last_saved else ""
+    if info.save_error is not None:
+        return Text(f"not saved {f'since {when}' if when else 'yet'}: {info.save_error}",
+                    "bold red")
+    return Text(f"saved {when}" if when else "not saved yet")
 
 
 def fingerprint_lines(fingerprint: dict) -> str:
@@ -335,8 +338,7 @@ class MemoryPanel(VerticalScroll):
         width = heatmap.size.width or 36
         heatmap.update(state_heatmap(info.layer_states, width))
         self.query_one("#system-prompt", Static).update(Text(info.system or "none", "italic"))
-        self.query_one("#memory-file", Static).update(Text(
-            f"{info.memory_path or 'none (not saved)'}\n"
-            f"saved {saved_when(info.last_saved)}"))
+        self.query_one("#memory-file", Static).update(Text.assemble(
+            f"{info.memory_path or 'none (not saved)'}\n", last_save(info)))
         self.query_one("#fingerprint", Static).update(Text(
             fingerprint_lines(info.fingerprint) + (f"\nBLAS: {self.blas}" if self.blas else "")))

@@ -75,6 +75,11 @@ def counts(app) -> str:
     return str(app.query_one("#memory-counts").render())
 
 
+def last_save(app) -> str:
+    """The panel's line on the memory file's last save."""
+    return str(app.query_one("#memory-file").render()).splitlines()[-1]
+
+
 @contextmanager
 def written_fragments():
     """The fragments streamed into reply boxes while in the block (AssistantMessage.write
@@ -477,8 +482,13 @@ async def test_a_turn_whose_save_fails_stays_on_screen_and_is_saved_later(tiny_m
     async with app.run_test(size=SIZE) as pilot:
         await wait_loaded(pilot)
         await send(pilot, "My name is Ada.")
+        saved = last_save(app)
+        assert saved.startswith("saved 20")
         disk.full = True
         await send(pilot, "I live in Paris.")
+        # the panel says the file is behind: since the last save that went through, and why
+        assert last_save(app) == f"not {saved.replace('saved', 'saved since')}: No space left " \
+            "on device"
         assert [u.text for u in app.query(UserMessage)] == ["My name is Ada.", "I live in Paris."]
         assert footers(app)[-1].endswith(" · not saved") and "not saved" not in footers(app)[0]
         assert "The memory could not be saved: No space left on device" in notes(app)
@@ -489,9 +499,11 @@ async def test_a_turn_whose_save_fails_stays_on_screen_and_is_saved_later(tiny_m
         assert users() == ["My name is Ada.", "I live in Paris.", "I like tea."]
         assert not any("not saved" in footer for footer in footers(app))  # in the file now
         assert [n.title for n in notices(app)] == ["Saved"]
+        assert last_save(app).startswith("saved 20") and last_save(app) >= saved
         disk.full = True
         await send(pilot, "/undo")
         assert "/undo is done, but the memory could not be saved" in notes(app)
+        assert last_save(app).startswith("not saved since 20")
         assert len(app.query(UserMessage)) == 2 and app.last_info.turns == 2
         await send(pilot, "I have a cat.")
         await pilot.press("ctrl+q")
@@ -1200,3 +1212,13 @@ async def test_an_empty_reply_gives_no_speed():
     assert reply_footer(0, 0.0) == "0 tokens"  # not "0 tokens · 0.0 tok/s"
     assert reply_footer(0, 0.0, "read-only") == "0 tokens · read-only"
     assert reply_footer(1, 61.04, "stopped") == "1 token · 61.0 tok/s · stopped"
+
+
+async def test_a_new_memory_is_not_saved_yet_and_says_why_if_its_first_save_fails():
+    from types import SimpleNamespace
+
+    from app.widgets import last_save
+
+    behind = last_save(SimpleNamespace(save_error="No space left on device", last_saved=None))
+    assert str(behind) == "not saved yet: No space left on device" and behind.style == "bold red"
+    assert str(last_save(SimpleNamespace(save_error=None, last_saved=None))) == "not saved yet"

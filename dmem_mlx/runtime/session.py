@@ -125,7 +125,8 @@ class SessionInfo:
     """The memory at a glance. tokens_written / turns: written into δ since the last reset (all
     conversations); turns_in_memory_only: of those, turns no longer in the KV context (evicted or
     from earlier conversations); kv_tokens / kv_budget: the KV context; layer_states: layer index →
-    δ state [H, r, r]; fingerprint: the model the memory belongs to."""
+    δ state [H, r, r]; fingerprint: the model the memory belongs to; save_error: why the memory
+    file is behind (its last save failed, see `ChatSession.save_error`), else None."""
 
     tokens_written: int
     turns: int
@@ -143,6 +144,7 @@ class SessionInfo:
     system: Optional[str] = None
     undo_depth: int = 0
     past_conversations: int = 0
+    save_error: Optional[str] = None
 
 
 def default_kv_budget(model: nn.Module) -> int:
@@ -483,7 +485,9 @@ class ChatSession:
             conversations=self._conversations,
             memory_bytes=sum(s.nbytes for s in states.values()),
             granularity=self._delta.config.memory_write_granularity, system=self.system,
-            undo_depth=len(self._undo_steps), past_conversations=len(self._past))
+            undo_depth=len(self._undo_steps), past_conversations=len(self._past),
+            save_error=self._save_error.reason or str(self._save_error)
+            if self._save_error is not None else None)
 
     def close(self) -> None:
         """Release the memory file's lock (idempotent; the memory was saved after every turn).
