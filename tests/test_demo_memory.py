@@ -116,36 +116,79 @@ def serve_resolve(argv=()):
     return resolve(build_parser().parse_args(list(argv)))
 
 
-def test_the_server_keeps_the_demos_memories_per_version(data_home, caplog):
-    caplog.set_level(logging.INFO)
-    path, model_id, memories = serve_resolve()
+def test_the_server_keeps_the_demos_memories_per_version(data_home):
+    path, model_id, memories, notice = serve_resolve()
     assert model_id == "dmem-demo"  # the OpenAI `model` name stays the demo's
     assert memories == data_home / DEMO_MEMORY and path == DEMO_DIR
-    assert not caplog.records
+    assert notice is None
 
 
-def test_the_server_names_an_earlier_demos_memories_once_in_its_log(data_home, caplog):
-    caplog.set_level(logging.INFO)
+def test_the_server_names_an_earlier_demos_memories_once(data_home):
     earlier = data_home / "dmem-demo"
     kept = write_memory(earlier / "ada.safetensors", DEMO_DIR, EARLIER_ADAPTER)
-    _, model_id, memories = serve_resolve()
+    _, model_id, memories, line = serve_resolve()
     assert memories == data_home / DEMO_MEMORY and model_id == "dmem-demo"
-    [line] = [r.getMessage() for r in caplog.records]
     assert "cannot read" in line and f"kept untouched in {earlier};" in line
     assert line.endswith(f"new memories go to {memories}")
     assert (earlier / "ada.safetensors").read_bytes() == kept
     assert sorted(p.name for p in earlier.iterdir()) == ["ada.safetensors"]
     memories.mkdir()  # as dmem-serve does at start: the next start says nothing
-    caplog.clear()
-    assert serve_resolve()[2] == memories and not caplog.records
+    assert serve_resolve()[2:] == (memories, None)
     # --memories chooses for itself
-    assert serve_resolve(["--memories", str(earlier)])[2] == earlier and not caplog.records
+    assert serve_resolve(["--memories", str(earlier)])[2:] == (earlier, None)
 
 
-def test_the_server_goes_on_in_the_earlier_directory_of_this_models_memories(data_home,
-                                                                            caplog):
+class _Group:
+    """A rank of a 2-process group, as `mx.distributed.init()` gives it under mlx.launch."""
+
+    def __init__(self, rank: int):
+        self._rank = rank
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return 2
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_mlx_launch_only_rank_0_logs_what_concerns_the_server(rank, data_home, caplog,
+                                                                   monkeypatch):
+    """The earlier demo's memories and a missing API key are said once, by the rank that
+    serves HTTP, not by every rank (the model is neither loaded nor served here)."""
+    import sys
+    from types import SimpleNamespace
+
+    import mlx.core as mx
+    import uvicorn
+
+    import dmem_mlx.blas
+    import dmem_mlx.distributed
+    import dmem_mlx.server
+    import dmem_mlx.server.distributed
+    from dmem_mlx.server.cli import main
+
+    write_memory(data_home / "dmem-demo" / "ada.safetensors", DEMO_DIR, EARLIER_ADAPTER)
+    monkeypatch.delenv("DMEM_API_KEY", raising=False)
+    monkeypatch.setattr(dmem_mlx.blas, "reexec_with_openblas", lambda *a, **k: None)
+    monkeypatch.setattr(mx.distributed, "init", lambda *a, **k: _Group(rank))
+    monkeypatch.setattr(dmem_mlx.distributed, "sharded_load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(dmem_mlx.server.distributed, "build_sharded",
+                        lambda *a, **k: SimpleNamespace(_run=lambda: None))
+    monkeypatch.setattr(dmem_mlx.server, "build_app", lambda *a, **k: None)
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    monkeypatch.setattr(sys, "setswitchinterval", lambda interval: None)
     caplog.set_level(logging.INFO)
+    assert main(["--host", "0.0.0.0"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if rank == 0:
+        assert len(said) == 2 and "kept untouched in" in said[0] and "API key" in said[1]
+    else:
+        assert said == []
+
+
+def test_the_server_goes_on_in_the_earlier_directory_of_this_models_memories(data_home):
     earlier = data_home / "dmem-demo"
     write_memory(earlier / "ada.safetensors", DEMO_DIR)
-    assert serve_resolve()[2] == earlier and not caplog.records
+    assert serve_resolve()[2:] == (earlier, None)
     assert not (data_home / DEMO_MEMORY).exists()

@@ -68,8 +68,9 @@ def check(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def resolve(args: argparse.Namespace) -> tuple[Path, str, Path]:
-    """(model directory, model id, memories directory); a DmemError (one line) if not usable."""
+def resolve(args: argparse.Namespace) -> tuple[Path, str, Path, Optional[str]]:
+    """(model directory, model id, memories directory, the line to log about an earlier demo's
+    memories or None); a DmemError (one line) if not usable."""
     from ..adapter import is_adapter_dir
     from ..hub import resolve_model_path
     from ..runtime import default_memory_path
@@ -84,28 +85,29 @@ def resolve(args: argparse.Namespace) -> tuple[Path, str, Path]:
         path, model_id, memory_id = demo_model_path(), DEMO_NAME, DEMO_MEMORY
     if not (Path(path) / "config.json").is_file() or not is_adapter_dir(Path(path)):
         raise UsageError(f"{path} is not a converted δ-mem model directory")
+    notice = None
     if args.memories:
         memories = Path(args.memories).expanduser()
     else:  # next to dmem-chat's memory of this model: <data>/memories/<model>/<id>.safetensors
         default = default_memory_path(memory_id)
         memories = default.with_name(default.name[:-len(".safetensors")])
         if not args.model:
-            memories = demo_memories(memories, Path(path))
+            memories, notice = demo_memories(memories, Path(path))
     if memories.exists() and not memories.is_dir():
         raise UsageError(f"--memories {memories}: not a directory")
-    return Path(path), Path(model_id).name or model_id, memories
+    return Path(path), Path(model_id).name or model_id, memories, notice
 
 
-def demo_memories(default: Path, model_path: Path) -> Path:
+def demo_memories(default: Path, model_path: Path) -> tuple[Path, Optional[str]]:
     """The demo's memories directory — its version's own (`default`), or its directory under
-    an earlier name — logging once, when it is new while an earlier demo model's memories are
-    kept, where they are (dmem_mlx.demo.memory). Nothing is moved or written."""
+    an earlier name — and, when it is new while an earlier demo model's memories are kept, the
+    line that says where they are (dmem_mlx.demo.memory). Nothing is moved or written."""
     from ..demo.memory import default_demo_memory, upgrade_notice
 
     memory = default_demo_memory(default, model_path)
     if notice := upgrade_notice(memory, plural=True):
-        logging.warning("%s; new memories go to %s", notice[0].lower() + notice[1:], memory.path)
-    return memory.path
+        notice = f"{notice[0].lower() + notice[1:]}; new memories go to {memory.path}"
+    return memory.path, notice
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,15 +121,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s - %(levelname)s - %(message)s")
     try:
-        model_path, model_id, memories = resolve(args)
+        model_path, model_id, memories, notice = resolve(args)
         memories.mkdir(parents=True, exist_ok=True)
     except (DmemError, OSError) as exc:
         print(f"{PROG}: error: {user_message(exc)}", file=sys.stderr)
         return 1
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        logging.warning("listening on %s without an API key: anyone who can reach it can read "
-                        "and change every memory (set --api-key or %s)", args.host, API_KEY_ENV)
     import mlx.core as mx
     import uvicorn
 
@@ -135,8 +134,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import build_app
     from .schemas import Limits
 
-    logging.info("loading %s", model_path)
     world = mx.distributed.init()  # a group of one unless started by mlx.launch
+    if world.rank() == 0:  # what concerns the server as a whole: said once, by its HTTP rank
+        if notice:
+            logging.warning("%s", notice)
+        if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+            logging.warning("listening on %s without an API key: anyone who can reach it can "
+                            "read and change every memory (set --api-key or %s)", args.host,
+                            API_KEY_ENV)
+    logging.info("loading %s", model_path)
     try:
         if world.size() > 1:  # rank 0 serves HTTP, every rank runs the model (distributed.py)
             from ..distributed import sharded_load
