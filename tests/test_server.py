@@ -19,7 +19,7 @@ import uvicorn
 from dmem_mlx.runtime import ChatSession, MemoryFile, read_memory
 from dmem_mlx.server import Limits, build_app
 from dmem_mlx.server.cli import build_parser
-from dmem_mlx.server.engine import Batch, ChatJob, Engine, Row, prefill
+from dmem_mlx.server.engine import Batch, ChatJob, Engine, Row, prefill, trim_capacity
 from dmem_mlx.server.schemas import APIError, ChatRequest
 
 openai = pytest.importorskip("openai")
@@ -425,6 +425,34 @@ def test_prefill_rolls_only_the_fed_positions(tiny, monkeypatch):
     assert sizes and all(size == filled for size, filled in sizes)
     for k, alone_logits in enumerate(solo):
         assert float(mx.abs(logits[k] - alone_logits).max()) <= 1e-5
+
+
+def test_trim_capacity_keeps_what_mlx_lm_filled_and_leaves_a_rotating_cache_alone():
+    """trim_capacity reads the fill mark of mlx-lm's BatchKVCache, `_idx` (private; its public
+    `size()` exists only from mlx-lm 0.31.2): this fails if mlx-lm renames it or changes what it
+    means. A rotating cache, whose `_idx` is a write position, is never cut."""
+    from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache
+
+    keys = mx.random.normal((2, 1, 5, 4))
+    cache = BatchKVCache(left_padding=[0, 2])
+    cache.update_and_fetch(keys, keys + 1)
+    assert cache.keys.shape[2] > 5 and cache._idx == 5  # spare room after the 5 positions fed
+    if "size" in vars(BatchKVCache):  # mlx-lm ≥ 0.31.2: the public reading agrees
+        assert cache.size() == cache._idx
+    trim_capacity(cache)
+    assert cache.keys.shape[2] == 5
+    assert mx.array_equal(cache.keys, keys) and mx.array_equal(cache.values, keys + 1)
+    cache.update_and_fetch(keys[..., :1, :], keys[..., :1, :])  # room grows again
+    assert cache._idx == 6 and mx.array_equal(cache.keys[..., 5, :], keys[..., 0, :])
+
+    rotating = BatchRotatingKVCache(max_size=8, left_padding=[0, 2])
+    rotating.update_and_fetch(keys, keys)
+    for _ in range(4):  # past max_size: the write position wraps round
+        rotating.update_and_fetch(keys[..., :1, :], keys[..., :1, :])
+    before = rotating.keys
+    assert rotating.rotated and rotating._idx < before.shape[2]
+    trim_capacity(rotating)
+    assert rotating.keys is before
 
 
 def test_a_deferred_prompt_can_be_taken_back(tiny):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import apply_top_p
 
 from ..blas import BlasThreads
@@ -201,11 +202,16 @@ class Batch:
 
 def trim_capacity(cache: Any) -> None:
     """Drop the spare room after the filled part of a BatchKVCache's buffers (mlx-lm grows
-    them 256 positions at a time); the next token that needs room grows them again. A cache
-    without mlx-lm's fill mark (`_idx`, not public API) is left as it is: only slower."""
+    them 256 positions at a time); the next token that needs room grows them again. Other
+    caches (a BatchRotatingKVCache keeps its buffer exact while prefilling) are left as they are.
+
+    The filled length is mlx-lm's private `_idx`: its public `size()` gives it only from mlx-lm
+    0.31.2 on (before, the base class's 0), and this project supports 0.28 on. A cache without
+    it is left as it is (only slower); tests/test_server.py pins what it means."""
     kv = getattr(cache, "kv", cache)
     filled = getattr(kv, "_idx", None)
-    if getattr(kv, "keys", None) is not None and filled is not None and kv.keys.shape[2] > filled:
+    if isinstance(kv, BatchKVCache) and kv.keys is not None and filled is not None and \
+            kv.keys.shape[2] > filled:
         kv.keys, kv.values = kv.keys[..., :filled, :], kv.values[..., :filled, :]
 
 
