@@ -134,6 +134,37 @@ def test_streaming_sends_chunks_usage_and_done(served):
     assert read_memory(served[1] / "streamer.safetensors").transcript[-1]["content"] == text
 
 
+def test_streamed_usage_is_the_same_object_as_the_whole_reply(served):
+    """Streamed with include_usage or not, a turn's usage is one object, prompt_tokens_details
+    included: two memories given the same greedy turns agree on it, second turn too (where
+    part of the prompt is already in the memory's context)."""
+    server, _ = served
+
+    def turns(memory: str, stream: bool) -> list[dict]:
+        messages, usages = [], []
+        for text in ("Hi, I am Ada.", "Where do I live?"):
+            messages.append({"role": "user", "content": text})
+            body = {"messages": messages, "user": memory, "max_tokens": 4, "temperature": 0}
+            if not stream:
+                reply = chat(server, body).json()
+                usages.append(reply["usage"])
+                messages.append(reply["choices"][0]["message"])
+                continue
+            body.update(stream=True, stream_options={"include_usage": True})
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                              timeout=60) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: {")]
+            usages.append(events[-1]["usage"])
+            messages.append({"role": "assistant", "content": "".join(
+                e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])})
+        return usages
+
+    whole, streamed = turns("usage-whole", False), turns("usage-streamed", True)
+    assert streamed == whole
+    assert whole[1]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
 def test_openai_client_streams(client):
     stream = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hi!"}], stream=True, max_tokens=4)

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import ChatJob, Engine
-from .schemas import APIError, Limits, chat_request, chunk, completion, error_body, memory_id, usage
+from .schemas import APIError, Limits, chat_request, chunk, completion, error_body, memory_id
 
 log = logging.getLogger("dmem_mlx.server")
 MEMORY_HEADER = "x-dmem-memory"
@@ -174,11 +174,8 @@ def create_app(engine: Engine, model_id: str, limits: Limits, api_key: Optional[
                         if kind == "error":
                             raise value
                         if kind == "done":
-                            body = completion(req, model_id, value.text, value.finish_reason,
-                                              value.prompt_tokens, value.completion_tokens)
-                            body["usage"]["prompt_tokens_details"] = {
-                                "cached_tokens": value.cached_tokens}
-                            return body
+                            return completion(req, model_id, value.text, value.finish_reason,
+                                              value.usage())
             finally:
                 job.cancelled.set()  # no effect once done; stops the reply if the client left
 
@@ -202,8 +199,7 @@ def create_app(engine: Engine, model_id: str, limits: Limits, api_key: Optional[
                     if last_kind == "done":
                         yield _sse(chunk(req, model_id, {}, last.finish_reason))
                         if req.include_usage:
-                            yield _sse(chunk(req, model_id, {}, usage_=usage(
-                                last.prompt_tokens, last.completion_tokens)))
+                            yield _sse(chunk(req, model_id, {}, usage_=last.usage()))
                         break
                     events = await channel.get()
                 yield "data: [DONE]\n\n"

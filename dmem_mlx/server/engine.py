@@ -30,7 +30,7 @@ from ..cache import state_of, with_state
 from ..runtime import ChatSession, ContextTooLongError, MemoryFileError, Turn
 from ..runtime.context import last_position_only
 from ..runtime.session import final_text
-from .schemas import APIError, ChatRequest
+from .schemas import APIError, ChatRequest, usage
 from .store import MemoryStore
 
 log = logging.getLogger("dmem_mlx.server")
@@ -48,6 +48,10 @@ class Reply:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+
+    def usage(self) -> dict:
+        """The OpenAI `usage` object, the same streamed or not."""
+        return usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
 @dataclass(eq=False)

@@ -198,13 +198,12 @@ def chat_request(body: Any, header_memory: Optional[str], limits: Limits) -> Cha
         top_p=_number(body, "top_p", limits.top_p, 0.0, 1.0), seed=seed, stop=stop)
 
 
-def completion(req: ChatRequest, model: str, text: str, finish: str, prompt_tokens: int,
-               completion_tokens: int) -> dict:
-    """A `chat.completion` object."""
+def completion(req: ChatRequest, model: str, text: str, finish: str, usage_: dict) -> dict:
+    """A `chat.completion` object (usage_: `usage(...)`)."""
     return {"id": req.id, "object": "chat.completion", "created": req.created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": finish}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage_}
 
 
 def chunk(req: ChatRequest, model: str, delta: dict, finish: Optional[str] = None,
@@ -219,6 +218,9 @@ def chunk(req: ChatRequest, model: str, delta: dict, finish: Optional[str] = Non
     return out
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    """The `usage` object of a reply, the same streamed (`stream_options.include_usage`) or
+    not: cached_tokens, the prompt's tokens already in the memory's context."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
