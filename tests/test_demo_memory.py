@@ -155,7 +155,8 @@ class _Group:
 def test_under_mlx_launch_only_rank_0_logs_what_concerns_the_server(rank, data_home, caplog,
                                                                    monkeypatch):
     """The earlier demo's memories and a missing API key are said once, by the rank that
-    serves HTTP, not by every rank (the model is neither loaded nor served here)."""
+    serves HTTP, not by every rank; only that rank, which alone opens memory files, creates
+    the memories directory (the model is neither loaded nor served here)."""
     import sys
     from types import SimpleNamespace
 
@@ -185,6 +186,7 @@ def test_under_mlx_launch_only_rank_0_logs_what_concerns_the_server(rank, data_h
         assert len(said) == 2 and "kept untouched in" in said[0] and "API key" in said[1]
     else:
         assert said == []
+    assert (data_home / DEMO_MEMORY).is_dir() == (rank == 0)
 
 
 def test_the_server_goes_on_in_the_earlier_directory_of_this_models_memories(data_home):

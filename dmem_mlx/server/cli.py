@@ -122,7 +122,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s - %(levelname)s - %(message)s")
     try:
         model_path, model_id, memories, notice = resolve(args)
-        memories.mkdir(parents=True, exist_ok=True)
     except (DmemError, OSError) as exc:
         print(f"{PROG}: error: {user_message(exc)}", file=sys.stderr)
         return 1
@@ -135,7 +134,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .schemas import Limits
 
     world = mx.distributed.init()  # a group of one unless started by mlx.launch
-    if world.rank() == 0:  # what concerns the server as a whole: said once, by its HTTP rank
+    if world.rank() == 0:  # what concerns the server as a whole: said and done once, by
+        try:               # its HTTP rank, which alone opens memory files (distributed.py)
+            memories.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"{PROG}: error: {user_message(exc)}", file=sys.stderr)
+            return 1
         if notice:
             logging.warning("%s", notice)
         if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
