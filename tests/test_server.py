@@ -311,6 +311,39 @@ def test_memory_endpoints(served, client):
     assert httpx.get(server.url + "/v1/memories/memo").status_code == 404
 
 
+def test_memory_info_open_or_not(tiny, tmp_path):
+    """GET /v1/memories/{id} says whether the memory is open in the server (`loaded`); the
+    fields about the open session are numbers when it is, null when not (never a 0 that
+    reads as a fact); every other field is the same read from the file or from the session."""
+    model, tokenizer = tiny
+    from dmem_mlx.server.store import MemoryStore
+
+    def make_store():
+        return MemoryStore(tmp_path, {}, lambda m: ChatSession(model, tokenizer, memory=m))
+
+    store = make_store()
+    session = store.session("ada")
+    for text in ("Hi, I am Ada.", "I live in Oslo."):
+        list(session.reply(text, max_tokens=4))
+    open_info = store.info("ada")
+    store.close()
+    restarted = make_store()
+    closed_info = restarted.info("ada")
+    restarted.session("ada")
+    reopened_info = restarted.info("ada")
+    restarted.close()
+    session_only = {"loaded", "kv_tokens", "turns_in_memory_only"}
+    assert open_info["loaded"] is True and reopened_info["loaded"] is True
+    assert open_info["kv_tokens"] > 0 and open_info["turns_in_memory_only"] == 0
+    assert closed_info["loaded"] is False
+    assert closed_info["kv_tokens"] is None and closed_info["turns_in_memory_only"] is None
+    assert isinstance(reopened_info["kv_tokens"], int)
+    assert isinstance(reopened_info["turns_in_memory_only"], int)
+    assert set(closed_info) == set(open_info)
+    for key in set(open_info) - session_only:
+        assert closed_info[key] == open_info[key] == reopened_info[key], key
+
+
 # -- many users at once ----------------------------------------------------------------------------
 def test_batch_rows_never_see_each_other(tiny):
     """Row B's logits when decoded in one batch with A (longer context: B is left-padded) equal
@@ -855,6 +888,32 @@ def test_a_read_only_memory_file_is_a_clean_409_without_dmem_chats_way_on(tiny, 
     assert error["message"] == ("memory 'frozen' cannot be used: the server cannot save it (the "
                                 "file is read-only (mode 444))")
     assert path.read_bytes() == before
+
+
+def test_a_damaged_memory_file_is_a_clean_409_and_left_as_it_is(served):
+    server, memories = served
+    path = memories / "junk.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + bytes(64))
+    before = path.read_bytes()
+    for r in (chat(server, {"messages": [{"role": "user", "content": "x"}], "user": "junk"}),
+              httpx.get(server.url + "/v1/memories/junk")):
+        assert check_error(r, 409)["code"] == "memory_unusable"
+    assert path.read_bytes() == before
+
+
+def test_a_memories_directory_on_a_read_only_file_system_is_the_same_409(served, mount):
+    """A new memory where nothing can be written: refused as unusable (the README's 409 note),
+    nothing created."""
+    server, memories = served
+    mount.read_only = True
+    try:
+        error = check_error(chat(server, {"messages": [{"role": "user", "content": "x"}],
+                                          "user": "nowhere"}), 409)
+    finally:
+        mount.read_only = False
+    assert error["code"] == "memory_unusable"
+    assert error["message"].startswith("memory 'nowhere' cannot be used: the server cannot save")
+    assert not [p for p in memories.iterdir() if p.name.startswith("nowhere")]
 
 
 def test_cli_binds_to_localhost_and_refuses_bad_flags(tmp_path):

@@ -112,25 +112,30 @@ class MemoryStore:
 
     # -- the memory endpoints ----------------------------------------------------------------
     def info(self, memory: str) -> dict:
-        """What GET /v1/memories/{id} answers; APIError 404 if there is no such memory."""
+        """What GET /v1/memories/{id} answers; APIError 404 if there is no such memory.
+
+        `loaded`: the memory is open in this server; the fields about its open session
+        (`kv_tokens`, `turns_in_memory_only`) are then numbers, else null (not 0: a memory
+        opened again re-reads its last conversation into the context at its next turn)."""
         path = self.path(memory)
         if memory in self._open:
             session = self._open[memory]
             i = session.info()
-            data = dict(tokens_written=i.tokens_written, turns=i.turns,
+            data = dict(loaded=True, tokens_written=i.tokens_written, turns=i.turns,
                         conversations=i.conversations, messages=len(session.messages),
                         turns_in_memory_only=i.turns_in_memory_only, kv_tokens=i.kv_tokens,
                         state_bytes=i.memory_bytes,
-                        last_saved=i.last_saved.isoformat() if i.last_saved else None)
+                        last_saved=i.last_saved.isoformat(timespec="milliseconds")
+                        if i.last_saved else None)  # as the file writes it
         elif path.is_file():
             try:
                 d = read_memory(path, self.fingerprint)
             except MemoryFileError as exc:
                 raise APIError(409, f"memory {memory!r} cannot be used: {_tail(str(exc), path)}",
                                code="memory_unusable") from None
-            data = dict(tokens_written=d.tokens_written, turns=d.turns,
+            data = dict(loaded=False, tokens_written=d.tokens_written, turns=d.turns,
                         conversations=d.conversations, messages=len(d.transcript),
-                        turns_in_memory_only=None, kv_tokens=0,
+                        turns_in_memory_only=None, kv_tokens=None,
                         state_bytes=sum(s.nbytes for s in d.states.values()),
                         last_saved=d.saved)
         else:
