@@ -463,7 +463,8 @@ class DmemChatApp(App[int]):
             return
         if self.replying or self.command_running:
             self.chat_input.give_back(raw, queued)
-            self.notify("a reply is streaming — Escape or Ctrl+C stops it" if self.replying
+            self.notify("a reply is streaming: your message stays in the input, for Enter once "
+                        "the reply ends (Escape or Ctrl+C stops the reply)" if self.replying
                         else "a command is still running: your message is kept in the input",
                         severity="warning")
             return
@@ -799,14 +800,32 @@ class DmemChatApp(App[int]):
     # ---------------------------------------------------------------- actions
     def check_action(self, action: str, parameters: tuple[object, ...]) -> Optional[bool]:
         if action == "escape":
-            return self.replying or (self.narrow and self.panel_open is True)
+            return self.replying or self.waiting_to_send or (
+                self.narrow and self.panel_open is True)
         return True
 
     def action_escape(self) -> None:
         if self.replying:
             self._stop.set()
+        elif self.waiting_to_send:
+            self.withdraw_pending()
         elif self.narrow and self.panel_open:
             self.action_toggle_panel()
+
+    @property
+    def waiting_to_send(self) -> bool:
+        """Messages were sent while the model loads: they go out once it is ready."""
+        return bool(self.pending)
+
+    def withdraw_pending(self) -> None:
+        """Escape or Ctrl+C while the model loads takes back what was sent meanwhile, as it
+        stops a reply that has not begun: nothing is sent; the text goes back into the input
+        (before anything typed since)."""
+        pending, self.pending = self.pending, []
+        self.chat_input.give_back("\n".join(pending))
+        self.notify("not sent (the model was still loading): your message is back in the input",
+                    title="Stopped", timeout=8)
+        self.chat_input.focus()
 
     def action_interrupt(self) -> None:
         """Ctrl+C: stop a streaming reply; otherwise copy a selection, or say how to quit.
@@ -820,6 +839,9 @@ class DmemChatApp(App[int]):
     def interrupt_after_typed_keys(self) -> None:
         if self.replying:
             self._stop.set()
+            return
+        if self.waiting_to_send:
+            self.withdraw_pending()
             return
         if self.focused is self.chat_input and self.chat_input.selected_text:
             self.chat_input.action_copy()

@@ -56,7 +56,7 @@ KEYS = [
     ("\\ then Enter", "new line (a line ending in a backslash)"),
     ("Shift+Enter, Alt+Enter", "new line where the terminal reports them (e.g. kitty, WezTerm, "
                                "foot); most terminals and tmux send them as Enter"),
-    ("Escape, Ctrl+C", "stop the reply"),
+    ("Escape, Ctrl+C", "stop the reply; take back a message sent while the model loads"),
     ("Ctrl+B", "memory panel"),
     ("Ctrl+N", "new conversation"),
     ("Ctrl+R", "read-only toggle"),

@@ -412,6 +412,44 @@ async def stream_then(pilot, key: str) -> None:
     await wait_until(pilot, lambda: not app.replying)
 
 
+async def test_enter_while_a_reply_streams_keeps_the_message_in_the_input(tiny_model, tmp_path):
+    """Typed ahead during a reply, a message is neither sent nor lost: it stays in the input,
+    a notice says so, and Enter sends it once the reply has ended."""
+    opened = wrapped_session(tiny_model, tmp_path / "m", ban_eos=True)
+
+    def open_session():  # replies stream slowly, so that the reply is still going
+        session = opened()
+        reply = session.reply
+
+        def slow(*a, **k):
+            for chunk in reply(*a, **k):
+                time.sleep(0.05)
+                yield chunk
+        session.reply = slow
+        return session
+
+    app = make_app(tiny_model, None, sampling=Sampling(max_tokens=200),
+                   open_session=open_session)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_loaded(pilot)
+        await pilot.press(*"hi")
+        with written_fragments() as writes:
+            await pilot.press("enter")
+            await wait_until(pilot, lambda: len([w for w in writes if w]) >= 2)
+            await pilot.press(*"and you", "enter")
+            await pilot.pause()
+            assert app.replying and app.query_one(ChatInput).text == "and you"
+            assert any("stays in the input" in n.message for n in notices(app, "warning"))
+            await pilot.press("escape")
+        await wait_until(pilot, lambda: idle(app))
+        assert app.query_one(ChatInput).text == "and you"
+        assert [m.text for m in app.query(UserMessage)] == ["hi"]
+        app.sampling = Sampling(max_tokens=3)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: app.replies_finished == 2 and idle(app))
+        assert [m.text for m in app.query(UserMessage)] == ["hi", "and you"]
+
+
 @pytest.mark.parametrize("key", ["escape", "ctrl+c"])
 async def test_escape_and_ctrl_c_stop_a_reply(tiny_model, tmp_path, key):
     app = make_app(tiny_model, None, sampling=Sampling(max_tokens=5000),
@@ -714,6 +752,28 @@ async def test_typing_during_start_up_is_kept_and_sent(tiny_model, tmp_path):
         assert app.query_one(UserMessage).text == "my name is ada"
         assert app.query_one(ChatInput).text == "/forget\nmaybe later"
         assert app.last_info.tokens_written > 0 and not isinstance(app.screen, ConfirmScreen)
+
+
+@pytest.mark.parametrize("key", ["ctrl+c", "escape"])
+async def test_a_message_sent_while_loading_can_be_taken_back(tiny_model, tmp_path, key):
+    """Escape or Ctrl+C before the model is ready withdraws what was sent meanwhile, as it
+    stops a reply that has not begun: nothing is sent or written; the text is back in the
+    input, before what was typed since."""
+    loaded = threading.Event()
+    app = make_app(tiny_model, None, open_session=wrapped_session(tiny_model, tmp_path / "m",
+                                                                  block=loaded))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press(*"whats my job", "enter", *"and", key)
+        await pilot.pause()
+        assert app.query_one(ChatInput).text == "whats my job\nand"
+        assert any("back in the input" in n.message for n in notices(app))
+        loaded.set()
+        await wait_loaded(pilot)
+        await pilot.pause(0.3)
+        assert app.replies_finished == 0 and not app.query(UserMessage)
+        assert app.last_info.tokens_written == 0
+        assert app.query_one(ChatInput).text == "whats my job\nand"
 
 
 async def test_undo_retry_edit_survive_a_restart(tiny_model, tmp_path):
