@@ -40,7 +40,7 @@ from .commands import (BY_NAME, COMMANDS, CommandError, export_target, help_mark
                        parse_command, transcript_json, transcript_markdown)
 from .screens import ConfirmScreen, HelpScreen, HistoryScreen
 from .widgets import (AssistantMessage, ChatInput, ChatView, MemoryPanel, ModeBar, Note,
-                      ReplyFinished, ReplyStarted, UserMessage, memory_only_footer,
+                      ReplyFinished, ReplyStarted, memory_only_footer,
                       reply_footer, unsaved_note)
 
 if TYPE_CHECKING:

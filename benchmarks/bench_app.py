@@ -93,7 +93,6 @@ async def run(model_dir: Path, tmp: Path, max_tokens: int, rounds: int) -> list[
 
     from app.app import DmemChatApp, Sampling
     from app.main import open_memory
-    from app.widgets import ChatInput
 
     libraries = [ChatSession(*dmem_mlx.load(str(model_dir)), memory=open_memory(tmp / f"{n}.memory"))
                  for n in ("a", "b")]
