@@ -505,7 +505,8 @@ def test_a_memory_made_read_only_while_open_is_a_save_error(tmp_path):
     path.chmod(0o444)
     with pytest.raises(MemorySaveError, match="read-only") as info:
         mem.save(sample(2))
-    assert info.value.reason.startswith("the file is read-only")
+    assert info.value.reason == "the file is read-only (mode 444)"
+    assert str(info.value) == f"{path}: the file is read-only (mode 444)"
     mem.close()
 
 

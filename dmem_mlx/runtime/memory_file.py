@@ -440,19 +440,28 @@ def _through_links(path: Path) -> Path:
 def _check_kind(path: Path, writing: bool) -> None:
     """Refuse, without reading or locking, what cannot be a memory file: a directory, a FIFO,
     a device (and, for writing, a file without write permission)."""
+    problem = _kind_problem(path, writing)
+    if problem is not None:
+        error, reason = problem
+        raise (MemoryNotWritableError(path, reason) if error is MemoryNotWritableError
+               else error(f"{path}: {reason}"))
+
+
+def _kind_problem(path: Path, writing: bool) -> Optional[tuple[type, str]]:
+    """What `_check_kind` refuses: (error class, reason without the path), or None."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        return  # a new memory
+        return None  # a new memory
     except OSError as exc:
-        raise MemoryFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        return MemoryFileError, f"cannot be read ({exc.strerror or exc})"
     if stat.S_ISDIR(info.st_mode):
-        raise MemoryFileError(f"{path}: is a directory, not a memory file")
+        return MemoryFileError, "is a directory, not a memory file"
     if not stat.S_ISREG(info.st_mode):
-        raise MemoryFileError(f"{path}: is not a regular file (a FIFO, socket or device), "
-                              "not a memory file")
+        return MemoryFileError, "is not a regular file (a FIFO, socket or device), not a memory file"
     if writing and not info.st_mode & 0o222:
-        raise MemoryNotWritableError(path, f"the file is read-only (mode {info.st_mode & 0o777:o})")
+        return MemoryNotWritableError, f"the file is read-only (mode {info.st_mode & 0o777:o})"
+    return None
 
 
 def check_writable(path: PathLike) -> None:
@@ -642,11 +651,9 @@ class MemoryFile:
         time. Raises MemorySaveError (the file keeps its previous version) if it cannot be
         written: disk full, a read-only file system or file."""
         self._writable()
-        try:
-            _check_kind(self.path, writing=True)  # e.g. made read-only since it was opened
-        except MemoryFileError as exc:
-            raise MemorySaveError(str(exc), reason=str(exc).removeprefix(f"{self.path}: ")) \
-                from None
+        problem = _kind_problem(self.path, writing=True)  # e.g. made read-only since it was opened
+        if problem is not None:
+            raise MemorySaveError(f"{self.path}: {problem[1]}", reason=problem[1])
         saved = datetime.now(timezone.utc)
         data.saved = saved.isoformat(timespec="milliseconds")
         try:
