@@ -722,6 +722,20 @@ async def test_narrow_terminal_gives_the_chat_the_width(tiny_model, tmp_path):
         assert app.query_one(ChatInput).text == "so "
 
 
+@pytest.mark.parametrize("width", [40, 80, 120])
+async def test_the_footer_palette_key_covers_the_last_column(tiny_model, tmp_path, width):
+    """The keys that do not fit a narrow footer scroll under the palette key docked at its right;
+    the palette key must reach the last column, or a letter of them shows there ("paletten")."""
+    from textual.widgets import Footer
+
+    app = make_app(tiny_model, tmp_path / "m")
+    async with app.run_test(size=(width, 24)) as pilot:
+        await wait_loaded(pilot)
+        await pilot.pause(0.2)
+        palette = app.query_one(Footer).query(".-command-palette")
+        assert len(palette) == 1 and palette.first().region.right == width
+
+
 async def test_resizing_the_terminal_moves_the_panel(tiny_model, tmp_path):
     app = make_app(tiny_model, tmp_path / "m")
     async with app.run_test(size=(160, 48)) as pilot:
