@@ -441,10 +441,12 @@ def _check_kind(path: Path, writing: bool) -> None:
     """Refuse, without reading or locking, what cannot be a memory file: a directory, a FIFO,
     a device (and, for writing, a file without write permission)."""
     problem = _kind_problem(path, writing)
-    if problem is not None:
-        error, reason = problem
-        raise (MemoryNotWritableError(path, reason) if error is MemoryNotWritableError
-               else error(f"{path}: {reason}"))
+    if problem is None:
+        return
+    error, reason = problem
+    if error is MemoryNotWritableError:
+        raise MemoryNotWritableError(path, reason)
+    raise MemoryFileError(f"{path}: {reason}")
 
 
 def _kind_problem(path: Path, writing: bool) -> Optional[tuple[type, str]]:
@@ -458,7 +460,8 @@ def _kind_problem(path: Path, writing: bool) -> Optional[tuple[type, str]]:
     if stat.S_ISDIR(info.st_mode):
         return MemoryFileError, "is a directory, not a memory file"
     if not stat.S_ISREG(info.st_mode):
-        return MemoryFileError, "is not a regular file (a FIFO, socket or device), not a memory file"
+        return MemoryFileError, ("is not a regular file (a FIFO, socket or device), not a memory "
+                                 "file")
     if writing and not info.st_mode & 0o222:
         return MemoryNotWritableError, f"the file is read-only (mode {info.st_mode & 0o777:o})"
     return None
